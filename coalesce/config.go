@@ -1,0 +1,139 @@
+package coalesce
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+)
+
+// Limits of the configuration.
+const (
+	MaxTTL = time.Second
+)
+
+// Config configures an Engine. Start from DefaultConfig: the zero value of a
+// field is a meaningful setting (for TTL: collapse only, no cache).
+type Config struct {
+	// TTL is how long a response stays fresh in the micro-cache. 0 means
+	// collapse concurrent requests only, store nothing. At most MaxTTL.
+	TTL time.Duration
+	// Stale serves an expired entry for this long after TTL while one
+	// background request refreshes it (stale-while-revalidate).
+	Stale time.Duration
+	// StaleIfError serves the last good entry for this long after TTL when
+	// the upstream fails or its breaker is open.
+	StaleIfError time.Duration
+	// MaxWait is the longest a follower waits for its leader; then it gets
+	// 504. 0 means no bound other than the client's own.
+	MaxWait time.Duration
+	// MaxBody is the largest response body buffered for sharing; larger
+	// responses stream to the leader and its followers send their own
+	// requests.
+	MaxBody int64
+	// MaxEntries and MaxMemory bound the micro-cache.
+	MaxEntries int
+	MaxMemory  int64
+	// KeyHeaders are more request headers whose values make responses
+	// differ (added to the key).
+	KeyHeaders []string
+	// IdentityHeaders are more request headers that identify the requester,
+	// beside Authorization and Cookie.
+	IdentityHeaders []string
+	// Public leaves the requester's identity (Authorization, Cookie,
+	// IdentityHeaders) out of the key: everybody shares. Only for endpoints
+	// whose answer does not depend on who asks.
+	Public bool
+	// HitForMiss is how long a key whose response could not be shared
+	// (Set-Cookie, private, Vary: *, a stream) is sent upstream without
+	// collapsing, so that the next burst does not queue for nothing.
+	HitForMiss time.Duration
+	// MaxFlights bounds the keys in flight at once; requests beyond it go
+	// upstream on their own.
+	MaxFlights int
+
+	// Disabled, when it returns true, makes every request pass straight
+	// through (a kill switch that needs no reload). May be nil.
+	Disabled func() bool
+	// Observe is told the outcome of every request. May be nil.
+	Observe func(r *http.Request, ev Event)
+	// Upstream names the upstream that answered r, after next returned; it
+	// keys the breakers. nil or "" means one breaker for all ("default").
+	Upstream func(r *http.Request) string
+	// Detach prepares a copy of r for a request made on nobody's behalf (a
+	// stale-while-revalidate refresh). nil means r.Clone.
+	Detach func(r *http.Request, ctx context.Context) *http.Request
+	// UpstreamFailed classifies an error returned by next as an upstream
+	// failure (true) rather than something else, e.g. a client cancel
+	// (false). nil: every error except context cancellation is a failure.
+	UpstreamFailed func(err error) bool
+}
+
+// DefaultConfig is the configuration of a bare `coalesce`.
+func DefaultConfig() Config {
+	return Config{
+		TTL:        50 * time.Millisecond,
+		MaxWait:    10 * time.Second,
+		MaxBody:    1 << 20,
+		MaxEntries: 10_000,
+		MaxMemory:  64 << 20,
+		HitForMiss: 5 * time.Second,
+		MaxFlights: 100_000,
+	}
+}
+
+// Validate explains the first thing wrong with c, in words for an operator.
+func (c Config) Validate() error {
+	var errs []error
+	dur := func(name string, d time.Duration) {
+		if d < 0 {
+			errs = append(errs, fmt.Errorf("%s must not be negative (got %s)", name, d))
+		}
+	}
+	dur("ttl", c.TTL)
+	dur("stale", c.Stale)
+	dur("stale_if_error", c.StaleIfError)
+	dur("max_wait", c.MaxWait)
+	dur("hit_for_miss", c.HitForMiss)
+	if c.TTL > MaxTTL {
+		errs = append(errs, fmt.Errorf("ttl must be at most %s: this is a micro-cache for bursts (got %s); use a real cache for longer lifetimes", MaxTTL, c.TTL))
+	}
+	if c.Stale > time.Hour || c.StaleIfError > 24*time.Hour {
+		errs = append(errs, fmt.Errorf("stale is limited to 1h and stale_if_error to 24h (got %s, %s)", c.Stale, c.StaleIfError))
+	}
+	if c.MaxBody <= 0 {
+		errs = append(errs, fmt.Errorf("max_body must be positive (got %d)", c.MaxBody))
+	}
+	if c.MaxEntries <= 0 {
+		errs = append(errs, fmt.Errorf("max_entries must be positive (got %d)", c.MaxEntries))
+	}
+	if c.MaxMemory <= 0 {
+		errs = append(errs, fmt.Errorf("max_memory must be positive (got %d)", c.MaxMemory))
+	}
+	if c.MaxFlights <= 0 {
+		errs = append(errs, fmt.Errorf("max_flights must be positive (got %d)", c.MaxFlights))
+	}
+	for _, h := range append(append([]string{}, c.KeyHeaders...), c.IdentityHeaders...) {
+		if !validFieldName(h) {
+			errs = append(errs, fmt.Errorf("%q is not a valid header field name", h))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func validFieldName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		ok := c == '!' || c == '#' || c == '$' || c == '%' || c == '&' || c == '\'' || c == '*' ||
+			c == '+' || c == '-' || c == '.' || c == '^' || c == '_' || c == '`' || c == '|' || c == '~' ||
+			(c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+		if !ok {
+			return false
+		}
+	}
+	return true
+}

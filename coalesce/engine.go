@@ -1,0 +1,475 @@
+// Package coalesce collapses concurrent identical GET and HEAD requests into
+// one upstream request and keeps the answer for a short TTL. It is plain
+// net/http middleware: Engine.Handler wraps an http.Handler, Engine.Serve
+// wraps a handler that returns an error (the shape of Caddy's handlers).
+package coalesce
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/edge-coalesce/caddy-coalesce/registry"
+)
+
+// CacheName is this cache's name in Cache-Status (RFC 9211).
+const CacheName = "caddy-coalesce"
+
+// Next is the rest of the handler chain. It returns an error instead of
+// writing one, as Caddy's handlers do.
+type Next func(w http.ResponseWriter, r *http.Request) error
+
+// StatusError is an error answered with an HTTP status.
+type StatusError struct {
+	Status int
+	Err    error
+}
+
+func (e *StatusError) Error() string {
+	return fmt.Sprintf("%d %s: %v", e.Status, http.StatusText(e.Status), e.Err)
+}
+func (e *StatusError) Unwrap() error { return e.Err }
+
+// Errors followers receive.
+var (
+	ErrLeaderFailed = errors.New("coalesce: the request this one was collapsed with failed")
+	ErrWaitTimeout  = errors.New("coalesce: timed out waiting for the collapsed request")
+	errIncomplete   = errors.New("coalesce: upstream body shorter or longer than its Content-Length")
+)
+
+// Outcome is what the engine did with a request.
+type Outcome string
+
+const (
+	OutcomeHit           Outcome = "hit"           // fresh micro-cache entry
+	OutcomeStale         Outcome = "stale"         // expired entry (stale or stale_if_error)
+	OutcomeLeader        Outcome = "leader"        // went upstream for itself and its followers
+	OutcomeCollapsed     Outcome = "collapsed"     // received the leader's response
+	OutcomeUncollapsible Outcome = "uncollapsible" // could not share; went upstream on its own
+	OutcomeBypass        Outcome = "bypass"        // not eligible (method, Range, stream, kill switch, ...)
+	OutcomeBreakerOpen   Outcome = "breaker_open"  // answered for an open breaker
+	OutcomeTimeout       Outcome = "timeout"       // follower gave up after max_wait
+	OutcomeError         Outcome = "error"         // follower released with the leader's error
+)
+
+// Event describes the handling of one request, for logs and metrics.
+type Event struct {
+	Outcome Outcome
+	// Key is the request's key (zero for bypassed requests). Only its
+	// String form is meant to leave the process.
+	Key Key
+	// Detail is the reason behind the outcome, e.g. "set-cookie", "range".
+	Detail string
+	// Waiters: for a leader, the followers that waited for it.
+	Waiters int
+	// Wait: for a follower, how long it waited.
+	Wait time.Duration
+	// Upstream: whether this request caused an upstream request.
+	Upstream bool
+	// Stored: the response was put in the micro-cache.
+	Stored bool
+}
+
+// result is what a leader publishes to its followers.
+type result struct {
+	resp   *Response // nil when not shareable or on error
+	stale  *entry    // set instead of resp when the upstream failed and a spare copy answers
+	err    error
+	reason string // why followers cannot use resp
+}
+
+// Engine holds the registry and the micro-cache of one coalescing handler.
+type Engine struct {
+	cfg   Config
+	keys  *keyDeriver
+	reg   *registry.Registry[*result]
+	cache *microCache
+	hfm   *marks
+
+	refreshes sync.WaitGroup
+	closeOnce sync.Once
+	closed    chan struct{}
+}
+
+// New builds an engine; cfg must pass Validate.
+func New(cfg Config) (*Engine, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &Engine{
+		cfg:    cfg,
+		keys:   newKeyDeriver(cfg.IdentityHeaders, cfg.Public, cfg.KeyHeaders),
+		reg:    registry.New[*result](registry.Options{MaxFlights: cfg.MaxFlights}),
+		cache:  newMicroCache(cfg.MaxEntries, cfg.MaxMemory),
+		hfm:    newMarks(cfg.MaxEntries),
+		closed: make(chan struct{}),
+	}, nil
+}
+
+// Close waits for background refreshes to end (each is bounded by its own
+// timeout) and stops new ones.
+func (e *Engine) Close() {
+	e.closeOnce.Do(func() { close(e.closed) })
+	e.refreshes.Wait()
+}
+
+// Handler wraps a plain http.Handler.
+func (e *Engine) Handler(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		err := e.Serve(w, r, func(w http.ResponseWriter, r *http.Request) error {
+			next.ServeHTTP(w, r)
+			return nil
+		})
+		var se *StatusError
+		switch {
+		case err == nil:
+		case errors.As(err, &se):
+			http.Error(w, http.StatusText(se.Status), se.Status)
+		case errors.Is(err, context.Canceled):
+		default:
+			http.Error(w, http.StatusText(http.StatusBadGateway), http.StatusBadGateway)
+		}
+	})
+}
+
+// Stats summarise the engine's registry and cache.
+type Stats struct {
+	Registry      registry.Stats `json:"registry"`
+	Cache         CacheStats     `json:"cache"`
+	Uncollapsible int            `json:"uncollapsible_keys"`
+}
+
+// Stats returns a snapshot.
+func (e *Engine) Stats() Stats {
+	e.hfm.mu.RLock()
+	n := e.hfm.lru.Len()
+	e.hfm.mu.RUnlock()
+	return Stats{Registry: e.reg.Stats(), Cache: e.cache.stats(), Uncollapsible: n}
+}
+
+// FlightInfo describes a flight in progress.
+type FlightInfo struct {
+	Key     string        `json:"key"` // short hash
+	Request string        `json:"request"`
+	Age     time.Duration `json:"age_ns"`
+	Waiters int           `json:"waiters"`
+}
+
+// Inflight lists up to limit flights in progress.
+func (e *Engine) Inflight(limit int) []FlightInfo {
+	var out []FlightInfo
+	now := time.Now()
+	e.reg.Inflight(limit, func(f registry.FlightInfo) {
+		var k Key
+		copy(k[:], f.Key)
+		out = append(out, FlightInfo{Key: k.String(), Request: f.Note, Age: now.Sub(f.Started), Waiters: f.Waiters})
+	})
+	return out
+}
+
+func (e *Engine) observe(r *http.Request, ev Event) {
+	if e.cfg.Observe != nil {
+		e.cfg.Observe(r, ev)
+	}
+}
+
+// Serve handles one request: from the micro-cache, as a follower of an
+// identical request in flight, or as the leader that calls next.
+func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error {
+	if e.cfg.Disabled != nil && e.cfg.Disabled() {
+		return e.bypass(w, r, next, "disabled", "bypass")
+	}
+	if detail, fwd := bypassReason(r); detail != "" {
+		return e.bypass(w, r, next, detail, fwd)
+	}
+	now := time.Now()
+	key := e.keys.derive(r, r.Method)
+	noCache := requestCacheControl(r.Header).noCache
+
+	if !noCache {
+		lookup := key
+		if r.Method == http.MethodHead {
+			// A HEAD is answered from the GET's entry when there is one.
+			if getKey := e.keys.derive(r, http.MethodGet); e.cache.get(getKey, now) != nil {
+				lookup = getKey
+			}
+		}
+		if ent := e.cache.get(lookup, now); ent != nil && ent.resp.matchesVary(r) {
+			if now.Before(ent.fresh) {
+				left := ent.fresh.Sub(now)
+				ent.resp.write(w, r, fmt.Sprintf(`%s; hit; ttl=%d; detail="ttl-ms=%d"`, CacheName, int64(left/time.Second), left.Milliseconds()), now.Sub(ent.stored))
+				e.observe(r, Event{Outcome: OutcomeHit, Key: key})
+				return nil
+			}
+			if now.Before(ent.stale) {
+				e.refresh(r, lookup, next)
+				ent.resp.write(w, r, fmt.Sprintf("%s; hit; ttl=%d; fwd=stale; detail=stale-while-revalidate", CacheName, -int64(now.Sub(ent.fresh)/time.Second)), now.Sub(ent.stored))
+				e.observe(r, Event{Outcome: OutcomeStale, Key: key, Detail: "stale-while-revalidate"})
+				return nil
+			}
+		}
+	}
+
+	if e.hfm.has(key, now) {
+		return e.alone(w, r, next, key, OutcomeUncollapsible, "uncollapsible", "uri-miss")
+	}
+
+	f, role := e.reg.Join(r.Context(), string(key[:]), r.Method+" "+r.URL.Path)
+	switch role {
+	case registry.Follower:
+		return e.follow(w, r, next, f, key)
+	case registry.Leader:
+		return e.lead(w, r, next, f, key)
+	default:
+		return e.alone(w, r, next, key, OutcomeUncollapsible, "registry-full", "uri-miss")
+	}
+}
+
+// bypass hands the request on untouched.
+func (e *Engine) bypass(w http.ResponseWriter, r *http.Request, next Next, detail, fwd string) error {
+	w.Header().Add("Cache-Status", fmt.Sprintf("%s; fwd=%s; detail=%s", CacheName, fwd, detail))
+	e.observe(r, Event{Outcome: OutcomeBypass, Detail: detail, Upstream: true})
+	return next(w, r)
+}
+
+// alone sends the request upstream by itself (no flight), as the followers
+// of a response that cannot be shared do.
+func (e *Engine) alone(w http.ResponseWriter, r *http.Request, next Next, key Key, outcome Outcome, detail, fwd string) error {
+	w.Header().Add("Cache-Status", fmt.Sprintf("%s; fwd=%s; detail=%s", CacheName, fwd, detail))
+	e.observe(r, Event{Outcome: outcome, Key: key, Detail: detail, Upstream: true})
+	return next(w, r)
+}
+
+// follow waits for the leader and writes its response, or goes upstream
+// alone when the response cannot be used for this request.
+func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key) error {
+	start := time.Now()
+	res, err := f.Wait(r.Context(), e.cfg.MaxWait)
+	waited := time.Since(start)
+	switch {
+	case errors.Is(err, registry.ErrWaitTimeout):
+		w.Header().Add("Cache-Status", CacheName+"; fwd=uri-miss; collapsed; detail=wait-timeout")
+		e.observe(r, Event{Outcome: OutcomeTimeout, Key: key, Wait: waited})
+		return &StatusError{Status: http.StatusGatewayTimeout, Err: ErrWaitTimeout}
+	case err != nil && r.Context().Err() != nil:
+		// This client went away; nobody is left to answer.
+		e.observe(r, Event{Outcome: OutcomeCollapsed, Key: key, Wait: waited, Detail: "client-gone"})
+		return r.Context().Err()
+	case err != nil:
+		// The leader left without publishing (it panicked or was aborted).
+		w.Header().Add("Cache-Status", CacheName+"; fwd=uri-miss; collapsed; detail=leader-failed")
+		e.observe(r, Event{Outcome: OutcomeError, Key: key, Wait: waited})
+		return &StatusError{Status: http.StatusBadGateway, Err: ErrLeaderFailed}
+	case res.err != nil:
+		w.Header().Add("Cache-Status", CacheName+"; fwd=uri-miss; collapsed; detail=upstream-error")
+		e.observe(r, Event{Outcome: OutcomeError, Key: key, Wait: waited})
+		return res.err
+	case res.resp == nil:
+		return e.alone(w, r, next, key, OutcomeUncollapsible, res.reason, "uri-miss")
+	case !res.resp.matchesVary(r):
+		return e.alone(w, r, next, key, OutcomeUncollapsible, "vary-mismatch", "vary-miss")
+	case res.stale != nil:
+		res.stale.writeStale(w, r, "collapsed; ", time.Now())
+		e.observe(r, Event{Outcome: OutcomeStale, Key: key, Wait: waited, Detail: "stale-if-error"})
+		return nil
+	}
+	res.resp.write(w, r, fmt.Sprintf("%s; fwd=uri-miss; fwd-status=%d; collapsed", CacheName, res.resp.Status), 0)
+	e.observe(r, Event{Outcome: OutcomeCollapsed, Key: key, Wait: waited})
+	return nil
+}
+
+// lead calls next for the flight, shares the response with the followers,
+// stores it when allowed and writes it to its own client.
+func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key) (err error) {
+	defer f.Leave()
+	defer func() {
+		if p := recover(); p != nil {
+			// Release the followers with an error before the panic goes on
+			// (http.ErrAbortHandler, for one, is how reverse_proxy aborts a
+			// response whose upstream broke mid-body).
+			f.Publish(&result{err: &StatusError{Status: http.StatusBadGateway, Err: ErrLeaderFailed}}, nil)
+			panic(p)
+		}
+	}()
+
+	ur := upstreamRequest(r, f.Context())
+	rec := newRecorder(w, e.cfg.MaxBody,
+		func(reason string) {
+			f.Publish(&result{reason: reason}, nil)
+			e.hfm.set(key, time.Now().Add(e.cfg.HitForMiss))
+		},
+		func(reason string) string {
+			return fmt.Sprintf("%s; fwd=uri-miss; detail=%s", CacheName, reason)
+		})
+	err = next(rec, ur)
+	ev := Event{Outcome: OutcomeLeader, Key: key, Upstream: true, Waiters: f.Waiters()}
+
+	if rec.streaming {
+		ev.Detail = rec.streamReason
+		e.observe(r, ev)
+		return err
+	}
+	if err == nil && !rec.wroteHeader {
+		rec.WriteHeader(http.StatusOK)
+	}
+	if err == nil && r.Method != http.MethodHead && bodyAllowed(rec.status) && !rec.complete() {
+		err = &StatusError{Status: http.StatusBadGateway, Err: errIncomplete}
+	}
+	if err != nil || rec.status >= 500 {
+		// stale_if_error: the last good copy answers everybody.
+		if ent := e.spare(key, r); ent != nil {
+			f.Publish(&result{stale: ent}, nil)
+			ent.writeStale(w, r, "", time.Now())
+			ev.Outcome, ev.Detail = OutcomeStale, "stale-if-error"
+			e.observe(r, ev)
+			return nil
+		}
+	}
+	if err != nil {
+		f.Publish(&result{err: err}, nil)
+		w.Header().Add("Cache-Status", CacheName+"; fwd=uri-miss; detail=upstream-error")
+		ev.Detail = "upstream-error"
+		e.observe(r, ev)
+		return err
+	}
+
+	resp := newResponse(rec.status, rec.header, rec.buf.Bytes(), r)
+	ok, reason := shareable(resp.Status, resp.Header)
+	if !ok {
+		f.Publish(&result{reason: reason}, nil)
+		e.hfm.set(key, time.Now().Add(e.cfg.HitForMiss))
+		e.cache.remove(key)
+		ev.Detail = reason
+		resp.write(w, r, fmt.Sprintf("%s; fwd=uri-miss; fwd-status=%d; detail=%s", CacheName, resp.Status, reason), 0)
+		e.observe(r, ev)
+		return nil
+	}
+	ev.Stored = e.store(key, resp)
+	f.Publish(&result{resp: resp}, nil)
+	status := fmt.Sprintf("%s; fwd=uri-miss; fwd-status=%d", CacheName, resp.Status)
+	if ev.Stored {
+		status += "; stored"
+	}
+	resp.write(w, r, status, 0)
+	e.observe(r, ev)
+	return nil
+}
+
+// spare returns the entry for key that may stand in for a failed upstream
+// response (stale_if_error), or nil.
+func (e *Engine) spare(key Key, r *http.Request) *entry {
+	if e.cfg.StaleIfError <= 0 {
+		return nil
+	}
+	now := time.Now()
+	ent := e.cache.get(key, now)
+	if ent == nil || !now.Before(ent.spare) || !ent.resp.matchesVary(r) {
+		return nil
+	}
+	return ent
+}
+
+// writeStale writes an expired entry that stands in for a failed upstream.
+func (ent *entry) writeStale(w http.ResponseWriter, r *http.Request, collapsed string, now time.Time) {
+	ent.resp.write(w, r, fmt.Sprintf("%s; %sfwd=stale; ttl=%d; detail=stale-if-error", CacheName, collapsed, -int64(now.Sub(ent.fresh)/time.Second)), now.Sub(ent.stored))
+}
+
+// store keeps resp under key when the origin and the configuration allow.
+func (e *Engine) store(key Key, resp *Response) bool {
+	if e.cfg.TTL <= 0 && e.cfg.StaleIfError <= 0 {
+		return false
+	}
+	ok, limit, _ := storable(resp.Status, resp.Header)
+	if !ok {
+		e.cache.remove(key)
+		return false
+	}
+	now := time.Now()
+	ttl := e.cfg.TTL
+	if limit > 0 && limit < ttl {
+		ttl = limit
+	}
+	ent := &entry{resp: resp, stored: now, fresh: now.Add(ttl), size: resp.size()}
+	ent.stale = ent.fresh.Add(e.cfg.Stale)
+	ent.spare = ent.fresh.Add(e.cfg.StaleIfError)
+	e.hfm.clear(key)
+	return e.cache.put(key, ent)
+}
+
+// refresh starts one background request for key unless one is running. It
+// is detached from every client and bounded by its own timeout.
+func (e *Engine) refresh(r *http.Request, key Key, next Next) {
+	select {
+	case <-e.closed:
+		return
+	default:
+	}
+	timeout := e.cfg.MaxWait
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
+	f, ok := e.reg.Lead(ctx, string(key[:]), "refresh "+r.Method+" "+r.URL.Path)
+	if !ok {
+		cancel()
+		return
+	}
+	var br *http.Request
+	if e.cfg.Detach != nil {
+		br = e.cfg.Detach(r, ctx)
+	} else {
+		br = r.Clone(ctx)
+	}
+	br.Method = http.MethodGet
+	e.refreshes.Add(1)
+	go func() {
+		defer e.refreshes.Done()
+		defer cancel()
+		defer f.Leave()
+		defer func() {
+			if p := recover(); p != nil {
+				f.Publish(&result{err: &StatusError{Status: http.StatusBadGateway, Err: ErrLeaderFailed}}, nil)
+			}
+		}()
+		rec := newRecorder(discard{}, e.cfg.MaxBody, func(string) {}, func(string) string { return "" })
+		err := next(rec, upstreamRequest(br, f.Context()))
+		if err != nil || rec.streaming || !rec.complete() {
+			f.Publish(&result{err: err, reason: "refresh-failed"}, nil)
+			return
+		}
+		if !rec.wroteHeader {
+			rec.WriteHeader(http.StatusOK)
+		}
+		resp := newResponse(rec.status, rec.header, rec.buf.Bytes(), br)
+		if ok, reason := shareable(resp.Status, resp.Header); !ok {
+			e.cache.remove(key)
+			f.Publish(&result{reason: reason}, nil)
+			return
+		}
+		e.store(key, resp)
+		f.Publish(&result{resp: resp}, nil)
+	}()
+}
+
+// upstreamRequest is the request the leader sends: the client's request
+// with the flight's context and without the client's own validators, so
+// that the response is complete and can answer every follower.
+func upstreamRequest(r *http.Request, ctx context.Context) *http.Request {
+	ur := r.WithContext(ctx)
+	if r.Header.Get("If-None-Match") != "" || r.Header.Get("If-Modified-Since") != "" {
+		ur.Header = r.Header.Clone()
+		ur.Header.Del("If-None-Match")
+		ur.Header.Del("If-Modified-Since")
+	}
+	return ur
+}
+
+// discard is the ResponseWriter of a background refresh.
+type discard struct{}
+
+func (discard) Header() http.Header         { return http.Header{} }
+func (discard) Write(p []byte) (int, error) { return len(p), nil }
+func (discard) WriteHeader(int)             {}

@@ -1,0 +1,157 @@
+package coalesce
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"net/http"
+	"net/textproto"
+	"strings"
+	"sync"
+)
+
+// Key identifies requests that may share one response: a SHA-256 over the
+// request's method, scheme, host, path, query, the requester's identity, the
+// Accept-Encoding class and the configured headers. Hashing keeps
+// credentials out of memory dumps and makes every key the same small size.
+type Key [sha256.Size]byte
+
+// String is a short hex form, safe to log and to show in the admin API.
+func (k Key) String() string { return hex.EncodeToString(k[:8]) }
+
+// DefaultIdentityHeaders identify the requester: responses to requests with
+// different values are never shared.
+var DefaultIdentityHeaders = []string{"Authorization", "Cookie"}
+
+// alwaysKeyed are request headers some origins or frameworks honour to
+// rewrite the request (method overrides, rewritten URLs, forwarded hosts).
+// They are always part of the key, so a request that carries one can never
+// be answered with, or poison, the response to a request without it.
+var alwaysKeyed = []string{
+	"Forwarded",
+	"X-Forwarded-Host",
+	"X-Forwarded-Proto",
+	"X-Forwarded-Scheme",
+	"X-Original-Url",
+	"X-Rewrite-Url",
+	"X-Http-Method-Override",
+	"X-Http-Method",
+	"X-Method-Override",
+}
+
+// keyDeriver derives keys; it is immutable after construction.
+type keyDeriver struct {
+	identity []string // canonical header names; empty when public
+	headers  []string // canonical names of other keyed headers
+}
+
+func newKeyDeriver(identity []string, public bool, extra []string) *keyDeriver {
+	k := &keyDeriver{}
+	seen := map[string]bool{}
+	add := func(dst *[]string, names []string) {
+		for _, n := range names {
+			c := textproto.CanonicalMIMEHeaderKey(strings.TrimSpace(n))
+			if c != "" && !seen[c] {
+				seen[c] = true
+				*dst = append(*dst, c)
+			}
+		}
+	}
+	if !public {
+		add(&k.identity, DefaultIdentityHeaders)
+		add(&k.identity, identity)
+	}
+	add(&k.headers, extra)
+	add(&k.headers, alwaysKeyed)
+	return k
+}
+
+var keyBufPool = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
+
+// derive computes the key of r as if its method were method (HEAD requests
+// also look up the GET key).
+func (k *keyDeriver) derive(r *http.Request, method string) Key {
+	bp := keyBufPool.Get().(*[]byte)
+	b := (*bp)[:0]
+	field := func(s string) {
+		// Length-prefixed, so no two different field lists encode alike.
+		b = binary.AppendUvarint(b, uint64(len(s)))
+		b = append(b, s...)
+	}
+	field(method)
+	if r.TLS != nil {
+		field("https")
+	} else {
+		field("http")
+	}
+	field(strings.ToLower(r.Host))
+	field(r.URL.EscapedPath())
+	field(r.URL.RawQuery)
+	field(encodingClass(r.Header))
+	for _, group := range [2][]string{k.identity, k.headers} {
+		for _, name := range group {
+			vs := r.Header[name]
+			b = binary.AppendUvarint(b, uint64(len(vs)))
+			for _, v := range vs {
+				field(v)
+			}
+		}
+	}
+	sum := sha256.Sum256(b)
+	*bp = b
+	keyBufPool.Put(bp)
+	return sum
+}
+
+// hasIdentity reports whether r carries any identity header.
+func (k *keyDeriver) hasIdentity(r *http.Request) bool {
+	for _, name := range k.identity {
+		if len(r.Header[name]) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// encodingClass reduces Accept-Encoding to the set of content codings an
+// upstream may choose from, so that clients listing the same codings in a
+// different order or with different weights share one response.
+func encodingClass(h http.Header) string {
+	vs := h.Values("Accept-Encoding")
+	if len(vs) == 0 {
+		return ""
+	}
+	var gzip, br, zstd, deflate, other bool
+	for _, v := range vs {
+		for part := range strings.SplitSeq(v, ",") {
+			name, params, _ := strings.Cut(part, ";")
+			if q := strings.TrimSpace(params); strings.HasPrefix(q, "q=0") && strings.Trim(q[3:], ".0") == "" {
+				continue // q=0 means "not acceptable"
+			}
+			switch strings.ToLower(strings.TrimSpace(name)) {
+			case "gzip", "x-gzip":
+				gzip = true
+			case "br":
+				br = true
+			case "zstd":
+				zstd = true
+			case "deflate":
+				deflate = true
+			case "identity", "":
+			default:
+				other = true
+			}
+		}
+	}
+	var s []byte
+	for _, c := range []struct {
+		on   bool
+		name string
+	}{{br, "br"}, {deflate, "deflate"}, {gzip, "gzip"}, {zstd, "zstd"}, {other, "*"}} {
+		if c.on {
+			s = append(s, c.name...)
+			s = append(s, ' ')
+		}
+	}
+	return string(s)
+}

@@ -1,0 +1,226 @@
+package coalesce
+
+import (
+	"mime"
+	"net/http"
+	"net/textproto"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// bypassReason says why a request must go upstream on its own, untouched by
+// the registry and the cache, or "" when it may be collapsed. The second
+// value is the RFC 9211 fwd parameter to report.
+func bypassReason(r *http.Request) (detail, fwd string) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		return "method", "method"
+	}
+	h := r.Header
+	switch {
+	case h.Get("Upgrade") != "" || headerHasToken(h, "Connection", "upgrade"):
+		return "upgrade", "bypass"
+	case h.Get("Range") != "":
+		// A 206 answers one client's range; sharing it would hand other
+		// ranges (or a full GET) the wrong bytes.
+		return "range", "bypass"
+	case acceptsEventStream(h):
+		return "event-stream", "bypass"
+	case r.ContentLength > 0 || len(h.Values("Transfer-Encoding")) > 0:
+		// A body is not part of the key.
+		return "request-body", "bypass"
+	case h.Get("If-Match") != "" || h.Get("If-Unmodified-Since") != "" || h.Get("If-Range") != "":
+		// Preconditions other than revalidation are the origin's business.
+		return "precondition", "bypass"
+	case requestCacheControl(h).noStore:
+		return "no-store", "request"
+	}
+	return "", ""
+}
+
+func acceptsEventStream(h http.Header) bool {
+	for _, v := range h.Values("Accept") {
+		for part := range strings.SplitSeq(v, ",") {
+			mt, _, _ := strings.Cut(part, ";")
+			if strings.EqualFold(strings.TrimSpace(mt), "text/event-stream") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// headerHasToken reports whether a comma-separated header contains token
+// (case-insensitively).
+func headerHasToken(h http.Header, name, token string) bool {
+	for _, v := range h.Values(name) {
+		for part := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(part), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// cacheControl is the part of a Cache-Control header this package acts on.
+type cacheControl struct {
+	noStore, noCache, private, public bool
+	maxAge, sMaxAge                   int // -1 when absent
+}
+
+// parseCacheControl reads every Cache-Control field line. Unknown directives
+// are ignored; a malformed max-age counts as 0 (RFC 9111 §4.2.1: treat an
+// invalid freshness lifetime as stale).
+func parseCacheControl(h http.Header) cacheControl {
+	cc := cacheControl{maxAge: -1, sMaxAge: -1}
+	for _, line := range h.Values("Cache-Control") {
+		for part := range strings.SplitSeq(line, ",") {
+			name, value, _ := strings.Cut(strings.TrimSpace(part), "=")
+			name = strings.ToLower(strings.TrimSpace(name))
+			value = strings.Trim(strings.TrimSpace(value), `"`)
+			switch name {
+			case "no-store":
+				cc.noStore = true
+			case "no-cache":
+				// no-cache="field" only forbids reusing those fields without
+				// revalidation; we do not rewrite responses, so treat it as
+				// plain no-cache.
+				cc.noCache = true
+			case "private":
+				cc.private = true
+			case "public":
+				cc.public = true
+			case "max-age":
+				cc.maxAge = parseDeltaSeconds(value)
+			case "s-maxage":
+				cc.sMaxAge = parseDeltaSeconds(value)
+			}
+		}
+	}
+	return cc
+}
+
+func requestCacheControl(h http.Header) cacheControl {
+	cc := parseCacheControl(h)
+	if !cc.noCache && h.Get("Cache-Control") == "" && headerHasToken(h, "Pragma", "no-cache") {
+		cc.noCache = true
+	}
+	return cc
+}
+
+func parseDeltaSeconds(s string) int {
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 0 {
+		if err != nil && len(s) > 0 && strings.Trim(s, "0123456789") == "" {
+			return 1<<31 - 1 // overflow: RFC 9111 §1.2.2 says use 2^31
+		}
+		return 0
+	}
+	return n
+}
+
+// shareable reports whether a response may be handed to other clients that
+// sent the same request (collapsed followers, later cache hits). RFC 9111 §4
+// lets a cache collapse only requests the response may be reused for.
+func shareable(status int, h http.Header) (ok bool, reason string) {
+	if len(h.Values("Set-Cookie")) > 0 {
+		return false, "set-cookie"
+	}
+	cc := parseCacheControl(h)
+	if cc.private {
+		return false, "private"
+	}
+	if headerHasToken(h, "Vary", "*") {
+		return false, "vary-star"
+	}
+	if status == http.StatusPartialContent || status < 200 {
+		return false, "status"
+	}
+	return true, ""
+}
+
+// storableStatuses are the final statuses kept in the micro-cache: those
+// RFC 9110 §15.1 calls heuristically cacheable, less 206 (ranges are never
+// collapsed) and 5xx (an error is shared with the requests waiting for it,
+// but never kept).
+var storableStatuses = map[int]bool{
+	200: true, 203: true, 204: true,
+	300: true, 301: true, 308: true,
+	404: true, 405: true, 410: true, 414: true,
+}
+
+// storable reports whether a shareable response may be kept in the
+// micro-cache, and the freshness it allows (0 = as configured).
+func storable(status int, h http.Header) (ok bool, limit time.Duration, reason string) {
+	if !storableStatuses[status] {
+		return false, 0, "status"
+	}
+	cc := parseCacheControl(h)
+	switch {
+	case cc.noStore:
+		return false, 0, "no-store"
+	case cc.noCache:
+		return false, 0, "no-cache"
+	case cc.sMaxAge == 0:
+		return false, 0, "s-maxage=0"
+	case cc.sMaxAge < 0 && cc.maxAge == 0:
+		return false, 0, "max-age=0"
+	}
+	// An origin that allows less freshness than our TTL wins.
+	secs := cc.sMaxAge
+	if secs < 0 {
+		secs = cc.maxAge
+	}
+	if secs > 0 {
+		limit = time.Duration(secs) * time.Second
+	}
+	return true, limit, ""
+}
+
+// streamingResponse reports whether a response must be streamed to the
+// client as it arrives, never buffered.
+func streamingResponse(h http.Header) bool {
+	ct := h.Get("Content-Type")
+	if ct != "" {
+		mt, _, err := mime.ParseMediaType(ct)
+		if err != nil {
+			mt = strings.ToLower(strings.TrimSpace(strings.SplitN(ct, ";", 2)[0]))
+		}
+		switch {
+		case mt == "text/event-stream",
+			mt == "application/x-ndjson",
+			mt == "multipart/x-mixed-replace",
+			strings.HasPrefix(mt, "application/grpc"):
+			return true
+		}
+	}
+	// RFC 10036: the origin asks intermediaries to forward incrementally.
+	if v := h.Get("Incremental"); v == "?1" {
+		return true
+	}
+	return false
+}
+
+// varyFields lists the request fields a response varies on, canonicalised.
+func varyFields(h http.Header) []string {
+	var fields []string
+	for _, line := range h.Values("Vary") {
+		for part := range strings.SplitSeq(line, ",") {
+			if f := strings.TrimSpace(part); f != "" {
+				fields = append(fields, textproto.CanonicalMIMEHeaderKey(f))
+			}
+		}
+	}
+	return fields
+}
+
+// varyValue is the value of a request field as compared for Vary. The
+// Accept-Encoding class is compared rather than the raw header, since it is
+// what the key already holds.
+func varyValue(h http.Header, field string) string {
+	if field == "Accept-Encoding" {
+		return encodingClass(h)
+	}
+	return strings.Join(h.Values(field), ",")
+}

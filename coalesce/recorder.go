@@ -1,0 +1,132 @@
+package coalesce
+
+import (
+	"bytes"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// streamAfter is how long an unknown-length response may keep arriving in
+// pieces before a flush turns it into a stream. A body that arrives at once
+// (chunked JSON, a compressed upstream) is shared; one that trickles (a long
+// poll writing events) reaches its client without waiting for the end.
+const streamAfter = 100 * time.Millisecond
+
+// recorder is the leader's ResponseWriter. It buffers a response for sharing
+// as long as it may be shared: up to maxBody bytes, not a stream. Otherwise
+// it turns into a pass-through to the leader's client ("streaming") and
+// calls onStream once, before the first byte goes out, so that followers
+// can stop waiting.
+type recorder struct {
+	w       http.ResponseWriter
+	header  http.Header
+	maxBody int64
+
+	status      int
+	wroteHeader bool
+	headerAt    time.Time
+	knownLength bool
+	buf         bytes.Buffer
+
+	streaming    bool
+	streamReason string
+	cacheStatus  func(reason string) string // Cache-Status member when streaming
+	onStream     func(reason string)
+}
+
+func newRecorder(w http.ResponseWriter, maxBody int64, onStream func(string), cacheStatus func(string) string) *recorder {
+	return &recorder{w: w, header: make(http.Header), maxBody: maxBody, onStream: onStream, cacheStatus: cacheStatus}
+}
+
+func (rec *recorder) Header() http.Header {
+	if rec.streaming {
+		return rec.w.Header()
+	}
+	return rec.header
+}
+
+func (rec *recorder) WriteHeader(status int) {
+	if rec.wroteHeader {
+		return
+	}
+	if status >= 100 && status < 200 && status != http.StatusSwitchingProtocols {
+		return // informational responses are not forwarded for a shared request
+	}
+	rec.status = status
+	rec.wroteHeader = true
+	rec.headerAt = time.Now()
+	cl, err := strconv.ParseInt(rec.header.Get("Content-Length"), 10, 64)
+	rec.knownLength = err == nil && cl >= 0
+	switch {
+	case streamingResponse(rec.header):
+		rec.stream("stream")
+	case rec.header.Get("Trailer") != "":
+		rec.stream("trailers")
+	case rec.knownLength && cl > rec.maxBody:
+		rec.stream("too-large")
+	case rec.knownLength:
+		rec.buf.Grow(int(cl))
+	}
+}
+
+func (rec *recorder) Write(p []byte) (int, error) {
+	if !rec.wroteHeader {
+		rec.WriteHeader(http.StatusOK)
+	}
+	if rec.streaming {
+		return rec.w.Write(p)
+	}
+	if int64(rec.buf.Len()+len(p)) > rec.maxBody {
+		rec.stream("too-large")
+		return rec.w.Write(p)
+	}
+	return rec.buf.Write(p)
+}
+
+// Flush forwards flushes while streaming. While buffering it is ignored,
+// except that an unknown-length response still arriving after streamAfter
+// becomes a stream.
+func (rec *recorder) Flush() {
+	if !rec.streaming && rec.wroteHeader && !rec.knownLength && time.Since(rec.headerAt) >= streamAfter {
+		rec.stream("stream")
+	}
+	if rec.streaming {
+		_ = http.NewResponseController(rec.w).Flush()
+	}
+}
+
+// Unwrap lets http.ResponseController reach the client's writer (deadlines).
+func (rec *recorder) Unwrap() http.ResponseWriter { return rec.w }
+
+// stream switches to pass-through: followers are told first, then what was
+// recorded so far goes to the client.
+func (rec *recorder) stream(reason string) {
+	if rec.streaming {
+		return
+	}
+	rec.streaming = true
+	rec.streamReason = reason
+	rec.onStream(reason)
+	dst := rec.w.Header()
+	for k, vs := range rec.header {
+		dst[k] = vs
+	}
+	if cs := rec.cacheStatus(reason); cs != "" {
+		dst.Add("Cache-Status", cs)
+	}
+	rec.w.WriteHeader(rec.status)
+	if rec.buf.Len() > 0 {
+		_, _ = rec.w.Write(rec.buf.Bytes())
+		rec.buf = bytes.Buffer{}
+	}
+}
+
+// complete reports whether the recorded body is what the headers promised.
+func (rec *recorder) complete() bool {
+	if cl := rec.header.Get("Content-Length"); cl != "" {
+		n, err := strconv.ParseInt(cl, 10, 64)
+		return err == nil && n == int64(rec.buf.Len())
+	}
+	return true
+}

@@ -1,0 +1,148 @@
+package coalesce
+
+import (
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Response is a complete upstream response held in memory, written to any
+// number of clients. It is never mutated once built.
+type Response struct {
+	Status int
+	Header http.Header
+	Body   []byte
+
+	// varyFields are the request fields the response varies on, and
+	// varyValues the values the leader's request had for them.
+	varyFields []string
+	varyValues []string
+	// fromHead: the upstream answered a HEAD; the body is not the GET body.
+	fromHead bool
+}
+
+func newResponse(status int, h http.Header, body []byte, req *http.Request) *Response {
+	resp := &Response{Status: status, Header: h, Body: body, fromHead: req.Method == http.MethodHead}
+	resp.varyFields = varyFields(h)
+	if len(resp.varyFields) > 0 {
+		resp.varyValues = make([]string, len(resp.varyFields))
+		for i, f := range resp.varyFields {
+			resp.varyValues[i] = varyValue(req.Header, f)
+		}
+	}
+	return resp
+}
+
+// size approximates the memory the response holds, for the cache budget.
+func (resp *Response) size() int64 {
+	n := int64(len(resp.Body)) + 200
+	for k, vs := range resp.Header {
+		n += int64(len(k)) + 16
+		for _, v := range vs {
+			n += int64(len(v)) + 16
+		}
+	}
+	return n
+}
+
+// matchesVary reports whether r sent the same values for every field the
+// response varies on as the request that produced it (RFC 9111 §4.1).
+func (resp *Response) matchesVary(r *http.Request) bool {
+	for i, f := range resp.varyFields {
+		if varyValue(r.Header, f) != resp.varyValues[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// write sends the response to one client: headers copied (never the shared
+// map), the client's own conditional headers evaluated, no body for HEAD.
+// age > 0 adds an Age header; cacheStatus is appended to Cache-Status.
+func (resp *Response) write(w http.ResponseWriter, r *http.Request, cacheStatus string, age time.Duration) {
+	dst := w.Header()
+	copyHeader(dst, resp.Header)
+	status := resp.Status
+	if status == http.StatusOK && notModified(r.Header, resp.Header) {
+		status = http.StatusNotModified
+		// As net/http's ServeContent does for a 304.
+		dst.Del("Content-Type")
+		dst.Del("Content-Length")
+		dst.Del("Content-Encoding")
+		dst.Del("Transfer-Encoding")
+	} else if !resp.fromHead && bodyAllowed(status) {
+		dst.Set("Content-Length", strconv.Itoa(len(resp.Body)))
+		dst.Del("Transfer-Encoding")
+	}
+	if age > 0 {
+		secs := int64(age / time.Second)
+		if prev, err := strconv.ParseInt(resp.Header.Get("Age"), 10, 64); err == nil && prev > 0 {
+			secs += prev
+		}
+		dst.Set("Age", strconv.FormatInt(secs, 10))
+	}
+	if cacheStatus != "" {
+		dst.Add("Cache-Status", cacheStatus)
+	}
+	w.WriteHeader(status)
+	if r.Method != http.MethodHead && status != http.StatusNotModified && bodyAllowed(status) && len(resp.Body) > 0 {
+		_, _ = w.Write(resp.Body)
+	}
+}
+
+func bodyAllowed(status int) bool {
+	return status >= 200 && status != http.StatusNoContent && status != http.StatusNotModified
+}
+
+// copyHeader copies src into dst with fresh value slices, in one allocation
+// for all values, so that no client can change what another receives.
+func copyHeader(dst, src http.Header) {
+	n := 0
+	for _, vs := range src {
+		n += len(vs)
+	}
+	all := make([]string, n)
+	for k, vs := range src {
+		m := copy(all, vs)
+		dst[k] = all[:m:m]
+		all = all[m:]
+	}
+}
+
+// notModified evaluates a client's If-None-Match / If-Modified-Since against
+// the shared response (RFC 9110 §13.1.2, §13.1.3, §13.2.2).
+func notModified(req, resp http.Header) bool {
+	if inm := req.Values("If-None-Match"); len(inm) > 0 {
+		etag := resp.Get("Etag")
+		if etag == "" {
+			return false
+		}
+		for _, line := range inm {
+			for tag := range strings.SplitSeq(line, ",") {
+				tag = strings.TrimSpace(tag)
+				if tag == "*" || weakETagMatch(tag, etag) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	ims := req.Get("If-Modified-Since")
+	lm := resp.Get("Last-Modified")
+	if ims == "" || lm == "" {
+		return false
+	}
+	since, err1 := http.ParseTime(ims)
+	modified, err2 := http.ParseTime(lm)
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	return !modified.After(since)
+}
+
+func weakETagMatch(a, b string) bool {
+	a = strings.TrimPrefix(a, "W/")
+	b = strings.TrimPrefix(b, "W/")
+	return len(a) >= 2 && a[0] == '"' && a == b
+}

@@ -1,0 +1,208 @@
+package caddymodule
+
+import (
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("coalesce", parseCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("coalesce", httpcaddyfile.Before, "reverse_proxy")
+}
+
+// zoneCounterKey numbers the coalesce directives of one Caddyfile, in file
+// order, so that each gets state of its own and a reload of the same file
+// finds it again.
+const zoneCounterKey = "coalesce.zone_counter"
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(Handler)
+	if err := handler.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	if handler.Zone == "" {
+		n, _ := h.State[zoneCounterKey].(int)
+		h.State[zoneCounterKey] = n + 1
+		handler.Zone = "caddyfile-" + strconv.Itoa(n)
+	}
+	return handler, nil
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	coalesce [<matcher>] {
+//		ttl             <duration>   # default 50ms; 0 = collapse only; max 1s
+//		stale           <duration>   # serve expired entries this long while one refresh runs
+//		stale_if_error  <duration>   # serve the last good entry this long when the upstream fails
+//		max_wait        <duration>   # longest a follower waits; default 10s
+//		max_body        <size>       # largest response buffered for sharing; default 1MiB
+//		max_entries     <n>          # micro-cache entries; default 10000
+//		max_memory      <size>       # micro-cache bytes; default 64MiB
+//		key_headers     <field...>   # more request headers that make responses differ
+//		identity_headers <field...>  # more headers that identify the requester
+//		public                       # leave identity out of the key (public endpoints only)
+//		hit_for_miss    <duration>   # how long an unshareable key skips collapsing; default 5s
+//		max_flights     <n>          # keys in flight at once; default 100000
+//		zone            <name>       # name of the state (registry, cache) this handler uses
+//	}
+//
+// A bare `coalesce` uses the defaults.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		opt := d.Val()
+		switch opt {
+		case "ttl":
+			dur, err := parseDuration(d)
+			if err != nil {
+				return err
+			}
+			h.TTL = &dur
+		case "stale":
+			dur, err := parseDuration(d)
+			if err != nil {
+				return err
+			}
+			h.Stale = dur
+		case "stale_if_error":
+			dur, err := parseDuration(d)
+			if err != nil {
+				return err
+			}
+			h.StaleIfError = dur
+		case "max_wait":
+			dur, err := parseDuration(d)
+			if err != nil {
+				return err
+			}
+			h.MaxWait = &dur
+		case "hit_for_miss":
+			dur, err := parseDuration(d)
+			if err != nil {
+				return err
+			}
+			h.HitForMiss = &dur
+		case "max_body":
+			n, err := parseSize(d)
+			if err != nil {
+				return err
+			}
+			h.MaxBody = n
+		case "max_memory":
+			n, err := parseSize(d)
+			if err != nil {
+				return err
+			}
+			h.MaxMemory = n
+		case "max_entries":
+			n, err := parseCount(d)
+			if err != nil {
+				return err
+			}
+			h.MaxEntries = n
+		case "max_flights":
+			n, err := parseCount(d)
+			if err != nil {
+				return err
+			}
+			h.MaxFlights = n
+		case "key_headers":
+			fields := d.RemainingArgs()
+			if len(fields) == 0 {
+				return d.Errf("key_headers needs at least one header field name")
+			}
+			h.KeyHeaders = append(h.KeyHeaders, fields...)
+		case "identity_headers":
+			fields := d.RemainingArgs()
+			if len(fields) == 0 {
+				return d.Errf("identity_headers needs at least one header field name")
+			}
+			h.IdentityHeaders = append(h.IdentityHeaders, fields...)
+		case "public":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.Public = true
+		case "zone":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			h.Zone = d.Val()
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		default:
+			if err := h.unmarshalExtra(d, opt); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// unmarshalExtra parses the options that are not about collapsing itself.
+func (h *Handler) unmarshalExtra(d *caddyfile.Dispenser, opt string) error {
+	return d.Errf("unrecognized coalesce option %q; see the README for the options", opt)
+}
+
+// parseDuration reads exactly one duration argument, never negative.
+func parseDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
+	opt := d.Val()
+	if !d.NextArg() {
+		return 0, d.Errf("%s needs a duration, e.g. %s 50ms", opt, opt)
+	}
+	dur, err := caddy.ParseDuration(d.Val())
+	if err != nil {
+		return 0, d.Errf("%s: %q is not a duration (write e.g. 50ms, 2s): %v", opt, d.Val(), err)
+	}
+	if dur < 0 {
+		return 0, d.Errf("%s must not be negative (got %s)", opt, d.Val())
+	}
+	if d.NextArg() {
+		return 0, d.Errf("%s takes one duration, got another argument %q", opt, d.Val())
+	}
+	return caddy.Duration(dur), nil
+}
+
+// parseSize reads one size such as 1MiB or 512KB.
+func parseSize(d *caddyfile.Dispenser) (int64, error) {
+	opt := d.Val()
+	if !d.NextArg() {
+		return 0, d.Errf("%s needs a size, e.g. %s 1MiB", opt, opt)
+	}
+	n, err := humanize.ParseBytes(d.Val())
+	if err != nil || n == 0 || n > 1<<40 {
+		return 0, d.Errf("%s: %q is not a usable size (write e.g. 512KiB, 1MiB, 64MB)", opt, d.Val())
+	}
+	if d.NextArg() {
+		return 0, d.Errf("%s takes one size, got another argument %q", opt, d.Val())
+	}
+	return int64(n), nil
+}
+
+// parseCount reads one positive integer.
+func parseCount(d *caddyfile.Dispenser) (int, error) {
+	opt := d.Val()
+	if !d.NextArg() {
+		return 0, d.Errf("%s needs a number", opt)
+	}
+	n, err := strconv.Atoi(d.Val())
+	if err != nil || n <= 0 {
+		return 0, d.Errf("%s must be a positive whole number (got %q)", opt, d.Val())
+	}
+	if d.NextArg() {
+		return 0, d.Errf("%s takes one number, got another argument %q", opt, d.Val())
+	}
+	return n, nil
+}
+
+// Interface guards
+var _ caddyfile.Unmarshaler = (*Handler)(nil)

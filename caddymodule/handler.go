@@ -1,0 +1,269 @@
+// Package caddymodule is the Caddy glue of caddy-coalesce: the
+// http.handlers.coalesce module, its Caddyfile directive, state that
+// survives config reloads, placeholders, metrics and the admin API.
+package caddymodule
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/edge-coalesce/caddy-coalesce/coalesce"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Handler collapses concurrent identical GET and HEAD requests into one
+// upstream request, keeps the answer for a short TTL, and shares it with
+// every client that may receive it. Place it before `reverse_proxy`.
+//
+// Requests are keyed by method, scheme, host, path, query, the requester's
+// identity (Authorization and Cookie, hashed), the Accept-Encoding class and
+// `key_headers`. A response is shared only when it has no Set-Cookie, no
+// `Cache-Control: private` and no `Vary: *`, and only with requests that
+// match its Vary. Every response that passes through gets a `Cache-Status`
+// header (RFC 9211).
+type Handler struct {
+	// How long a response stays fresh in the micro-cache. Default: 50ms.
+	// 0 collapses concurrent requests but stores nothing. At most 1s. An
+	// origin's smaller max-age / s-maxage wins.
+	TTL *caddy.Duration `json:"ttl,omitempty"`
+
+	// Serve an expired entry for this long after `ttl` while exactly one
+	// background request refreshes it (stale-while-revalidate). Default: 0.
+	Stale caddy.Duration `json:"stale,omitempty"`
+
+	// Serve the last good entry for this long after `ttl` when the upstream
+	// fails (transport error or a 5xx) or its breaker is open. Default: 0.
+	StaleIfError caddy.Duration `json:"stale_if_error,omitempty"`
+
+	// The longest a follower waits for its leader's response before it is
+	// answered 504 Gateway Timeout. Default: 10s. 0 means no bound other
+	// than the client's own.
+	MaxWait *caddy.Duration `json:"max_wait,omitempty"`
+
+	// The largest response body, in bytes, buffered for sharing. Larger
+	// responses stream to the leader while its followers send their own
+	// requests. Default: 1 MiB.
+	MaxBody int64 `json:"max_body,omitempty"`
+
+	// The most entries the micro-cache holds. Default: 10000.
+	MaxEntries int `json:"max_entries,omitempty"`
+
+	// The most bytes (bodies and headers) the micro-cache holds.
+	// Default: 64 MiB.
+	MaxMemory int64 `json:"max_memory,omitempty"`
+
+	// More request header fields whose values make responses differ; they
+	// become part of the key.
+	KeyHeaders []string `json:"key_headers,omitempty"`
+
+	// More request header fields that identify the requester, beside
+	// Authorization and Cookie (e.g. X-Api-Key). Hashed into the key.
+	IdentityHeaders []string `json:"identity_headers,omitempty"`
+
+	// Leave the requester's identity out of the key, so that everybody
+	// shares one response. Only for endpoints whose answer does not depend
+	// on who asks. Default: false.
+	Public bool `json:"public,omitempty"`
+
+	// How long a key whose response could not be shared (Set-Cookie,
+	// private, Vary: *, a stream, a too large body) goes upstream without
+	// collapsing, so that the next burst does not queue for nothing
+	// (Varnish's hit-for-miss). Default: 5s.
+	HitForMiss *caddy.Duration `json:"hit_for_miss,omitempty"`
+
+	// The most keys in flight at once; requests for further keys go
+	// upstream without collapsing. Default: 100000.
+	MaxFlights int `json:"max_flights,omitempty"`
+
+	// Names the state (registry and micro-cache) this handler uses. Handlers
+	// with the same zone and the same settings share state, and a reload
+	// that keeps both keeps the state. The Caddyfile gives each `coalesce`
+	// its own zone; in JSON, give handlers in front of different upstreams
+	// different zones. Default: derived from the settings.
+	Zone string `json:"zone,omitempty"`
+
+	engine  *coalesce.Engine
+	poolKey string
+	logger  *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.coalesce",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// config turns the JSON fields into the engine's configuration.
+func (h *Handler) config() coalesce.Config {
+	c := coalesce.DefaultConfig()
+	if h.TTL != nil {
+		c.TTL = time.Duration(*h.TTL)
+	}
+	c.Stale = time.Duration(h.Stale)
+	c.StaleIfError = time.Duration(h.StaleIfError)
+	if h.MaxWait != nil {
+		c.MaxWait = time.Duration(*h.MaxWait)
+	}
+	if h.MaxBody != 0 {
+		c.MaxBody = h.MaxBody
+	}
+	if h.MaxEntries != 0 {
+		c.MaxEntries = h.MaxEntries
+	}
+	if h.MaxMemory != 0 {
+		c.MaxMemory = h.MaxMemory
+	}
+	c.KeyHeaders = h.KeyHeaders
+	c.IdentityHeaders = h.IdentityHeaders
+	c.Public = h.Public
+	if h.HitForMiss != nil {
+		c.HitForMiss = time.Duration(*h.HitForMiss)
+	}
+	if h.MaxFlights != 0 {
+		c.MaxFlights = h.MaxFlights
+	}
+	return c
+}
+
+// Validate reports settings that cannot work.
+func (h *Handler) Validate() error {
+	if err := h.config().Validate(); err != nil {
+		return fmt.Errorf("coalesce: %w", err)
+	}
+	return nil
+}
+
+// Provision loads (or creates) the shared state of this handler.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if err := registerMetrics(ctx); err != nil {
+		return fmt.Errorf("coalesce: registering metrics: %w", err)
+	}
+	cfg := h.config()
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("coalesce: %w", err)
+	}
+	settings, err := json.Marshal(h)
+	if err != nil {
+		return err
+	}
+	sum := sha256.Sum256(settings)
+	h.poolKey = h.Zone + "/" + hex.EncodeToString(sum[:8])
+	val, _, err := engines.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
+		e, err := coalesce.New(cfg)
+		if err != nil {
+			return nil, err
+		}
+		return pooledEngine{e}, nil
+	})
+	if err != nil {
+		return fmt.Errorf("coalesce: %w", err)
+	}
+	h.engine = val.(pooledEngine).WithHooks(coalesce.Hooks{
+		Disabled: bypassAll.Load,
+		Observe:  h.observe,
+		Upstream: upstreamOf,
+		Detach:   detach,
+	})
+	return nil
+}
+
+// Cleanup releases this handler's hold on the shared state. Requests of this
+// config still running keep working: the state lives until the last holder
+// lets go, and a reload of the same config holds it already.
+func (h *Handler) Cleanup() error {
+	if h.poolKey == "" {
+		return nil
+	}
+	_, err := engines.Delete(h.poolKey)
+	return err
+}
+
+// ServeHTTP implements caddyhttp.MiddlewareHandler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	err := h.engine.Serve(w, r, next.ServeHTTP)
+	var se *coalesce.StatusError
+	if errors.As(err, &se) {
+		return caddyhttp.Error(se.Status, se)
+	}
+	return err
+}
+
+// observe sets the placeholders and logs the decision.
+func (h *Handler) observe(r *http.Request, ev coalesce.Event) {
+	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+		repl.Set("http.coalesce.status", string(ev.Outcome))
+		if ev.Key != (coalesce.Key{}) {
+			repl.Set("http.coalesce.key_hash", ev.Key.String())
+		}
+		repl.Set("http.coalesce.waiters", strconv.Itoa(ev.Waiters))
+		repl.Set("http.coalesce.detail", ev.Detail)
+	}
+	observeMetrics(r, ev)
+	if ce := h.logger.Check(zapcore.DebugLevel, "coalesce decision"); ce != nil {
+		ce.Write(
+			zap.String("outcome", string(ev.Outcome)),
+			zap.String("detail", ev.Detail),
+			zap.String("key_hash", ev.Key.String()),
+			zap.Int("waiters", ev.Waiters),
+			zap.Duration("wait", ev.Wait),
+			zap.Bool("stored", ev.Stored),
+		)
+	}
+	if ev.Outcome == coalesce.OutcomeTimeout {
+		h.logger.Warn("follower gave up waiting for its leader",
+			zap.String("key_hash", ev.Key.String()), zap.Duration("wait", ev.Wait))
+	}
+}
+
+// upstreamOf is the upstream reverse_proxy reported for r, as host:port.
+func upstreamOf(r *http.Request) string {
+	repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	if !ok {
+		return ""
+	}
+	v, _ := repl.GetString("http.reverse_proxy.upstream.hostport")
+	return v
+}
+
+// detach copies r for a background refresh with a replacer of its own, so
+// that what the refresh's reverse_proxy sets does not land in the access log
+// line of the client that triggered it. The request's vars are copied.
+func detach(r *http.Request, ctx context.Context) *http.Request {
+	br := r.Clone(ctx)
+	srv, _ := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	br = caddyhttp.PrepareRequest(br, caddy.NewReplacer(), nil, srv)
+	if old, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
+		if vars, ok := br.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
+			for k, v := range old {
+				vars[k] = v
+			}
+		}
+	}
+	return br
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

@@ -178,11 +178,10 @@ func (r *Registry[V]) Join(ctx context.Context, key, note string) (*Flight[V], R
 func (r *Registry[V]) Lead(ctx context.Context, key, note string) (*Flight[V], bool) {
 	s := &r.shards[maphash.String(r.seed, key)%shardCount]
 	s.mu.Lock()
-	if _, ok := s.flights[key]; ok || r.flights.Load() >= int64(r.opts.MaxFlights) {
+	if _, ok := s.flights[key]; ok || !r.reserveFlight() {
 		s.mu.Unlock()
 		return nil, false
 	}
-	r.flights.Add(1)
 	f := r.newFlight(ctx, s, key, note)
 	s.mu.Unlock()
 	r.led.Add(1)

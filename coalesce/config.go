@@ -53,10 +53,17 @@ type Config struct {
 	// upstream on their own.
 	MaxFlights int
 
+	// Hooks connect the engine to its host server. Engines made by WithHooks
+	// share everything else.
+	Hooks Hooks
+}
+
+// Hooks connect an engine to the server it runs in. Every hook may be nil.
+type Hooks struct {
 	// Disabled, when it returns true, makes every request pass straight
-	// through (a kill switch that needs no reload). May be nil.
+	// through (a kill switch that needs no reload).
 	Disabled func() bool
-	// Observe is told the outcome of every request. May be nil.
+	// Observe is told the outcome of every request.
 	Observe func(r *http.Request, ev Event)
 	// Upstream names the upstream that answered r, after next returned; it
 	// keys the breakers. nil or "" means one breaker for all ("default").

@@ -82,7 +82,13 @@ type result struct {
 }
 
 // Engine holds the registry and the micro-cache of one coalescing handler.
+// Engines returned by WithHooks share them.
 type Engine struct {
+	*core
+	hooks Hooks
+}
+
+type core struct {
 	cfg   Config
 	keys  *keyDeriver
 	reg   *registry.Registry[*result]
@@ -99,15 +105,20 @@ func New(cfg Config) (*Engine, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Engine{
+	return &Engine{hooks: cfg.Hooks, core: &core{
 		cfg:    cfg,
 		keys:   newKeyDeriver(cfg.IdentityHeaders, cfg.Public, cfg.KeyHeaders),
 		reg:    registry.New[*result](registry.Options{MaxFlights: cfg.MaxFlights}),
 		cache:  newMicroCache(cfg.MaxEntries, cfg.MaxMemory),
 		hfm:    newMarks(cfg.MaxEntries),
 		closed: make(chan struct{}),
-	}, nil
+	}}, nil
 }
+
+// WithHooks returns an engine that shares e's registry, cache and
+// configuration but reports to other hooks. A server that keeps engines
+// across configuration reloads gives each configuration's handler its own.
+func (e *Engine) WithHooks(h Hooks) *Engine { return &Engine{core: e.core, hooks: h} }
 
 // Close waits for background refreshes to end (each is bounded by its own
 // timeout) and stops new ones.
@@ -171,15 +182,15 @@ func (e *Engine) Inflight(limit int) []FlightInfo {
 }
 
 func (e *Engine) observe(r *http.Request, ev Event) {
-	if e.cfg.Observe != nil {
-		e.cfg.Observe(r, ev)
+	if e.hooks.Observe != nil {
+		e.hooks.Observe(r, ev)
 	}
 }
 
 // Serve handles one request: from the micro-cache, as a follower of an
 // identical request in flight, or as the leader that calls next.
 func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error {
-	if e.cfg.Disabled != nil && e.cfg.Disabled() {
+	if e.hooks.Disabled != nil && e.hooks.Disabled() {
 		return e.bypass(w, r, next, "disabled", "bypass")
 	}
 	if detail, fwd := bypassReason(r); detail != "" {
@@ -418,8 +429,8 @@ func (e *Engine) refresh(r *http.Request, key Key, next Next) {
 		return
 	}
 	var br *http.Request
-	if e.cfg.Detach != nil {
-		br = e.cfg.Detach(r, ctx)
+	if e.hooks.Detach != nil {
+		br = e.hooks.Detach(r, ctx)
 	} else {
 		br = r.Clone(ctx)
 	}

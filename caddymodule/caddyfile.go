@@ -144,6 +144,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 		}
+		// Check the settings so far, so that a value that parses but
+		// cannot work (ttl 2s) is reported at its own line.
+		if err := h.Validate(); err != nil {
+			return d.Errf("%v", err)
+		}
 	}
 	return nil
 }

@@ -200,8 +200,13 @@ func (h *Handler) Cleanup() error {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	err := h.engine.Serve(w, r, next.ServeHTTP)
 	var se *coalesce.StatusError
-	if errors.As(err, &se) {
+	switch {
+	case err == nil:
+	case errors.As(err, &se):
 		return caddyhttp.Error(se.Status, se)
+	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
+		// The client went away while it waited, as reverse_proxy reports it.
+		return caddyhttp.Error(statusClientClosedRequest, err)
 	}
 	return err
 }
@@ -259,6 +264,10 @@ func detach(r *http.Request, ctx context.Context) *http.Request {
 	}
 	return br
 }
+
+// statusClientClosedRequest is the status reverse_proxy logs for a client
+// that went away (nginx's 499).
+const statusClientClosedRequest = 499
 
 // Interface guards
 var (

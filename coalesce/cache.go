@@ -19,7 +19,7 @@ type entry struct {
 	size   int64
 }
 
-// cacheShards spreads the LRU lock; each shard has 1/cacheShards of the
+// cacheShards spreads the LRU lock; each shard in use has an equal share of the
 // entry and byte budgets.
 const cacheShards = 16
 
@@ -28,6 +28,7 @@ const cacheShards = 16
 // expired entries leave through the LRU; there is no background goroutine.
 type microCache struct {
 	shards    [cacheShards]cacheShard
+	n         uint8 // shards in use: fewer than cacheShards for a tiny budget
 	entries   atomic.Int64
 	bytes     atomic.Int64
 	evictions atomic.Uint64
@@ -42,10 +43,13 @@ type cacheShard struct {
 }
 
 func newMicroCache(maxEntries int, maxBytes int64) *microCache {
-	c := &microCache{}
-	perEntries := max(1, (maxEntries+cacheShards-1)/cacheShards)
-	perBytes := max(1, (maxBytes+cacheShards-1)/cacheShards)
-	for i := range c.shards {
+	// Budgets are divided rounding down, so that the shards together never
+	// hold more than maxEntries entries or maxBytes bytes.
+	n := min(cacheShards, max(1, maxEntries))
+	c := &microCache{n: uint8(n)}
+	perEntries := max(1, maxEntries/n)
+	perBytes := max(1, maxBytes/int64(n))
+	for i := range c.shards[:n] {
 		s := &c.shards[i]
 		s.owner = c
 		s.maxBytes = perBytes
@@ -61,7 +65,7 @@ func (s *cacheShard) onEvict(_ Key, e *entry) {
 	s.owner.entries.Add(-1)
 }
 
-func (c *microCache) shard(k Key) *cacheShard { return &c.shards[k[0]%cacheShards] }
+func (c *microCache) shard(k Key) *cacheShard { return &c.shards[k[0]%c.n] }
 
 // get returns the entry for k if it can still be used for anything at now
 // (fresh, stale or as an error fallback); entries past all of that are

@@ -1,0 +1,193 @@
+package coalesce
+
+import (
+	"crypto/tls"
+	"net/http"
+	"net/http/httptest"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+func keyOf(d *keyDeriver, r *http.Request) Key { return d.derive(r, r.Method) }
+
+func getReq(target string, headers ...string) *http.Request {
+	r := httptest.NewRequest(http.MethodGet, target, nil)
+	for i := 0; i+1 < len(headers); i += 2 {
+		r.Header.Add(headers[i], headers[i+1])
+	}
+	return r
+}
+
+func TestSameRequestSameKey(t *testing.T) {
+	d := newKeyDeriver(nil, false, []string{"X-Tenant"})
+	a := getReq("http://api.example/v1/sessions?user=7", "Authorization", "Bearer abc", "X-Tenant", "t1", "Accept-Encoding", "gzip")
+	b := getReq("http://api.example/v1/sessions?user=7", "Authorization", "Bearer abc", "X-Tenant", "t1", "Accept-Encoding", "gzip")
+	if keyOf(d, a) != keyOf(d, b) {
+		t.Fatal("two identical requests have different keys")
+	}
+	if keyOf(d, a) != keyOf(d, a) {
+		t.Fatal("a request's key is not stable")
+	}
+}
+
+func TestRequestsThatMayDifferHaveDifferentKeys(t *testing.T) {
+	d := newKeyDeriver([]string{"X-Api-Key"}, false, []string{"X-Tenant"})
+	base := func() *http.Request {
+		return getReq("http://api.example/v1/sessions?user=7",
+			"Authorization", "Bearer abc", "Cookie", "sid=1", "X-Api-Key", "k1", "X-Tenant", "t1")
+	}
+	baseKey := keyOf(d, base())
+	cases := []struct {
+		name   string
+		change func(r *http.Request)
+	}{
+		{"authorization", func(r *http.Request) { r.Header.Set("Authorization", "Bearer xyz") }},
+		{"no authorization", func(r *http.Request) { r.Header.Del("Authorization") }},
+		{"cookie", func(r *http.Request) { r.Header.Set("Cookie", "sid=2") }},
+		{"identity header", func(r *http.Request) { r.Header.Set("X-Api-Key", "k2") }},
+		{"key header", func(r *http.Request) { r.Header.Set("X-Tenant", "t2") }},
+		{"key header absent", func(r *http.Request) { r.Header.Del("X-Tenant") }},
+		{"query", func(r *http.Request) { r.URL.RawQuery = "user=8" }},
+		{"query order", func(r *http.Request) { r.URL.RawQuery = "user=7&a=1" }},
+		{"path", func(r *http.Request) { r.URL.Path = "/v1/session" }},
+		{"host", func(r *http.Request) { r.Host = "other.example" }},
+		{"port", func(r *http.Request) { r.Host = "api.example:8080" }},
+		{"scheme", func(r *http.Request) { r.TLS = &tls.ConnectionState{} }},
+		{"method", func(r *http.Request) { r.Method = http.MethodHead }},
+		{"accept-encoding class", func(r *http.Request) { r.Header.Set("Accept-Encoding", "gzip") }},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := base()
+			c.change(r)
+			if keyOf(d, r) == baseKey {
+				t.Errorf("changing the %s does not change the key", c.name)
+			}
+		})
+	}
+}
+
+func TestHostIsCaseInsensitive(t *testing.T) {
+	d := newKeyDeriver(nil, false, nil)
+	a := getReq("http://API.Example/x")
+	b := getReq("http://api.example/x")
+	if keyOf(d, a) != keyOf(d, b) {
+		t.Error("hosts differing only in case have different keys")
+	}
+}
+
+func TestAcceptEncodingOrderAndWeightsShareAKey(t *testing.T) {
+	d := newKeyDeriver(nil, false, nil)
+	same := [][]string{
+		{"gzip, br"},
+		{"br, gzip"},
+		{"br;q=0.5, gzip;q=1.0"},
+		{"br", "gzip"},
+		{"GZIP, Br, identity"},
+		{"gzip, br, zstd;q=0"},
+	}
+	want := keyOf(d, getReq("http://a/x", "Accept-Encoding", "gzip, br"))
+	for _, vs := range same {
+		r := getReq("http://a/x")
+		r.Header["Accept-Encoding"] = vs
+		if keyOf(d, r) != want {
+			t.Errorf("Accept-Encoding %q: key differs from %q", vs, "gzip, br")
+		}
+	}
+	differ := []string{"gzip", "br", "gzip, br, zstd", "gzip, br, compress", ""}
+	for _, v := range differ {
+		r := getReq("http://a/x", "Accept-Encoding", v)
+		if keyOf(d, r) == want {
+			t.Errorf("Accept-Encoding %q shares the key of %q", v, "gzip, br")
+		}
+	}
+}
+
+func TestPublicLeavesIdentityOutOfTheKey(t *testing.T) {
+	d := newKeyDeriver([]string{"X-Api-Key"}, true, nil)
+	a := getReq("http://a/x", "Authorization", "Bearer 1", "Cookie", "sid=1", "X-Api-Key", "k1")
+	b := getReq("http://a/x", "Authorization", "Bearer 2", "Cookie", "sid=2", "X-Api-Key", "k2")
+	if keyOf(d, a) != keyOf(d, b) {
+		t.Error("a public key still depends on the requester's identity")
+	}
+	if d.hasIdentity(a) {
+		t.Error("a public deriver reports identity")
+	}
+	private := newKeyDeriver([]string{"X-Api-Key"}, false, nil)
+	if !private.hasIdentity(getReq("http://a/x", "X-Api-Key", "k1")) {
+		t.Error("a configured identity header is not seen as identity")
+	}
+	if private.hasIdentity(getReq("http://a/x")) {
+		t.Error("a request without identity headers reports identity")
+	}
+}
+
+func TestOverrideHeadersAreAlwaysKeyed(t *testing.T) {
+	// Even on a public endpoint with no configured key headers.
+	d := newKeyDeriver(nil, true, nil)
+	base := keyOf(d, getReq("http://a/x"))
+	for _, name := range []string{
+		"X-HTTP-Method-Override", "X-Http-Method", "X-Method-Override",
+		"X-Original-URL", "X-Rewrite-URL",
+		"X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Scheme", "Forwarded",
+	} {
+		r := getReq("http://a/x")
+		r.Header.Set(name, "evil")
+		if keyOf(d, r) == base {
+			t.Errorf("%s does not change the key", name)
+		}
+	}
+}
+
+// Header values are length-prefixed: moving bytes from one field to the next
+// never yields the same encoding.
+func TestKeyFieldsDoNotRunTogether(t *testing.T) {
+	d := newKeyDeriver(nil, false, []string{"X-A", "X-B"})
+	a := getReq("http://a/x", "X-A", "ab", "X-B", "c")
+	b := getReq("http://a/x", "X-A", "a", "X-B", "bc")
+	if keyOf(d, a) == keyOf(d, b) {
+		t.Error("X-A=ab,X-B=c and X-A=a,X-B=bc share a key")
+	}
+	c := getReq("http://a/x", "X-A", "a,b")
+	e := getReq("http://a/x", "X-A", "a", "X-A", "b")
+	if keyOf(d, c) == keyOf(d, e) {
+		t.Error("one field line and two field lines share a key")
+	}
+}
+
+func TestKeyStringIsShortHexWithoutSecrets(t *testing.T) {
+	d := newKeyDeriver(nil, false, nil)
+	secret := "Bearer sk_live_0123456789abcdef"
+	k := keyOf(d, getReq("http://a/x", "Authorization", secret))
+	s := k.String()
+	if !regexp.MustCompile(`^[0-9a-f]{16}$`).MatchString(s) {
+		t.Fatalf("Key.String() = %q, want 16 lower-case hex characters", s)
+	}
+	if strings.Contains(s, "0123456789abcdef") || strings.Contains(string(k[:]), "sk_live") {
+		t.Errorf("key %q carries the secret", s)
+	}
+}
+
+func TestEncodingClass(t *testing.T) {
+	cases := map[string]string{
+		"":                          "",
+		"identity":                  "",
+		"gzip":                      "gzip ",
+		"x-gzip":                    "gzip ",
+		"br;q=0, gzip":              "gzip ",
+		"br;q=0.0, gzip;q=0.001":    "gzip ",
+		"zstd, deflate, br, gzip":   "br deflate gzip zstd ",
+		"gzip, compress":            "gzip * ",
+		" gzip ;q=0.8 , br ; q=0.9": "br gzip ",
+	}
+	for in, want := range cases {
+		h := http.Header{}
+		if in != "" {
+			h.Set("Accept-Encoding", in)
+		}
+		if got := encodingClass(h); got != want {
+			t.Errorf("encodingClass(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -100,6 +100,8 @@ type Handler struct {
 	engine  *coalesce.Engine
 	poolKey string
 	logger  *zap.Logger
+	metrics *zoneMetrics
+	listed  bool // in zones, for the metrics collector and the admin API
 }
 
 // CaddyModule returns the Caddy module information.
@@ -176,6 +178,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("coalesce: %w", err)
 	}
+	listEngine(h.poolKey, zoneName(h.Zone), val.(pooledEngine).Engine, cfg)
+	h.listed = true
+	h.metrics = metricsFor(zoneName(h.Zone))
 	h.engine = val.(pooledEngine).WithHooks(coalesce.Hooks{
 		Disabled: bypassAll.Load,
 		Observe:  h.observe,
@@ -192,13 +197,19 @@ func (h *Handler) Cleanup() error {
 	if h.poolKey == "" {
 		return nil
 	}
+	if h.listed {
+		unlistEngine(h.poolKey)
+	}
 	_, err := engines.Delete(h.poolKey)
 	return err
 }
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	err := h.engine.Serve(w, r, next.ServeHTTP)
+	err := h.engine.Serve(w, r, func(w http.ResponseWriter, r *http.Request) error {
+		h.metrics.upstream.Inc()
+		return next.ServeHTTP(w, r)
+	})
 	var se *coalesce.StatusError
 	switch {
 	case err == nil:
@@ -221,7 +232,7 @@ func (h *Handler) observe(r *http.Request, ev coalesce.Event) {
 		repl.Set("http.coalesce.waiters", strconv.Itoa(ev.Waiters))
 		repl.Set("http.coalesce.detail", ev.Detail)
 	}
-	observeMetrics(r, ev)
+	h.metrics.observe(ev)
 	if ce := h.logger.Check(zapcore.DebugLevel, "coalesce decision"); ce != nil {
 		ce.Write(
 			zap.String("outcome", string(ev.Outcome)),
@@ -235,6 +246,10 @@ func (h *Handler) observe(r *http.Request, ev coalesce.Event) {
 	if ev.Outcome == coalesce.OutcomeTimeout {
 		h.logger.Warn("follower gave up waiting for its leader",
 			zap.String("key_hash", ev.Key.String()), zap.Duration("wait", ev.Wait))
+	}
+	if ev.Outcome == coalesce.OutcomeLeader && ev.Detail == detailAbandoned {
+		h.logger.Warn("flight abandoned: every client waiting for it went away, upstream request cancelled",
+			zap.String("zone", zoneName(h.Zone)), zap.String("key_hash", ev.Key.String()), zap.Duration("flight", ev.Flight))
 	}
 }
 

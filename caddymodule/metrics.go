@@ -2,7 +2,6 @@ package caddymodule
 
 import (
 	"errors"
-	"net/http"
 	"sync"
 
 	"github.com/caddyserver/caddy/v2"
@@ -11,30 +10,66 @@ import (
 	"github.com/edge-coalesce/caddy-coalesce/coalesce"
 )
 
+// Every metric has the label handler, the zone of the coalesce handler (one
+// per coalesce directive in a Caddyfile), so its cardinality is bounded by
+// the configuration; keys and paths never become labels. docs/OBSERVABILITY.md
+// describes each metric.
+const (
+	metricsNamespace = "caddy"
+	metricsSubsystem = "coalesce"
+)
+
+// Outcomes are the values of the outcome label, all created at zero when a
+// handler is provisioned so that rate() and ratios work from the start.
+var outcomes = []coalesce.Outcome{
+	coalesce.OutcomeHit, coalesce.OutcomeStale, coalesce.OutcomeCollapsed,
+	coalesce.OutcomeLeader, coalesce.OutcomeBypass, coalesce.OutcomeUncollapsible,
+	coalesce.OutcomeBreakerOpen, coalesce.OutcomeTimeout, coalesce.OutcomeError,
+}
+
+// durationBuckets suit waits and flights from a millisecond to max_wait's
+// default of 10s.
+var durationBuckets = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+
 // Collectors are created once per process and registered in every config's
 // registry (which is new on each load), as reverse_proxy's metrics are.
+// Counters and histograms live here and keep counting across reloads; the
+// gauges are read from the listed engines when /metrics is scraped.
 var metrics = struct {
-	once     sync.Once
-	requests *prometheus.CounterVec
-	upstream prometheus.Counter
-	waitTime prometheus.Histogram
+	once       sync.Once
+	requests   *prometheus.CounterVec
+	upstream   *prometheus.CounterVec
+	abandoned  *prometheus.CounterVec
+	waitTime   *prometheus.HistogramVec
+	flightTime *prometheus.HistogramVec
+	state      *stateCollector
 }{}
 
 func initMetrics() {
 	metrics.once.Do(func() {
 		metrics.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "caddy", Subsystem: "coalesce", Name: "requests_total",
-			Help: "Requests seen by coalesce handlers, by outcome.",
-		}, []string{"outcome"})
-		metrics.upstream = prometheus.NewCounter(prometheus.CounterOpts{
-			Namespace: "caddy", Subsystem: "coalesce", Name: "upstream_requests_total",
-			Help: "Requests coalesce handlers sent upstream (leaders, bypasses, uncollapsible requests, refreshes).",
-		})
-		metrics.waitTime = prometheus.NewHistogram(prometheus.HistogramOpts{
-			Namespace: "caddy", Subsystem: "coalesce", Name: "follower_wait_seconds",
-			Help:    "How long collapsed followers waited for their leader.",
-			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
-		})
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "requests_total",
+			Help: "Requests seen by coalesce handlers, by outcome (hit, stale, collapsed, leader, bypass, uncollapsible, breaker_open, timeout, error).",
+		}, []string{"handler", "outcome"})
+		metrics.upstream = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "upstream_requests_total",
+			Help: "Requests coalesce handlers passed to the next handler (leaders, bypasses, uncollapsible requests, background refreshes).",
+		}, []string{"handler"})
+		metrics.abandoned = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "flights_abandoned_total",
+			Help: "Flights cancelled because every client waiting for them went away before the upstream answered.",
+		}, []string{"handler"})
+		metrics.waitTime = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "follower_wait_seconds",
+			Help:    "How long followers waited for their leader (answered, timed out or released with an error).",
+			Buckets: durationBuckets,
+		}, []string{"handler"})
+		metrics.flightTime = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "flight_duration_seconds",
+			Help:    "How long flights ran, from the leader's arrival until the upstream answered or failed.",
+			Buckets: durationBuckets,
+		}, []string{"handler"})
+		metrics.state = newStateCollector()
 	})
 }
 
@@ -45,7 +80,10 @@ func registerMetrics(ctx caddy.Context) error {
 	if reg == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{metrics.requests, metrics.upstream, metrics.waitTime} {
+	for _, c := range []prometheus.Collector{
+		metrics.requests, metrics.upstream, metrics.abandoned,
+		metrics.waitTime, metrics.flightTime, metrics.state,
+	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {
@@ -56,15 +94,107 @@ func registerMetrics(ctx caddy.Context) error {
 	return nil
 }
 
-func observeMetrics(_ *http.Request, ev coalesce.Event) {
-	if metrics.requests == nil {
-		return
+// zoneMetrics are the children of the collectors for one zone, resolved once
+// per handler so that a request does not hash label values.
+type zoneMetrics struct {
+	requests   map[coalesce.Outcome]prometheus.Counter
+	upstream   prometheus.Counter
+	abandoned  prometheus.Counter
+	waitTime   prometheus.Observer
+	flightTime prometheus.Observer
+	zone       string
+}
+
+func metricsFor(zone string) *zoneMetrics {
+	initMetrics()
+	m := &zoneMetrics{
+		requests:   make(map[coalesce.Outcome]prometheus.Counter, len(outcomes)),
+		upstream:   metrics.upstream.WithLabelValues(zone),
+		abandoned:  metrics.abandoned.WithLabelValues(zone),
+		waitTime:   metrics.waitTime.WithLabelValues(zone),
+		flightTime: metrics.flightTime.WithLabelValues(zone),
+		zone:       zone,
 	}
-	metrics.requests.WithLabelValues(string(ev.Outcome)).Inc()
-	if ev.Upstream {
-		metrics.upstream.Inc()
+	for _, o := range outcomes {
+		m.requests[o] = metrics.requests.WithLabelValues(zone, string(o))
 	}
-	if ev.Outcome == coalesce.OutcomeCollapsed {
-		metrics.waitTime.Observe(ev.Wait.Seconds())
+	return m
+}
+
+// observe counts one request's outcome.
+func (m *zoneMetrics) observe(ev coalesce.Event) {
+	if c, ok := m.requests[ev.Outcome]; ok {
+		c.Inc()
+	} else {
+		metrics.requests.WithLabelValues(m.zone, string(ev.Outcome)).Inc()
+	}
+	if ev.Wait > 0 {
+		m.waitTime.Observe(ev.Wait.Seconds())
+	}
+	if ev.Flight > 0 {
+		m.flightTime.Observe(ev.Flight.Seconds())
+	}
+	if ev.Outcome == coalesce.OutcomeLeader && ev.Detail == detailAbandoned {
+		m.abandoned.Inc()
 	}
 }
+
+// detailAbandoned is the Event.Detail of a leader whose flight every client
+// left.
+const detailAbandoned = "abandoned"
+
+// stateCollector reports what the listed engines hold now: flights, waiting
+// followers, micro-cache size and budget, evictions, and the kill switch. It
+// reads them at scrape time, so the values are right after any number of
+// reloads without anyone keeping gauges up to date.
+type stateCollector struct {
+	flights, waiters, entries, bytes, maxEntries, maxBytes, evictions, bypass *prometheus.Desc
+}
+
+func newStateCollector() *stateCollector {
+	desc := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc(prometheus.BuildFQName(metricsNamespace, metricsSubsystem, name), help, labels, nil)
+	}
+	return &stateCollector{
+		flights:    desc("inflight_flights", "Flights (keys with a request upstream that followers may join) in progress now.", "handler"),
+		waiters:    desc("waiting_followers", "Followers waiting for their leader now.", "handler"),
+		entries:    desc("cache_entries", "Entries in the micro-cache now.", "handler"),
+		bytes:      desc("cache_bytes", "Bytes (bodies and headers) in the micro-cache now.", "handler"),
+		maxEntries: desc("cache_max_entries", "The micro-cache's entry budget (max_entries).", "handler"),
+		maxBytes:   desc("cache_max_bytes", "The micro-cache's byte budget (max_memory).", "handler"),
+		evictions:  desc("cache_evictions_total", "Entries pushed out of the micro-cache to stay within its budgets.", "handler"),
+		bypass:     desc("bypass_enabled", "1 while the kill switch (POST /coalesce/bypass) makes every coalesce handler pass requests straight through, else 0."),
+	}
+}
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.flights, c.waiters, c.entries, c.bytes, c.maxEntries, c.maxBytes, c.evictions, c.bypass} {
+		ch <- d
+	}
+}
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	for _, z := range snapshotZones() {
+		ch <- prometheus.MustNewConstMetric(c.evictions, prometheus.CounterValue, float64(z.RetiredEvictions+z.Stats.Cache.Evictions), z.Zone)
+		if len(z.Engines) == 0 {
+			continue // only retired engines: nothing in flight or cached
+		}
+		gauge(c.flights, float64(z.Stats.Registry.ActiveKeys), z.Zone)
+		gauge(c.waiters, float64(z.Stats.Registry.Waiters), z.Zone)
+		gauge(c.entries, float64(z.Stats.Cache.Entries), z.Zone)
+		gauge(c.bytes, float64(z.Stats.Cache.Bytes), z.Zone)
+		gauge(c.maxEntries, float64(z.MaxEntries), z.Zone)
+		gauge(c.maxBytes, float64(z.MaxBytes), z.Zone)
+	}
+	var on float64
+	if bypassAll.Load() {
+		on = 1
+	}
+	gauge(c.bypass, on)
+}
+
+// Interface guards
+var _ prometheus.Collector = (*stateCollector)(nil)

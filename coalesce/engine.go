@@ -71,6 +71,9 @@ type Event struct {
 	Upstream bool
 	// Stored: the response was put in the micro-cache.
 	Stored bool
+	// Flight: for a leader, how long its flight ran until the upstream
+	// answered or failed.
+	Flight time.Duration
 }
 
 // result is what a leader publishes to its followers.
@@ -316,7 +319,7 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 			return fmt.Sprintf("%s; fwd=uri-miss; detail=%s", CacheName, reason)
 		})
 	err = next(rec, ur)
-	ev := Event{Outcome: OutcomeLeader, Key: key, Upstream: true, Waiters: f.Waiters()}
+	ev := Event{Outcome: OutcomeLeader, Key: key, Upstream: true, Waiters: f.Waiters(), Flight: time.Since(f.Started())}
 
 	if rec.streaming {
 		ev.Detail = rec.streamReason
@@ -328,6 +331,14 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 	}
 	if err == nil && r.Method != http.MethodHead && bodyAllowed(rec.status) && !rec.complete() {
 		err = &StatusError{Status: http.StatusBadGateway, Err: errIncomplete}
+	}
+	if err != nil && f.Context().Err() != nil {
+		// The flight's context ends before Leave only when every client has
+		// gone: nobody is left to answer, with a stale copy or otherwise.
+		f.Publish(&result{err: err}, nil)
+		ev.Detail = "abandoned"
+		e.observe(r, ev)
+		return err
 	}
 	if err != nil || rec.status >= 500 {
 		// stale_if_error: the last good copy answers everybody.

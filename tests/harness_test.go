@@ -5,6 +5,7 @@
 package tests
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -126,6 +127,13 @@ func get(client *http.Client, method, url string, headers ...string) fetched {
 // herd sends n identical requests at once (released together by a barrier)
 // and returns what each client saw, in arrival order of the goroutines.
 func herd(client *http.Client, n int, method, url string, headers ...string) []fetched {
+	return together(n, func(int) fetched { return get(client, method, url, headers...) })
+}
+
+// together runs n clients at once (released together by a barrier) and
+// returns what each saw, by index. Use it for herds whose clients differ
+// (identities, languages, ranges).
+func together(n int, client func(i int) fetched) []fetched {
 	out := make([]fetched, n)
 	var ready, done sync.WaitGroup
 	start := make(chan struct{})
@@ -136,11 +144,135 @@ func herd(client *http.Client, n int, method, url string, headers ...string) []f
 			defer done.Done()
 			ready.Done()
 			<-start
-			out[i] = get(client, method, url, headers...)
+			out[i] = client(i)
 		}()
 	}
 	ready.Wait()
 	close(start)
 	done.Wait()
 	return out
+}
+
+// getCtx is get with a context (a client that gives up or disconnects).
+func getCtx(ctx context.Context, client *http.Client, method, url string, headers ...string) fetched {
+	req, err := http.NewRequestWithContext(ctx, method, url, nil)
+	if err != nil {
+		return fetched{err: err}
+	}
+	for _, h := range headers {
+		k, v, _ := strings.Cut(h, ":")
+		req.Header.Add(strings.TrimSpace(k), strings.TrimSpace(v))
+	}
+	start := time.Now()
+	resp, err := client.Do(req)
+	if err != nil {
+		return fetched{err: err, took: time.Since(start)}
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return fetched{status: resp.StatusCode, header: resp.Header, body: string(b), err: err, took: time.Since(start)}
+}
+
+// newClient returns the client for herds: up to 200 connections per host
+// kept open between requests (the default keeps 2 idle, so a herd would
+// redial), every dial to 127.0.0.1, no cookie jar (Set-Cookie must not leak
+// from one request into the next), no transparent gzip (the Accept-Encoding
+// class is part of the key, and Go adds gzip to GET but not to HEAD), and a
+// bound on every request. Its idle connections are closed when the test
+// ends.
+func newClient(t testing.TB) *http.Client {
+	t.Helper()
+	dialer := &net.Dialer{Timeout: 5 * time.Second}
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			_, port, err := net.SplitHostPort(addr)
+			if err != nil {
+				return nil, err
+			}
+			return dialer.DialContext(ctx, "tcp4", net.JoinHostPort("127.0.0.1", port))
+		},
+		MaxIdleConns:        400,
+		MaxIdleConnsPerHost: 200,
+		MaxConnsPerHost:     200,
+		IdleConnTimeout:     30 * time.Second,
+		DisableCompression:  true,
+	}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr, Timeout: 30 * time.Second}
+}
+
+// warm opens n connections to the in-process Caddy (a herd on /warm, which
+// every site built by site answers itself), so that a herd that follows
+// does not spend its first milliseconds dialling.
+func warm(t testing.TB, client *http.Client, n int) {
+	t.Helper()
+	for i, f := range herd(client, n, "GET", baseURL+"/warm") {
+		if f.err != nil || f.status != http.StatusOK {
+			t.Fatalf("warm-up request %d: status %d, err %v", i, f.status, f.err)
+		}
+	}
+}
+
+// site is a Caddyfile site on the harness's port: /warm answered by Caddy
+// itself, everything else through `coalesce <options>` to reverse_proxy
+// {up}. options is the block's content ("" for a bare `coalesce`).
+func site(options string) string {
+	directive := "coalesce"
+	if strings.TrimSpace(options) != "" {
+		directive = "coalesce {\n" + options + "\n\t}"
+	}
+	return fmt.Sprintf(`:%d {
+	handle /warm {
+		respond "warm" 200
+	}
+	%s
+	reverse_proxy {up}
+}
+`, httpPort, directive)
+}
+
+// pathFor is a URL path of this test's own, so that the micro-cache and the
+// hit-for-miss marks, which a reload of the same settings keeps, never
+// carry one test's answers into another.
+func pathFor(t testing.TB, suffix string) string {
+	return "/" + strings.NewReplacer("/", "_", " ", "_").Replace(t.Name()) + suffix
+}
+
+// cacheStatus is a response's Cache-Status members, joined.
+func (f fetched) cacheStatus() string { return strings.Join(f.header.Values("Cache-Status"), ", ") }
+
+// expectAll fails t for every client that did not get status and body.
+func expectAll(t testing.TB, got []fetched, status int, body string) {
+	t.Helper()
+	bad := 0
+	for i, f := range got {
+		if f.err != nil || f.status != status || f.body != body {
+			if bad++; bad <= 5 {
+				t.Errorf("client %d: got %d %q (err %v), want %d %q", i, f.status, clip(f.body), f.err, status, clip(body))
+			}
+		}
+	}
+	if bad > 5 {
+		t.Errorf("... %d clients in all got something else", bad)
+	}
+}
+
+// clip shortens a body for a failure message.
+func clip(s string) string {
+	if len(s) > 80 {
+		return s[:80] + fmt.Sprintf("...(%d bytes)", len(s))
+	}
+	return s
+}
+
+// freePort returns a 127.0.0.1 port nobody listens on now.
+func freePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	_ = ln.Close()
+	return port
 }

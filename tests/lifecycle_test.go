@@ -1,0 +1,182 @@
+package tests
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Clients that leave, upstreams that are gone, configs that change under a
+// herd.
+
+// waitFor polls cond every 5 ms until it holds or bound passes.
+func waitFor(bound time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(bound)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return true
+}
+
+func TestFirstClientDisconnectingDoesNotFailTheOthers(t *testing.T) {
+	var cancelled atomic.Int64
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(500 * time.Millisecond):
+			_, _ = fmt.Fprint(w, "worth the wait")
+		case <-r.Context().Done():
+			cancelled.Add(1)
+		}
+	})
+	startCaddy(t, site("ttl 500ms"), up)
+	client := newClient(t)
+	warm(t, client, 11)
+	url := baseURL + pathFor(t, "")
+
+	// The leader: its client goes away 50 ms after its followers arrived.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	leader := make(chan fetched, 1)
+	go func() { leader <- getCtx(ctx, client, "GET", url) }()
+	if !waitFor(2*time.Second, func() bool { return up.Calls() == 1 }) {
+		t.Fatal("the leader's request never reached the upstream")
+	}
+	followers := make(chan []fetched, 1)
+	go func() { followers <- herd(client, 10, "GET", url) }()
+	time.Sleep(50 * time.Millisecond)
+	cancel()
+
+	if f := <-leader; f.err == nil {
+		t.Errorf("the leader's client was cancelled but got %d %q", f.status, f.body)
+	}
+	got := <-followers
+	expectAll(t, got, http.StatusOK, "worth the wait")
+	if n := up.Calls(); n != 1 {
+		t.Errorf("upstream calls: %d, want 1", n)
+	}
+	if n := cancelled.Load(); n != 0 {
+		t.Errorf("the upstream request was cancelled %d time(s) although followers were waiting", n)
+	}
+}
+
+func TestUpstreamRequestIsCancelledWhenAllClientsLeave(t *testing.T) {
+	cancelledAt := make(chan time.Time, 1)
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(10 * time.Second):
+			_, _ = fmt.Fprint(w, "too late")
+		case <-r.Context().Done():
+			cancelledAt <- time.Now()
+		}
+	})
+	startCaddy(t, site("ttl 500ms"), up)
+	client := newClient(t)
+	warm(t, client, 5)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	got := together(5, func(int) fetched { return getCtx(ctx, client, "GET", baseURL+pathFor(t, "")) })
+	for i, f := range got {
+		if f.err == nil {
+			t.Errorf("client %d should have given up, got %d %q", i, f.status, f.body)
+		}
+	}
+
+	select {
+	case at := <-cancelledAt:
+		if d := at.Sub(start); d > 2*time.Second {
+			t.Errorf("the upstream saw the cancellation %s after the herd started; want well within 2s", d)
+		} else {
+			t.Logf("upstream request cancelled %s after the herd started (clients left at 200ms)", d.Round(time.Millisecond))
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("the upstream request was not cancelled after every client left")
+	}
+	if n := up.Calls(); n != 1 {
+		t.Errorf("upstream calls: %d, want 1", n)
+	}
+}
+
+func TestDeadUpstreamAnswers502FastForAHerd(t *testing.T) {
+	dead := &upstream{addr: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
+	startCaddy(t, site("ttl 500ms"), dead)
+	client := newClient(t)
+	warm(t, client, 20)
+
+	start := time.Now()
+	got := herd(client, 20, "GET", baseURL+pathFor(t, ""))
+	took := time.Since(start)
+
+	for i, f := range got {
+		if f.err != nil || f.status != http.StatusBadGateway {
+			t.Errorf("client %d: %d (err %v), want 502", i, f.status, f.err)
+		}
+	}
+	if took > 2*time.Second {
+		t.Errorf("the herd took %s against a closed port; want < 2s", took)
+	}
+}
+
+func TestConfigReloadDuringAHerdLosesNoRequest(t *testing.T) {
+	up := newUpstream(t, slow(1500*time.Millisecond, "survived"))
+	startCaddy(t, site("ttl 100ms"), up)
+	client := newClient(t)
+	warm(t, client, 30)
+	url := baseURL + pathFor(t, "")
+
+	herdDone := make(chan []fetched, 1)
+	go func() { herdDone <- herd(client, 30, "GET", url) }()
+	if !waitFor(2*time.Second, func() bool { return up.Calls() >= 1 }) {
+		t.Fatal("the herd never reached the upstream")
+	}
+	time.Sleep(100 * time.Millisecond) // the followers have joined
+
+	// More requests keep arriving while the config changes.
+	during := make(chan []fetched, 1)
+	go func() {
+		rounds := make([]chan []fetched, 8)
+		for i := range rounds {
+			rounds[i] = make(chan []fetched, 1)
+			go func() { rounds[i] <- herd(client, 5, "GET", url) }()
+			time.Sleep(50 * time.Millisecond)
+		}
+		var all []fetched
+		for _, r := range rounds {
+			all = append(all, <-r...)
+		}
+		during <- all
+	}()
+
+	reloaded := strings.Replace(globalOptions+site("ttl 300ms"), "{up}", up.addr, 1)
+	req, _ := http.NewRequest("POST", fmt.Sprintf("http://127.0.0.1:%d/load", adminPort), strings.NewReader(reloaded))
+	req.Header.Set("Content-Type", "text/caddyfile")
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("reload: %d %s", resp.StatusCode, body)
+	}
+
+	first := <-herdDone
+	expectAll(t, first, http.StatusOK, "survived")
+	expectAll(t, <-during, http.StatusOK, "survived")
+
+	// The new config is the one running.
+	cfg := get(client, "GET", fmt.Sprintf("http://127.0.0.1:%d/config/apps/http/servers", adminPort))
+	if !strings.Contains(cfg.body, `"ttl":300000000`) {
+		t.Errorf("after the reload the running config is %s", clip(cfg.body))
+	}
+	t.Logf("70 requests across a reload: %d upstream calls", up.Calls())
+}

@@ -1,0 +1,218 @@
+package tests
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Who may receive whose response: identities, Set-Cookie, private,
+// no-store, Vary.
+
+func TestDifferentAuthorizationsNeverReceiveEachOthersResponse(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(300 * time.Millisecond)
+		_, _ = fmt.Fprint(w, "for "+r.Header.Get("Authorization"))
+	})
+	startCaddy(t, site("ttl 500ms"), up)
+	client := newClient(t)
+	warm(t, client, 40)
+	url := baseURL + pathFor(t, "")
+	identity := func(i int) string { return []string{"Bearer alice", "Bearer bob"}[i%2] }
+
+	got := together(40, func(i int) fetched { return get(client, "GET", url, "Authorization: "+identity(i)) })
+
+	for i, f := range got {
+		if want := "for " + identity(i); f.status != 200 || f.body != want {
+			t.Errorf("client %d (%s): got %d %q, want 200 %q", i, identity(i), f.status, f.body, want)
+		}
+	}
+	if n := up.Calls(); n != 2 {
+		t.Errorf("upstream calls: %d, want 2 (one per identity)", n)
+	}
+
+	// Within the TTL each identity gets its own stored copy.
+	for i := range 2 {
+		if f := get(client, "GET", url, "Authorization: "+identity(i)); f.body != "for "+identity(i) {
+			t.Errorf("hit for %s: got %q", identity(i), f.body)
+		}
+	}
+	if f := get(client, "GET", url); f.body != "for " {
+		t.Errorf("anonymous GET got %q, want the anonymous answer", f.body)
+	}
+}
+
+func TestDifferentCookiesNeverReceiveEachOthersResponse(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(300 * time.Millisecond)
+		_, _ = fmt.Fprint(w, "for "+r.Header.Get("Cookie"))
+	})
+	startCaddy(t, site("ttl 500ms"), up)
+	client := newClient(t)
+	warm(t, client, 40)
+	url := baseURL + pathFor(t, "")
+	identity := func(i int) string { return []string{"session=alice", "session=bob"}[i%2] }
+
+	got := together(40, func(i int) fetched { return get(client, "GET", url, "Cookie: "+identity(i)) })
+
+	for i, f := range got {
+		if want := "for " + identity(i); f.status != 200 || f.body != want {
+			t.Errorf("client %d (%s): got %d %q, want 200 %q", i, identity(i), f.status, f.body, want)
+		}
+	}
+	if n := up.Calls(); n != 2 {
+		t.Errorf("upstream calls: %d, want 2 (one per identity)", n)
+	}
+	for i := range 2 {
+		if f := get(client, "GET", url, "Cookie: "+identity(i)); f.body != "for "+identity(i) {
+			t.Errorf("hit for %s: got %q", identity(i), f.body)
+		}
+	}
+}
+
+func TestConcurrentSetCookieResponsesAreEachClientsOwn(t *testing.T) {
+	var seq atomic.Int64
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		n := seq.Add(1)
+		time.Sleep(300 * time.Millisecond)
+		w.Header().Set("Set-Cookie", fmt.Sprintf("session=s%d; Path=/; HttpOnly", n))
+		_, _ = fmt.Fprintf(w, "hello s%d", n)
+	})
+	startCaddy(t, site("ttl 500ms"), up)
+	client := newClient(t)
+	warm(t, client, 10)
+
+	start := time.Now()
+	got := herd(client, 10, "GET", baseURL+pathFor(t, ""))
+	took := time.Since(start)
+
+	if n := up.Calls(); n != 10 {
+		t.Errorf("upstream calls: %d, want 10 (every client its own)", n)
+	}
+	seen := map[string]bool{}
+	for i, f := range got {
+		cookie := f.header.Get("Set-Cookie")
+		name, _, _ := strings.Cut(cookie, ";")
+		if f.status != 200 || name == "" || f.body != "hello "+strings.TrimPrefix(name, "session=") {
+			t.Errorf("client %d: %d %q with Set-Cookie %q: body and cookie are not one response", i, f.status, f.body, cookie)
+		}
+		if len(f.header.Values("Set-Cookie")) != 1 {
+			t.Errorf("client %d got %d Set-Cookie fields", i, len(f.header.Values("Set-Cookie")))
+		}
+		if seen[name] {
+			t.Errorf("client %d got cookie %q that another client got too", i, name)
+		}
+		seen[name] = true
+	}
+	// Followers go upstream all at once, not one after another.
+	if took > 3*time.Second {
+		t.Errorf("the herd took %s; followers of an unshareable response must not queue", took)
+	}
+
+	// The next burst does not wait for a response it cannot use, and still
+	// gets a cookie each.
+	again := herd(client, 5, "GET", baseURL+pathFor(t, ""))
+	for i, f := range again {
+		if name, _, _ := strings.Cut(f.header.Get("Set-Cookie"), ";"); seen[name] || name == "" {
+			t.Errorf("later client %d got cookie %q, not a fresh one", i, name)
+		}
+	}
+}
+
+func TestConcurrentPrivateResponsesAreEachClientsOwn(t *testing.T) {
+	var seq atomic.Int64
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		n := seq.Add(1)
+		time.Sleep(300 * time.Millisecond)
+		w.Header().Set("Cache-Control", "private, max-age=60")
+		_, _ = fmt.Fprintf(w, "private answer %d", n)
+	})
+	startCaddy(t, site("ttl 500ms"), up)
+	client := newClient(t)
+	warm(t, client, 10)
+
+	got := herd(client, 10, "GET", baseURL+pathFor(t, ""))
+
+	if n := up.Calls(); n != 10 {
+		t.Errorf("upstream calls: %d, want 10", n)
+	}
+	seen := map[string]bool{}
+	for i, f := range got {
+		if f.status != 200 || !strings.HasPrefix(f.body, "private answer ") || seen[f.body] {
+			t.Errorf("client %d: %d %q (duplicate: %v)", i, f.status, f.body, seen[f.body])
+		}
+		seen[f.body] = true
+	}
+	// Nor is it stored.
+	if f := get(client, "GET", baseURL+pathFor(t, "")); seen[f.body] || strings.Contains(f.cacheStatus(), "hit") {
+		t.Errorf("a GET after the herd got %q (Cache-Status %q): private response reused", f.body, f.cacheStatus())
+	}
+}
+
+func TestNoStoreResponsesAreNeverStored(t *testing.T) {
+	var up *upstream
+	up = newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Cache-Control", "no-store")
+		_, _ = fmt.Fprintf(w, "answer %d", up.Calls())
+	})
+	startCaddy(t, site("ttl 1s"), up)
+	client := newClient(t)
+	url := baseURL + pathFor(t, "")
+
+	first := get(client, "GET", url)
+	second := get(client, "GET", url)
+
+	if first.body != "answer 1" || second.body != "answer 2" {
+		t.Errorf("bodies %q, %q: want answer 1, answer 2", first.body, second.body)
+	}
+	if n := up.Calls(); n != 2 {
+		t.Errorf("upstream calls: %d, want 2", n)
+	}
+	for _, f := range []fetched{first, second} {
+		if cs := f.cacheStatus(); strings.Contains(cs, "stored") || strings.Contains(cs, "hit") {
+			t.Errorf("Cache-Status %q for a no-store response", cs)
+		}
+	}
+}
+
+func TestVaryAcceptLanguageIsHonouredForFollowersAndHits(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(300 * time.Millisecond)
+		w.Header().Set("Vary", "Accept-Language")
+		_, _ = fmt.Fprint(w, "lang="+r.Header.Get("Accept-Language"))
+	})
+	startCaddy(t, site("ttl 1s"), up)
+	client := newClient(t)
+	warm(t, client, 30)
+	url := baseURL + pathFor(t, "")
+	langs := []string{"en", "de", "fr"}
+
+	got := together(30, func(i int) fetched { return get(client, "GET", url, "Accept-Language: "+langs[i%3]) })
+
+	collapsed := 0
+	for i, f := range got {
+		if want := "lang=" + langs[i%3]; f.status != 200 || f.body != want {
+			t.Errorf("client %d (%s): got %d %q, want 200 %q", i, langs[i%3], f.status, f.body, want)
+		}
+		if strings.Contains(f.cacheStatus(), "collapsed") {
+			collapsed++
+		}
+	}
+	// The leader's language is shared with the followers that speak it.
+	if collapsed < 9 {
+		t.Errorf("%d clients collapsed; want the 9 followers of the leader's language", collapsed)
+	}
+	t.Logf("mixed-language herd of 30: %d upstream calls, %d collapsed", up.Calls(), collapsed)
+
+	// Hits: whatever is stored, every client still gets its own language.
+	for round := range 2 {
+		for _, l := range langs {
+			if f := get(client, "GET", url, "Accept-Language: "+l); f.status != 200 || f.body != "lang="+l {
+				t.Errorf("round %d, %s: got %d %q (Cache-Status %q)", round, l, f.status, f.body, f.cacheStatus())
+			}
+		}
+	}
+}

@@ -332,9 +332,14 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 	if err == nil && r.Method != http.MethodHead && bodyAllowed(rec.status) && !rec.complete() {
 		err = &StatusError{Status: http.StatusBadGateway, Err: errIncomplete}
 	}
-	if err != nil && f.Context().Err() != nil {
+	if f.Context().Err() != nil {
 		// The flight's context ends before Leave only when every client has
 		// gone: nobody is left to answer, with a stale copy or otherwise.
+		// A handler that returned no error after the cancel (a plain
+		// http.Handler) may have written nothing or a part: not stored.
+		if err == nil {
+			err = f.Context().Err()
+		}
 		f.Publish(&result{err: err}, nil)
 		ev.Detail = "abandoned"
 		e.observe(r, ev)

@@ -26,8 +26,12 @@ func bypassReason(r *http.Request) (detail, fwd string) {
 		return "range", "bypass"
 	case acceptsEventStream(h):
 		return "event-stream", "bypass"
-	case r.ContentLength > 0 || len(h.Values("Transfer-Encoding")) > 0:
-		// A body is not part of the key.
+	case r.ContentLength > 0 || len(r.TransferEncoding) > 0 || len(h.Values("Transfer-Encoding")) > 0 ||
+		(r.ContentLength < 0 && r.ProtoMajor == 2):
+		// A body is not part of the key. A server hands a chunked HTTP/1.1
+		// body over in r.TransferEncoding (not the header), and an HTTP/2
+		// body without Content-Length as ContentLength -1. (HTTP/3 servers
+		// report -1 for every request without Content-Length, body or not.)
 		return "request-body", "bypass"
 	case h.Get("If-Match") != "" || h.Get("If-Unmodified-Since") != "" || h.Get("If-Range") != "":
 		// Preconditions other than revalidation are the origin's business.
@@ -92,9 +96,9 @@ func parseCacheControl(h http.Header) cacheControl {
 			case "public":
 				cc.public = true
 			case "max-age":
-				cc.maxAge = parseDeltaSeconds(value)
+				cc.maxAge = shorterLifetime(cc.maxAge, parseDeltaSeconds(value))
 			case "s-maxage":
-				cc.sMaxAge = parseDeltaSeconds(value)
+				cc.sMaxAge = shorterLifetime(cc.sMaxAge, parseDeltaSeconds(value))
 			}
 		}
 	}
@@ -109,15 +113,28 @@ func requestCacheControl(h http.Header) cacheControl {
 	return cc
 }
 
+// parseDeltaSeconds reads RFC 9111 delta-seconds (1*DIGIT); anything else
+// (a sign, a space, a letter) is invalid and counts as 0.
 func parseDeltaSeconds(s string) int {
-	n, err := strconv.Atoi(s)
-	if err != nil || n < 0 {
-		if err != nil && len(s) > 0 && strings.Trim(s, "0123456789") == "" {
-			return 1<<31 - 1 // overflow: RFC 9111 §1.2.2 says use 2^31
-		}
+	if s == "" || strings.Trim(s, "0123456789") != "" {
 		return 0
 	}
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return 1<<31 - 1 // overflow: RFC 9111 §1.2.2 says use 2^31
+	}
 	return n
+}
+
+// shorterLifetime merges a repeated max-age or s-maxage (-1: not seen yet).
+// RFC 9111 §4.2.1 allows the first or treating the response as stale; the
+// shorter one is never fresher than either, so a later max-age=60 cannot
+// undo an earlier max-age=0.
+func shorterLifetime(prev, n int) int {
+	if prev < 0 {
+		return n
+	}
+	return min(prev, n)
 }
 
 // shareable reports whether a response may be handed to other clients that

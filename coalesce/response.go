@@ -76,11 +76,14 @@ func (resp *Response) write(w http.ResponseWriter, r *http.Request, cacheStatus 
 		dst.Del("Transfer-Encoding")
 	}
 	if age > 0 {
-		secs := int64(age / time.Second)
+		// RFC 9111 §1.2.2: a value that would overflow is sent as 2^31, so
+		// an upstream's huge Age never wraps around to a negative one.
+		const maxAge = 1 << 31
+		secs := min(int64(age/time.Second), maxAge)
 		if prev, err := strconv.ParseInt(resp.Header.Get("Age"), 10, 64); err == nil && prev > 0 {
-			secs += prev
+			secs += min(prev, maxAge)
 		}
-		dst.Set("Age", strconv.FormatInt(secs, 10))
+		dst.Set("Age", strconv.FormatInt(min(secs, maxAge), 10))
 	}
 	if cacheStatus != "" {
 		dst.Add("Cache-Status", cacheStatus)

@@ -58,6 +58,33 @@ func TestBypassReasons(t *testing.T) {
 	}
 }
 
+// Servers describe a request body's framing outside the header.
+func TestBypassRequestBodyAsServersReportIt(t *testing.T) {
+	cases := []struct {
+		name          string
+		proto         int
+		contentLength int64
+		te            []string
+		want          string
+	}{
+		{"HTTP/1.1 chunked", 1, -1, []string{"chunked"}, "request-body"},
+		{"HTTP/1.1 no body", 1, 0, nil, ""},
+		{"HTTP/2 body of unknown length", 2, -1, nil, "request-body"},
+		{"HTTP/2 with Content-Length", 2, 10, nil, "request-body"},
+		{"HTTP/2 no body", 2, 0, nil, ""},
+		// quic-go reports -1 for every request without Content-Length:
+		// a body cannot be told from none.
+		{"HTTP/3 without Content-Length", 3, -1, nil, ""},
+	}
+	for _, c := range cases {
+		r := httptest.NewRequest(http.MethodGet, "http://a/x", nil)
+		r.ProtoMajor, r.ContentLength, r.TransferEncoding = c.proto, c.contentLength, c.te
+		if got, _ := bypassReason(r); got != c.want {
+			t.Errorf("%s: bypassReason = %q, want %q", c.name, got, c.want)
+		}
+	}
+}
+
 func TestShareable(t *testing.T) {
 	cases := []struct {
 		name   string

@@ -53,6 +53,13 @@ type Config struct {
 	// upstream on their own.
 	MaxFlights int
 
+	// Breaker configures the circuit breaker each upstream gets.
+	Breaker BreakerConfig
+	// Breakers is where the breakers live. A server shares one set between
+	// its engines (and across configuration reloads) so that every route to
+	// an upstream sees one state; nil gives the engine a set of its own.
+	Breakers *Breakers
+
 	// Hooks connect the engine to its host server. Engines made by WithHooks
 	// share everything else.
 	Hooks Hooks
@@ -66,14 +73,16 @@ type Hooks struct {
 	// Observe is told the outcome of every request.
 	Observe func(r *http.Request, ev Event)
 	// Upstream names the upstream that answered r, after next returned; it
-	// keys the breakers. nil or "" means one breaker for all ("default").
+	// keys the breakers. nil: every request goes to one upstream, "default".
+	// "": this request reached no upstream (its outcome is not counted).
 	Upstream func(r *http.Request) string
 	// Detach prepares a copy of r for a request made on nobody's behalf (a
 	// stale-while-revalidate refresh). nil means r.Clone.
 	Detach func(r *http.Request, ctx context.Context) *http.Request
 	// UpstreamFailed classifies an error returned by next as an upstream
 	// failure (true) rather than something else, e.g. a client cancel
-	// (false). nil: every error except context cancellation is a failure.
+	// (false, not counted). nil: every error except context cancellation
+	// is a failure.
 	UpstreamFailed func(err error) bool
 }
 
@@ -87,6 +96,7 @@ func DefaultConfig() Config {
 		MaxMemory:  64 << 20,
 		HitForMiss: 5 * time.Second,
 		MaxFlights: 100_000,
+		Breaker:    DefaultBreakerConfig(),
 	}
 }
 
@@ -125,6 +135,9 @@ func (c Config) Validate() error {
 		if !validFieldName(h) {
 			errs = append(errs, fmt.Errorf("%q is not a valid header field name", h))
 		}
+	}
+	if err := c.Breaker.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }

@@ -82,6 +82,9 @@ type result struct {
 	stale  *entry    // set instead of resp when the upstream failed and a spare copy answers
 	err    error
 	reason string // why followers cannot use resp
+	// openUntil: the upstream's breaker is open until then; followers are
+	// answered 503 with Retry-After.
+	openUntil time.Time
 }
 
 // Engine holds the registry and the micro-cache of one coalescing handler.
@@ -97,6 +100,7 @@ type core struct {
 	reg   *registry.Registry[*result]
 	cache *microCache
 	hfm   *marks
+	guard *guard // nil when breakers are off
 
 	refreshes sync.WaitGroup
 	closeOnce sync.Once
@@ -114,6 +118,7 @@ func New(cfg Config) (*Engine, error) {
 		reg:    registry.New[*result](registry.Options{MaxFlights: cfg.MaxFlights}),
 		cache:  newMicroCache(cfg.MaxEntries, cfg.MaxMemory),
 		hfm:    newMarks(cfg.MaxEntries),
+		guard:  newGuard(cfg),
 		closed: make(chan struct{}),
 	}}, nil
 }
@@ -242,19 +247,25 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 	}
 }
 
-// bypass hands the request on untouched.
+// bypass hands the request on untouched, except that an open breaker
+// answers for its upstream. The kill switch ("disabled") passes everything
+// straight through.
 func (e *Engine) bypass(w http.ResponseWriter, r *http.Request, next Next, detail, fwd string) error {
-	w.Header().Add("Cache-Status", fmt.Sprintf("%s; fwd=%s; detail=%s", CacheName, fwd, detail))
-	e.observe(r, Event{Outcome: OutcomeBypass, Detail: detail, Upstream: true})
-	return next(w, r)
+	cacheStatus := fmt.Sprintf("%s; fwd=%s; detail=%s", CacheName, fwd, detail)
+	ev := Event{Outcome: OutcomeBypass, Detail: detail, Upstream: true}
+	if detail == "disabled" {
+		w.Header().Add("Cache-Status", cacheStatus)
+		e.observe(r, ev)
+		return next(w, r)
+	}
+	return e.forward(w, r, next, Key{}, cacheStatus, ev)
 }
 
 // alone sends the request upstream by itself (no flight), as the followers
 // of a response that cannot be shared do.
 func (e *Engine) alone(w http.ResponseWriter, r *http.Request, next Next, key Key, outcome Outcome, detail, fwd string) error {
-	w.Header().Add("Cache-Status", fmt.Sprintf("%s; fwd=%s; detail=%s", CacheName, fwd, detail))
-	e.observe(r, Event{Outcome: outcome, Key: key, Detail: detail, Upstream: true})
-	return next(w, r)
+	cacheStatus := fmt.Sprintf("%s; fwd=%s; detail=%s", CacheName, fwd, detail)
+	return e.forward(w, r, next, key, cacheStatus, Event{Outcome: outcome, Key: key, Detail: detail, Upstream: true})
 }
 
 // follow waits for the leader and writes its response, or goes upstream
@@ -281,14 +292,18 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 		w.Header().Add("Cache-Status", CacheName+"; fwd=uri-miss; collapsed; detail=upstream-error")
 		e.observe(r, Event{Outcome: OutcomeError, Key: key, Wait: waited})
 		return res.err
+	case res.stale != nil && res.stale.resp.matchesVary(r):
+		res.stale.writeStale(w, r, "collapsed; ", time.Now())
+		e.observe(r, Event{Outcome: OutcomeStale, Key: key, Wait: waited, Detail: "stale-if-error"})
+		return nil
+	case !res.openUntil.IsZero():
+		writeOpen(w, r, "collapsed; ", res.openUntil)
+		e.observe(r, Event{Outcome: OutcomeBreakerOpen, Key: key, Wait: waited, Detail: detailBreakerOpen})
+		return nil
 	case res.resp == nil:
 		return e.alone(w, r, next, key, OutcomeUncollapsible, res.reason, "uri-miss")
 	case !res.resp.matchesVary(r):
 		return e.alone(w, r, next, key, OutcomeUncollapsible, "vary-mismatch", "vary-miss")
-	case res.stale != nil:
-		res.stale.writeStale(w, r, "collapsed; ", time.Now())
-		e.observe(r, Event{Outcome: OutcomeStale, Key: key, Wait: waited, Detail: "stale-if-error"})
-		return nil
 	}
 	res.resp.write(w, r, fmt.Sprintf("%s; fwd=uri-miss; fwd-status=%d; collapsed", CacheName, res.resp.Status), 0)
 	e.observe(r, Event{Outcome: OutcomeCollapsed, Key: key, Wait: waited})
@@ -309,7 +324,11 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 		}
 	}()
 
-	ur := upstreamRequest(r, f.Context())
+	ur, pass, until := e.admit(upstreamRequest(r, f.Context()))
+	if !until.IsZero() {
+		return e.refuseFlight(w, r, f, key, until)
+	}
+	defer pass.release()
 	rec := newRecorder(w, e.cfg.MaxBody,
 		func(reason string) {
 			f.Publish(&result{reason: reason}, nil)
@@ -322,6 +341,7 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 	ev := Event{Outcome: OutcomeLeader, Key: key, Upstream: true, Waiters: f.Waiters(), Flight: time.Since(f.Started())}
 
 	if rec.streaming {
+		pass.settle(ur, err, rec.status)
 		ev.Detail = rec.streamReason
 		e.observe(r, ev)
 		return err
@@ -331,6 +351,10 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 	}
 	if err == nil && r.Method != http.MethodHead && bodyAllowed(rec.status) && !rec.complete() {
 		err = &StatusError{Status: http.StatusBadGateway, Err: errIncomplete}
+	}
+	if until := pass.settle(ur, err, rec.status); !until.IsZero() && err != nil {
+		// A load-balancing policy found every member's breaker open.
+		return e.refuseFlight(w, r, f, key, until)
 	}
 	if f.Context().Err() != nil {
 		// The flight's context ends before Leave only when every client has
@@ -451,20 +475,41 @@ func (e *Engine) refresh(r *http.Request, key Key, next Next) {
 		br = r.Clone(ctx)
 	}
 	br.Method = http.MethodGet
+	ur, pass, until := e.admit(upstreamRequest(br, f.Context()))
+	if !until.IsZero() {
+		// The breaker is open: no refresh. Whoever joined this flight gets
+		// what a leader would have answered.
+		if ent := e.spare(key, br); ent != nil {
+			f.Publish(&result{stale: ent}, nil)
+		} else {
+			f.Publish(&result{openUntil: until}, nil)
+		}
+		f.Leave()
+		cancel()
+		return
+	}
 	e.refreshes.Add(1)
 	go func() {
 		defer e.refreshes.Done()
 		defer cancel()
 		defer f.Leave()
+		defer pass.release()
 		defer func() {
 			if p := recover(); p != nil {
 				f.Publish(&result{err: &StatusError{Status: http.StatusBadGateway, Err: ErrLeaderFailed}}, nil)
 			}
 		}()
 		rec := newRecorder(discard{}, e.cfg.MaxBody, func(string) {}, func(string) string { return "" })
-		err := next(rec, upstreamRequest(br, f.Context()))
-		if err != nil || rec.streaming || !rec.complete() {
-			f.Publish(&result{err: err, reason: "refresh-failed"}, nil)
+		err := next(rec, ur)
+		pass.settle(ur, err, rec.status)
+		if err != nil || rec.streaming || !rec.complete() || rec.status >= 500 {
+			// A failed refresh leaves the stored copy alone: stale_if_error
+			// may still need it.
+			if ent := e.spare(key, br); ent != nil {
+				f.Publish(&result{stale: ent}, nil)
+			} else {
+				f.Publish(&result{err: err, reason: "refresh-failed"}, nil)
+			}
 			return
 		}
 		if !rec.wroteHeader {

@@ -1,0 +1,542 @@
+package coalesce
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"net/http"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sony/gobreaker/v2"
+)
+
+// BreakerConfig configures the circuit breaker that each upstream gets. Start
+// from DefaultBreakerConfig.
+type BreakerConfig struct {
+	// Disabled turns the breakers off: every request goes upstream.
+	Disabled bool
+	// Failures is how many consecutive failures trip the breaker. 0: only
+	// Ratio trips it.
+	Failures int
+	// Ratio trips the breaker when at least this fraction (0 < Ratio <= 1)
+	// of the requests answered within Window failed, once MinRequests of
+	// them have been answered. 0: only Failures trips it.
+	Ratio       float64
+	MinRequests int
+	Window      time.Duration
+	// Open is how long a tripped breaker refuses requests before it lets
+	// Probes requests through to decide (half-open).
+	Open   time.Duration
+	Probes int
+	// Statuses are the response statuses that count as failures; transport
+	// errors always do.
+	Statuses []int
+}
+
+// DefaultBreakerConfig: trip on 5 consecutive failures, stay open 10s, then
+// one probe; 502, 503 and 504 are failures. The ratio mode, when Ratio is
+// set, waits for 20 answers within a rolling 30s window.
+func DefaultBreakerConfig() BreakerConfig {
+	return BreakerConfig{
+		Failures:    5,
+		MinRequests: 20,
+		Window:      30 * time.Second,
+		Open:        10 * time.Second,
+		Probes:      1,
+		Statuses:    []int{502, 503, 504},
+	}
+}
+
+// Validate explains what is wrong with c, in words for an operator.
+func (c BreakerConfig) Validate() error {
+	if c.Disabled {
+		return nil
+	}
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf("breaker: "+format, args...)) }
+	if c.Failures < 0 {
+		bad("failures must not be negative (got %d)", c.Failures)
+	}
+	if math.IsNaN(c.Ratio) || c.Ratio < 0 || c.Ratio > 1 {
+		bad("ratio is a fraction of the requests between 0 and 1, e.g. 0.5 (got %g)", c.Ratio)
+	}
+	if c.Failures == 0 && c.Ratio == 0 {
+		bad("nothing would trip it: set failures or ratio (or turn it off with `breaker off`)")
+	}
+	if c.Ratio > 0 && c.MinRequests < 1 {
+		bad("ratio needs a minimum sample of at least 1 request (min %d), or two requests at night could trip it", c.MinRequests)
+	}
+	if c.Window < 0 {
+		bad("window must not be negative (got %s)", c.Window)
+	} else if c.Ratio > 0 && c.Window == 0 {
+		bad("ratio needs a window to count in, e.g. window 30s")
+	}
+	if c.Open < 0 {
+		bad("open must not be negative (got %s)", c.Open)
+	} else if c.Open == 0 {
+		bad("open must be a positive duration, e.g. open 10s")
+	}
+	if c.Probes < 1 || c.Probes > 10_000 {
+		bad("probes is how many requests test a half-open upstream, from 1 to 10000 (got %d)", c.Probes)
+	}
+	for _, s := range c.Statuses {
+		if s < 100 || s > 599 {
+			bad("status %d is not an HTTP status code (100-599)", s)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// fingerprint tells breaker settings apart: an upstream has one breaker per
+// distinct setting, shared by every handler that uses it.
+func (c BreakerConfig) fingerprint() string {
+	return fmt.Sprintf("failures=%d ratio=%g min=%d window=%s open=%s probes=%d status=%v",
+		c.Failures, c.Ratio, c.MinRequests, c.Window, c.Open, c.Probes, c.Statuses)
+}
+
+// BreakerState is the state of one upstream's breaker.
+type BreakerState string
+
+const (
+	BreakerClosed   BreakerState = "closed"    // requests go through
+	BreakerOpen     BreakerState = "open"      // requests are answered without the upstream
+	BreakerHalfOpen BreakerState = "half-open" // Probes requests go through to decide
+)
+
+func stateOf(s gobreaker.State) BreakerState {
+	switch s {
+	case gobreaker.StateOpen:
+		return BreakerOpen
+	case gobreaker.StateHalfOpen:
+		return BreakerHalfOpen
+	default:
+		return BreakerClosed
+	}
+}
+
+// BreakerCounts are a breaker's counts in its current state (in the closed
+// state with a ratio, within the window).
+type BreakerCounts struct {
+	Requests            uint32 `json:"requests"`
+	Successes           uint32 `json:"successes"`
+	Failures            uint32 `json:"failures"`
+	Excluded            uint32 `json:"excluded"`
+	ConsecutiveFailures uint32 `json:"consecutive_failures"`
+}
+
+func countsOf(c gobreaker.Counts) BreakerCounts {
+	return BreakerCounts{Requests: c.Requests, Successes: c.TotalSuccesses, Failures: c.TotalFailures,
+		Excluded: c.TotalExclusions, ConsecutiveFailures: c.ConsecutiveFailures}
+}
+
+// BreakerChange is one state change of one upstream's breaker, for logs.
+type BreakerChange struct {
+	Upstream string
+	From, To BreakerState
+	// Reason says what caused the change, in words.
+	Reason string
+	// Counts: when the breaker opened from closed, the counts that tripped it.
+	Counts BreakerCounts
+	// Until: when the breaker opened, when probes begin.
+	Until time.Time
+}
+
+// BreakerStatus describes one breaker now (for an admin API).
+type BreakerStatus struct {
+	Upstream  string        `json:"upstream"`
+	State     BreakerState  `json:"state"`
+	Counts    BreakerCounts `json:"counts"`
+	OpenUntil *time.Time    `json:"open_until,omitempty"`
+	Settings  string        `json:"settings"`
+}
+
+// Verdicts on one upstream request, as the breaker counts them.
+type verdict uint8
+
+const (
+	success  verdict = iota
+	failure          // a transport error or a status in Statuses
+	excluded         // neither: the client went away, or the request never reached the upstream
+)
+
+var (
+	errFailed   = errors.New("coalesce: upstream request failed")
+	errExcluded = errors.New("coalesce: upstream request not counted")
+)
+
+// ticket is a request that a breaker let through; it must be reported
+// exactly once, or a half-open breaker keeps its probe slot forever.
+type ticket func(error)
+
+func (t ticket) report(v verdict) {
+	if t == nil {
+		return
+	}
+	switch v {
+	case success:
+		t(nil)
+	case failure:
+		t(errFailed)
+	default:
+		t(errExcluded)
+	}
+}
+
+// Breaker is the circuit breaker of one upstream (for one setting): a
+// gobreaker.TwoStepCircuitBreaker with the time it stays open remembered for
+// Retry-After.
+type Breaker struct {
+	upstream string
+	settings string
+	cfg      BreakerConfig
+	cb       *gobreaker.TwoStepCircuitBreaker[struct{}]
+	onChange func(BreakerChange)
+
+	openUntil atomic.Int64 // unix ns: while open, when probes begin
+	lastUsed  atomic.Int64 // unix ns, to prune idle breakers
+
+	// tripped are the counts ReadyToTrip saw when it said yes. Written and
+	// read under gobreaker's lock (ReadyToTrip and OnStateChange both run
+	// under it), never elsewhere.
+	tripped gobreaker.Counts
+}
+
+func newBreaker(upstream string, cfg BreakerConfig, onChange func(BreakerChange)) *Breaker {
+	b := &Breaker{upstream: upstream, settings: cfg.fingerprint(), cfg: cfg, onChange: onChange}
+	st := gobreaker.Settings{
+		Name:          upstream,
+		MaxRequests:   uint32(cfg.Probes),
+		Timeout:       cfg.Open,
+		ReadyToTrip:   b.readyToTrip,
+		OnStateChange: b.stateChanged,
+		IsExcluded:    func(err error) bool { return errors.Is(err, errExcluded) },
+	}
+	if cfg.Ratio > 0 {
+		// A rolling window of ten buckets, so that the ratio forgets old
+		// answers gradually rather than all at once.
+		st.Interval = cfg.Window
+		st.BucketPeriod = cfg.Window / 10
+	}
+	b.cb = gobreaker.NewTwoStepCircuitBreaker[struct{}](st)
+	b.lastUsed.Store(time.Now().UnixNano())
+	return b
+}
+
+// readyToTrip runs under gobreaker's lock after each failure in the closed
+// state.
+func (b *Breaker) readyToTrip(c gobreaker.Counts) bool {
+	trip := b.cfg.Failures > 0 && c.ConsecutiveFailures >= uint32(b.cfg.Failures)
+	if !trip && b.cfg.Ratio > 0 {
+		// The sample is the answered requests; Requests also counts those
+		// still in flight.
+		answered := c.TotalSuccesses + c.TotalFailures
+		trip = answered >= uint32(b.cfg.MinRequests) && float64(c.TotalFailures) >= b.cfg.Ratio*float64(answered)
+	}
+	if trip {
+		b.tripped = c
+	}
+	return trip
+}
+
+// stateChanged runs under gobreaker's lock: it must not call the breaker's
+// methods (State would deadlock), and neither may onChange.
+func (b *Breaker) stateChanged(_ string, from, to gobreaker.State) {
+	ch := BreakerChange{Upstream: b.upstream, From: stateOf(from), To: stateOf(to)}
+	switch {
+	case to == gobreaker.StateOpen && from == gobreaker.StateClosed:
+		ch.Counts = countsOf(b.tripped)
+		if b.cfg.Failures > 0 && b.tripped.ConsecutiveFailures >= uint32(b.cfg.Failures) {
+			ch.Reason = fmt.Sprintf("%d consecutive failures", b.tripped.ConsecutiveFailures)
+		} else {
+			answered := b.tripped.TotalSuccesses + b.tripped.TotalFailures
+			ch.Reason = fmt.Sprintf("%d of %d requests failed within %s (ratio %g)", b.tripped.TotalFailures, answered, b.cfg.Window, b.cfg.Ratio)
+		}
+	case to == gobreaker.StateOpen:
+		ch.Reason = "a half-open probe failed"
+	case to == gobreaker.StateHalfOpen:
+		ch.Reason = fmt.Sprintf("open for %s; letting %d probe(s) through", b.cfg.Open, b.cfg.Probes)
+	case to == gobreaker.StateClosed:
+		ch.Reason = fmt.Sprintf("%d probe(s) succeeded", b.cfg.Probes)
+	}
+	if to == gobreaker.StateOpen {
+		// gobreaker's own expiry is a moment earlier, so Retry-After
+		// computed from this never sends a client back too soon.
+		ch.Until = time.Now().Add(b.cfg.Open)
+		b.openUntil.Store(ch.Until.UnixNano())
+	}
+	if b.onChange != nil {
+		b.onChange(ch)
+	}
+}
+
+// Upstream is the address the breaker is for.
+func (b *Breaker) Upstream() string { return b.upstream }
+
+// State is the breaker's state now (an open breaker whose time is up turns
+// half-open here).
+func (b *Breaker) State() BreakerState { return stateOf(b.cb.State()) }
+
+// ready reports whether a request would be let through now: closed, or
+// half-open with a probe slot free. Allow is the authoritative check.
+func (b *Breaker) ready() bool {
+	switch b.cb.State() {
+	case gobreaker.StateClosed:
+		return true
+	case gobreaker.StateHalfOpen:
+		c := b.cb.Counts()
+		return c.Requests-min(c.Requests, c.TotalExclusions) < uint32(b.cfg.Probes)
+	default:
+		return false
+	}
+}
+
+// allow lets a request through and returns its ticket, or says when to try
+// again.
+func (b *Breaker) allow(now time.Time) (ticket, time.Time, bool) {
+	b.lastUsed.Store(now.UnixNano())
+	done, err := b.cb.Allow()
+	if err == nil {
+		return done, time.Time{}, true
+	}
+	return nil, b.retryAt(now), false
+}
+
+// retryAt is when a refused request may try again: when an open breaker
+// starts probing, or in a second while half-open probes decide.
+func (b *Breaker) retryAt(now time.Time) time.Time {
+	if until := time.Unix(0, b.openUntil.Load()); until.After(now) {
+		return until
+	}
+	return now.Add(time.Second)
+}
+
+// status describes the breaker now.
+func (b *Breaker) status(now time.Time) BreakerStatus {
+	st := BreakerStatus{Upstream: b.upstream, State: b.State(), Counts: countsOf(b.cb.Counts()), Settings: b.settings}
+	if st.State == BreakerOpen {
+		until := b.retryAt(now)
+		st.OpenUntil = &until
+	}
+	return st
+}
+
+// RetryAfter is the value of a Retry-After header for an answer given
+// instead of the upstream's until at: whole seconds, rounded up, at least 1.
+func RetryAfter(until, now time.Time) int64 {
+	return max(1, int64(math.Ceil(until.Sub(now).Seconds())))
+}
+
+// maxBreakers is where Breakers starts pruning: upstream addresses come from
+// configuration, but dynamic upstreams (SRV, A records) can churn.
+const maxBreakers = 4096
+
+// pruneIdle is how long a closed breaker must have been unused to be pruned.
+const pruneIdle = 10 * time.Minute
+
+// Breakers is a set of breakers keyed by upstream address and settings, so
+// that handlers in front of one upstream with the same settings share its
+// state. A server keeps one for the whole process, so that a configuration
+// reload keeps every breaker's state.
+type Breakers struct {
+	onChange func(BreakerChange)
+
+	mu         sync.RWMutex
+	byID       map[breakerID]*Breaker
+	byUpstream map[string][]*Breaker
+}
+
+type breakerID struct{ upstream, settings string }
+
+// NewBreakers makes an empty set. onChange (may be nil) is told of every
+// state change of every breaker, once; it runs under that breaker's lock and
+// must not call back into it.
+func NewBreakers(onChange func(BreakerChange)) *Breakers {
+	return &Breakers{onChange: onChange, byID: map[breakerID]*Breaker{}, byUpstream: map[string][]*Breaker{}}
+}
+
+// Breaker returns the breaker of upstream for cfg, made on first use.
+func (s *Breakers) Breaker(upstream string, cfg BreakerConfig) *Breaker {
+	return s.get(upstream, cfg.fingerprint(), cfg)
+}
+
+func (s *Breakers) get(upstream, settings string, cfg BreakerConfig) *Breaker {
+	id := breakerID{upstream, settings}
+	s.mu.RLock()
+	b := s.byID[id]
+	s.mu.RUnlock()
+	if b != nil {
+		return b
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if b = s.byID[id]; b != nil {
+		return b
+	}
+	if len(s.byID) >= maxBreakers {
+		s.pruneLocked(time.Now())
+	}
+	b = newBreaker(upstream, cfg, s.onChange)
+	s.byID[id] = b
+	s.byUpstream[upstream] = append(s.byUpstream[upstream], b)
+	return b
+}
+
+// pruneLocked drops closed breakers nobody used for pruneIdle. An engine
+// that still holds one keeps using it on its own; a new one starts closed,
+// as the pruned one was.
+func (s *Breakers) pruneLocked(now time.Time) {
+	for id, b := range s.byID {
+		if now.Sub(time.Unix(0, b.lastUsed.Load())) < pruneIdle || b.State() != BreakerClosed {
+			continue
+		}
+		delete(s.byID, id)
+		list := s.byUpstream[id.upstream]
+		for i, x := range list {
+			if x == b {
+				list = append(list[:i:i], list[i+1:]...)
+				break
+			}
+		}
+		if len(list) == 0 {
+			delete(s.byUpstream, id.upstream)
+		} else {
+			s.byUpstream[id.upstream] = list
+		}
+	}
+}
+
+// Refusing reports whether some breaker of upstream (any settings) refuses
+// requests now.
+func (s *Breakers) Refusing(upstream string) bool {
+	s.mu.RLock()
+	list := s.byUpstream[upstream]
+	s.mu.RUnlock()
+	for _, b := range list {
+		if !b.ready() {
+			return true
+		}
+	}
+	return false
+}
+
+// Snapshot describes every breaker, ordered by upstream.
+func (s *Breakers) Snapshot() []BreakerStatus {
+	s.mu.RLock()
+	list := make([]*Breaker, 0, len(s.byID))
+	for _, b := range s.byID {
+		list = append(list, b)
+	}
+	s.mu.RUnlock()
+	now := time.Now()
+	out := make([]BreakerStatus, len(list))
+	for i, b := range list {
+		out[i] = b.status(now)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Upstream != out[j].Upstream {
+			return out[i].Upstream < out[j].Upstream
+		}
+		return out[i].Settings < out[j].Settings
+	})
+	return out
+}
+
+// Pick is one request's slot for a load-balancing policy that knows the
+// breakers: the engine puts it in the context of the request it sends
+// upstream, the policy chooses a member whose breaker lets the request
+// through (taking a probe slot when half-open), and the engine reports the
+// outcome to that member's breaker when the request is done. Its methods are
+// called from the request's goroutine only.
+type Pick struct {
+	set      *Breakers
+	cfg      BreakerConfig
+	settings string
+
+	used   bool
+	req    *http.Request // of the last selection, to tell a retry from another proxy
+	chosen *Breaker
+	done   ticket
+	tried  []string
+	// none is set when the last selection found every member refusing: when
+	// the first of them lets requests through again.
+	none time.Time
+}
+
+type pickKey struct{}
+
+// PickFrom returns the request's slot, or nil when no engine with breakers
+// sent the request.
+func PickFrom(ctx context.Context) *Pick {
+	p, _ := ctx.Value(pickKey{}).(*Pick)
+	return p
+}
+
+// Begin starts a selection for req. A policy that selects again for the
+// same req does so because the member it chose failed (reverse_proxy
+// retries only after an error), so that member's breaker is told; a
+// selection for another request (a second proxy in the same chain) leaves
+// the first one uncounted.
+func (p *Pick) Begin(req *http.Request) {
+	if p.done != nil {
+		if req == p.req {
+			p.done.report(failure)
+		} else {
+			p.done.report(excluded)
+		}
+		p.done = nil
+	}
+	if req != p.req {
+		p.tried = p.tried[:0]
+	}
+	p.used, p.req, p.chosen, p.none = true, req, nil, time.Time{}
+}
+
+// Ready reports whether upstream's breaker would let this request through.
+func (p *Pick) Ready(upstream string) bool {
+	return p.set.get(upstream, p.settings, p.cfg).ready()
+}
+
+// Tried reports whether this request already went to upstream (and failed
+// there) in this selection's retries.
+func (p *Pick) Tried(upstream string) bool {
+	for _, u := range p.tried {
+		if u == upstream {
+			return true
+		}
+	}
+	return false
+}
+
+// Take asks upstream's breaker to let this request through; false means it
+// refused (it opened meanwhile, or its probe slots are taken) and the policy
+// should choose another member.
+func (p *Pick) Take(upstream string) bool {
+	b := p.set.get(upstream, p.settings, p.cfg)
+	done, _, ok := b.allow(time.Now())
+	if !ok {
+		return false
+	}
+	p.chosen, p.done = b, done
+	p.tried = append(p.tried, upstream)
+	return true
+}
+
+// NoneReady records that no member of upstreams could take the request.
+func (p *Pick) NoneReady(upstreams []string) {
+	now := time.Now()
+	var first time.Time
+	for _, u := range upstreams {
+		at := p.set.get(u, p.settings, p.cfg).retryAt(now)
+		if first.IsZero() || at.Before(first) {
+			first = at
+		}
+	}
+	if first.IsZero() {
+		first = now.Add(time.Second)
+	}
+	p.none = first
+}

@@ -1,0 +1,797 @@
+// Command report turns the raw output of a bench/run.sh run into a Markdown
+// report (tables, the targets of the issue with their verdicts) and a PNG plot
+// (through gnuplot, if installed). Standard library only.
+//
+//	report -dir bench/out/<run> [-o RESULTS.md] [-img plot.png] [-plot <dir>/plot.png]
+//
+// It reads <dir>/meta.env and <dir>/raw/*.txt (one file per measurement, as
+// written by run.sh), writes <dir>/results.jsonl (one computed line per
+// measurement) and the report. Every figure in the tables is the median over
+// the rounds of that figure.
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"log"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+var systemOrder = []string{
+	"caddy-respond", "caddy-proxy", "caddy-coalesce", "caddy-coalesce-stale",
+	"nginx", "varnish", "varnish-grace", "caddy-coalesce-mem",
+}
+
+var systemText = map[string]string{
+	"caddy-respond":        "Caddy `respond` (ceiling)",
+	"caddy-proxy":          "Caddy `reverse_proxy`",
+	"caddy-coalesce":       "Caddy + coalesce (ttl 50ms)",
+	"caddy-coalesce-stale": "Caddy + coalesce (ttl 50ms, stale 1s)",
+	"caddy-coalesce-mem":   "Caddy + coalesce (ttl 1s, max_entries 20000)",
+	"nginx":                "NGINX micro-cache (1s, lock, stale updating)",
+	"varnish":              "Varnish (ttl 50ms, grace 0s)",
+	"varnish-grace":        "Varnish (ttl 50ms, grace 1s)",
+}
+
+var workloadText = map[string]string{
+	"hot":   "(a) one hot key",
+	"herd":  "(b) cold herd",
+	"zipf":  "(c) Zipf over 10 000 keys",
+	"miss":  "(d) all-miss, upstream latency as configured",
+	"miss0": "(d0) all-miss, upstream answers at once",
+	"mem":   "(4) memory: 10 000 live keys of 1 KiB",
+}
+
+var plotLabel = map[string]string{
+	"hot": "hot key", "zipf": "Zipf 10k keys", "miss": "all-miss", "miss0": "all-miss, 0 ms upstream", "herd": "cold herd",
+}
+
+type wrkJSON struct {
+	Requests  int64            `json:"requests"`
+	Duration  float64          `json:"duration_s"`
+	RPS       float64          `json:"rps"`
+	P50       float64          `json:"p50_ms"`
+	P90       float64          `json:"p90_ms"`
+	P99       float64          `json:"p99_ms"`
+	Max       float64          `json:"max_ms"`
+	Mean      float64          `json:"mean_ms"`
+	Errors    map[string]int64 `json:"errors"`
+	KeyHist   map[string]int64 `json:"key_hist"`
+	HaveWrk   bool             `json:"-"`
+	HaveHerd  bool             `json:"-"`
+	HaveUpstr bool             `json:"-"`
+}
+
+type herdJSON struct {
+	N             int     `json:"n"`
+	Rounds        int     `json:"rounds"`
+	Samples       int     `json:"samples"`
+	Errors        int     `json:"errors"`
+	Non200        int     `json:"non_200"`
+	WrongBody     int     `json:"wrong_body"`
+	P50           float64 `json:"p50_ms"`
+	P90           float64 `json:"p90_ms"`
+	P99           float64 `json:"p99_ms"`
+	Max           float64 `json:"max_ms"`
+	UpstreamCalls int64   `json:"upstream_calls"`
+	CallsPerRound float64 `json:"calls_per_round"`
+	Distinct      float64 `json:"distinct_bodies_per_round"`
+	DirectP50     float64 `json:"direct_p50_ms"`
+	DirectP99     float64 `json:"direct_p99_ms"`
+}
+
+type upstreamJSON struct {
+	Total       int64 `json:"total"`
+	Distinct    int64 `json:"distinct"`
+	MaxPerKey   int64 `json:"max_per_key"`
+	MaxInflight int64 `json:"max_inflight"`
+}
+
+// measurement is one line of results.jsonl.
+type measurement struct {
+	File         string  `json:"file"`
+	Workload     string  `json:"workload"`
+	System       string  `json:"system"`
+	Round        int     `json:"round"`
+	Failed       string  `json:"failed,omitempty"`
+	TTLms        float64 `json:"ttl_ms"`
+	LatencyMs    float64 `json:"latency_ms"`
+	Requests     int64   `json:"requests"`
+	DurationS    float64 `json:"duration_s"`
+	RPS          float64 `json:"rps"`
+	P50          float64 `json:"p50_ms"`
+	P99          float64 `json:"p99_ms"`
+	Max          float64 `json:"max_ms"`
+	Errors       int64   `json:"errors"`
+	Non2xx       int64   `json:"non_2xx"`
+	Upstream     int64   `json:"upstream"`
+	UpDistinct   int64   `json:"upstream_keys"`
+	MaxInflight  int64   `json:"upstream_max_inflight"`
+	MinUpstream  float64 `json:"min_upstream"`
+	Ratio        float64 `json:"ratio"`
+	CacheEntries float64 `json:"cache_entries"`
+	CacheBytes   float64 `json:"cache_bytes"`
+	DirectP50    float64 `json:"direct_p50_ms,omitempty"`
+	DirectP99    float64 `json:"direct_p99_ms,omitempty"`
+	Distinct     float64 `json:"distinct_bodies_per_round,omitempty"`
+	HWMmb        float64 `json:"peak_rss_mb"`
+	RSSmb        float64 `json:"rss_end_mb"`
+	Procs        int     `json:"procs"`
+}
+
+func nan() float64 { return math.NaN() }
+
+func readKV(path string) (map[string][]string, []string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer f.Close()
+	kv := map[string][]string{}
+	var lines []string
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 16<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		lines = append(lines, line)
+		if i := strings.IndexByte(line, '='); i > 0 {
+			k := line[:i]
+			if strings.Trim(k, "abcdefghijklmnopqrstuvwxyz0123456789_") == "" {
+				kv[k] = append(kv[k], line[i+1:])
+			}
+		}
+	}
+	return kv, lines, sc.Err()
+}
+
+func first(kv map[string][]string, k string) string {
+	if v := kv[k]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
+func num(s string) float64 {
+	f, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
+	if err != nil {
+		return nan()
+	}
+	return f
+}
+
+func parseMeasurement(path string) (measurement, error) {
+	kv, lines, err := readKV(path)
+	if err != nil {
+		return measurement{}, err
+	}
+	m := measurement{
+		File:     filepath.Base(path),
+		Workload: first(kv, "workload"), System: first(kv, "system"),
+		Failed: strings.Join(kv["failed"], "; "),
+		TTLms:  num(first(kv, "ttl_ms")), LatencyMs: num(first(kv, "latency_ms")),
+		RPS: nan(), P50: nan(), P99: nan(), Max: nan(), MinUpstream: nan(), Ratio: nan(),
+		CacheEntries: nan(), CacheBytes: nan(),
+		DirectP50: 0, DirectP99: 0, HWMmb: nan(), RSSmb: nan(), Upstream: -1,
+	}
+	m.Round, _ = strconv.Atoi(first(kv, "round"))
+	if v := num(first(kv, "rss_hwm_kb")); !math.IsNaN(v) && v > 0 {
+		m.HWMmb = v / 1024
+	}
+	if v := num(first(kv, "rss_kb")); !math.IsNaN(v) && v > 0 {
+		m.RSSmb = v / 1024
+	}
+	m.Procs, _ = strconv.Atoi(first(kv, "rss_procs"))
+
+	var w wrkJSON
+	var h herdJSON
+	var u upstreamJSON
+	haveW, haveH, haveU := false, false, false
+	for _, line := range lines {
+		switch {
+		case strings.HasPrefix(line, "WRKJSON "):
+			haveW = json.Unmarshal([]byte(line[len("WRKJSON "):]), &w) == nil
+		case strings.HasPrefix(line, "HERDJSON "):
+			haveH = json.Unmarshal([]byte(line[len("HERDJSON "):]), &h) == nil
+		case strings.HasPrefix(line, "UPSTREAMJSON "):
+			haveU = json.Unmarshal([]byte(line[len("UPSTREAMJSON "):]), &u) == nil
+		case strings.HasPrefix(line, "COALESCESTATS "):
+			// the admin API's /coalesce/stats; only the cache size is used
+			var cs struct {
+				Total struct {
+					Cache *struct {
+						Entries float64 `json:"entries"`
+						Bytes   float64 `json:"bytes"`
+					} `json:"cache"`
+				} `json:"total"`
+			}
+			if json.Unmarshal([]byte(line[len("COALESCESTATS "):]), &cs) == nil && cs.Total.Cache != nil {
+				m.CacheEntries, m.CacheBytes = cs.Total.Cache.Entries, cs.Total.Cache.Bytes
+			}
+		}
+	}
+	if haveU {
+		m.Upstream, m.UpDistinct, m.MaxInflight = u.Total, u.Distinct, u.MaxInflight
+	}
+	switch {
+	case haveW:
+		m.Requests, m.DurationS, m.RPS = w.Requests, w.Duration, w.RPS
+		m.P50, m.P99, m.Max = w.P50, w.P99, w.Max
+		m.Errors = w.Errors["connect"] + w.Errors["read"] + w.Errors["write"] + w.Errors["timeout"]
+		m.Non2xx = w.Errors["status"]
+		if m.TTLms >= 0 && haveU {
+			cycle := (m.TTLms + m.LatencyMs) / 1000 // seconds
+			capPerKey := math.Inf(1)
+			if cycle > 0 {
+				capPerKey = math.Ceil(w.Duration / cycle)
+			}
+			var min float64
+			for n, keys := range w.KeyHist {
+				c, err := strconv.ParseFloat(n, 64)
+				if err != nil {
+					continue
+				}
+				min += math.Min(c, capPerKey) * float64(keys)
+			}
+			m.MinUpstream = min
+			if min > 0 {
+				m.Ratio = float64(u.Total) / min
+			}
+		}
+	case haveH:
+		m.Requests = int64(h.Samples)
+		m.P50, m.P99, m.Max = h.P50, h.P99, h.Max
+		m.Errors = int64(h.Errors)
+		m.Non2xx = int64(h.Non200 + h.WrongBody)
+		m.Upstream = h.UpstreamCalls
+		m.MinUpstream = float64(h.Rounds)
+		if h.Rounds > 0 {
+			m.Ratio = h.CallsPerRound
+		}
+		m.DirectP50, m.DirectP99, m.Distinct = h.DirectP50, h.DirectP99, h.Distinct
+	default:
+		if m.Failed == "" {
+			m.Failed = "no result line in the output"
+		}
+	}
+	return m, nil
+}
+
+func median(xs []float64) float64 {
+	var v []float64
+	for _, x := range xs {
+		if !math.IsNaN(x) {
+			v = append(v, x)
+		}
+	}
+	if len(v) == 0 {
+		return nan()
+	}
+	slices.Sort(v)
+	if len(v)%2 == 1 {
+		return v[len(v)/2]
+	}
+	return (v[len(v)/2-1] + v[len(v)/2]) / 2
+}
+
+// agg is the median over rounds of each figure of one (workload, system).
+type agg struct {
+	n, failed                                   int
+	rps, p50, p99, max, up, min, ratio, hwm, rs float64
+	errs, non2xx, dirP50, dirP99, distinct      float64
+	upKeys, reqs, entries, cacheMB              float64
+}
+
+func aggregate(ms []measurement) agg {
+	col := func(f func(m measurement) float64) float64 {
+		var xs []float64
+		for _, m := range ms {
+			if m.Failed == "" {
+				xs = append(xs, f(m))
+			}
+		}
+		return median(xs)
+	}
+	a := agg{}
+	for _, m := range ms {
+		if m.Failed == "" {
+			a.n++
+		} else {
+			a.failed++
+		}
+	}
+	a.rps = col(func(m measurement) float64 { return m.RPS })
+	a.p50 = col(func(m measurement) float64 { return m.P50 })
+	a.p99 = col(func(m measurement) float64 { return m.P99 })
+	a.max = col(func(m measurement) float64 { return m.Max })
+	a.up = col(func(m measurement) float64 {
+		if m.Upstream < 0 {
+			return nan()
+		}
+		return float64(m.Upstream)
+	})
+	a.min = col(func(m measurement) float64 { return m.MinUpstream })
+	a.ratio = col(func(m measurement) float64 { return m.Ratio })
+	a.hwm = col(func(m measurement) float64 { return m.HWMmb })
+	a.rs = col(func(m measurement) float64 { return m.RSSmb })
+	a.errs = col(func(m measurement) float64 { return float64(m.Errors) })
+	a.non2xx = col(func(m measurement) float64 { return float64(m.Non2xx) })
+	a.dirP50 = col(func(m measurement) float64 { return m.DirectP50 })
+	a.dirP99 = col(func(m measurement) float64 { return m.DirectP99 })
+	a.distinct = col(func(m measurement) float64 { return m.Distinct })
+	a.upKeys = col(func(m measurement) float64 { return float64(m.UpDistinct) })
+	a.reqs = col(func(m measurement) float64 { return float64(m.Requests) })
+	a.entries = col(func(m measurement) float64 { return m.CacheEntries })
+	a.cacheMB = col(func(m measurement) float64 { return m.CacheBytes / (1 << 20) })
+	return a
+}
+
+func f0(x float64) string {
+	if math.IsNaN(x) || math.IsInf(x, 0) {
+		return "–"
+	}
+	return strconv.FormatFloat(x, 'f', 0, 64)
+}
+
+func f1(x float64) string {
+	if math.IsNaN(x) || math.IsInf(x, 0) {
+		return "–"
+	}
+	return strconv.FormatFloat(x, 'f', 1, 64)
+}
+
+func f2(x float64) string {
+	if math.IsNaN(x) || math.IsInf(x, 0) {
+		return "–"
+	}
+	return strconv.FormatFloat(x, 'f', 2, 64)
+}
+
+// fms formats a latency in ms with a precision that suits its size.
+func fms(x float64) string {
+	switch {
+	case math.IsNaN(x):
+		return "–"
+	case x < 10:
+		return f2(x)
+	default:
+		return f1(x)
+	}
+}
+
+type report struct {
+	meta    map[string][]string
+	byKey   map[[2]string][]measurement
+	aggs    map[[2]string]agg
+	systems []string // in display order, as measured
+	wls     []string
+}
+
+func (r *report) get(wl, sys string) (agg, bool) {
+	a, ok := r.aggs[[2]string{wl, sys}]
+	return a, ok && a.n > 0
+}
+
+func main() {
+	dir := flag.String("dir", "", "run directory (with meta.env and raw/)")
+	out := flag.String("o", "", "Markdown report to write (default <dir>/RESULTS.md)")
+	img := flag.String("img", "plot.png", "image link used in the report")
+	plot := flag.String("plot", "", "PNG to write (default <dir>/plot.png)")
+	flag.Parse()
+	if *dir == "" {
+		flag.Usage()
+		os.Exit(2)
+	}
+	if *out == "" {
+		*out = filepath.Join(*dir, "RESULTS.md")
+	}
+	if *plot == "" {
+		*plot = filepath.Join(*dir, "plot.png")
+	}
+
+	meta, _, err := readKV(filepath.Join(*dir, "meta.env"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	files, _ := filepath.Glob(filepath.Join(*dir, "raw", "*.txt"))
+	sort.Strings(files)
+	r := &report{meta: meta, byKey: map[[2]string][]measurement{}, aggs: map[[2]string]agg{}}
+	jl, err := os.Create(filepath.Join(*dir, "results.jsonl"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	seenSys := map[string]bool{}
+	seenWl := map[string]bool{}
+	for _, f := range files {
+		m, err := parseMeasurement(f)
+		if err != nil {
+			log.Printf("%s: %v", f, err)
+			continue
+		}
+		k := [2]string{m.Workload, m.System}
+		r.byKey[k] = append(r.byKey[k], m)
+		seenSys[m.System] = true
+		seenWl[m.Workload] = true
+		b, _ := json.Marshal(jsonSafe(m))
+		fmt.Fprintf(jl, "%s\n", b)
+	}
+	jl.Close()
+	for k, ms := range r.byKey {
+		r.aggs[k] = aggregate(ms)
+	}
+	for _, s := range systemOrder {
+		if seenSys[s] {
+			r.systems = append(r.systems, s)
+		}
+	}
+	for _, w := range []string{"hot", "herd", "zipf", "miss", "miss0", "mem"} {
+		if seenWl[w] {
+			r.wls = append(r.wls, w)
+		}
+	}
+
+	plotErr := r.plot(*plot)
+	var b strings.Builder
+	r.markdown(&b, *img, plotErr)
+	if err := os.WriteFile(*out, []byte(b.String()), 0o644); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Fprintf(os.Stderr, "report: wrote %s", *out)
+	if plotErr == nil {
+		fmt.Fprintf(os.Stderr, " and %s", *plot)
+	} else {
+		fmt.Fprintf(os.Stderr, " (no plot: %v)", plotErr)
+	}
+	fmt.Fprintln(os.Stderr)
+}
+
+// jsonSafe replaces NaN (which encoding/json refuses) by -1.
+func jsonSafe(m measurement) measurement {
+	fix := func(p *float64) {
+		if math.IsNaN(*p) || math.IsInf(*p, 0) {
+			*p = -1
+		}
+	}
+	for _, p := range []*float64{&m.TTLms, &m.LatencyMs, &m.DurationS, &m.RPS, &m.P50, &m.P99, &m.Max,
+		&m.MinUpstream, &m.Ratio, &m.CacheEntries, &m.CacheBytes, &m.DirectP50, &m.DirectP99, &m.Distinct, &m.HWMmb, &m.RSSmb} {
+		fix(p)
+	}
+	return m
+}
+
+func (r *report) m(k string) string { return first(r.meta, k) }
+
+type verdict struct {
+	target, measured, result string
+}
+
+func pass(ok bool) string {
+	if ok {
+		return "**pass**"
+	}
+	return "**FAIL**"
+}
+
+const pending = "pending (not measured in this run)"
+
+func (r *report) targets() []verdict {
+	var v []verdict
+	lat := num(r.m("latency_ms"))
+	for _, sys := range []string{"caddy-coalesce", "caddy-coalesce-stale"} {
+		name := "`" + sys + "`"
+		hot, okHot := r.get("hot", sys)
+		if okHot {
+			v = append(v, verdict{"hot key: upstream ≤ 1.02 × ⌈duration ÷ (ttl + latency)⌉ — " + name,
+				fmt.Sprintf("%s upstream requests for a minimum of %s: ratio %s", f0(hot.up), f0(hot.min), f2(hot.ratio)),
+				pass(hot.ratio <= 1.02)})
+		} else {
+			v = append(v, verdict{"hot key: upstream ratio ≤ 1.02 — " + name, "–", pending})
+		}
+		if resp, ok := r.get("hot", "caddy-respond"); ok && okHot {
+			x := hot.rps / resp.rps
+			v = append(v, verdict{"hot key: req/s ≥ 0.9 × Caddy `respond` — " + name,
+				fmt.Sprintf("%s vs %s req/s: %s ×", f0(hot.rps), f0(resp.rps), f2(x)), pass(x >= 0.9)})
+		} else {
+			v = append(v, verdict{"hot key: req/s ≥ 0.9 × Caddy `respond` — " + name, "–", pending})
+		}
+		vsys := "varnish"
+		if sys == "caddy-coalesce-stale" {
+			vsys = "varnish-grace"
+		}
+		if va, ok := r.get("hot", vsys); ok && okHot {
+			x := hot.rps / va.rps
+			v = append(v, verdict{fmt.Sprintf("hot key: req/s ≥ 1.0 × `%s` — %s", vsys, name),
+				fmt.Sprintf("%s vs %s req/s: %s ×", f0(hot.rps), f0(va.rps), f2(x)), pass(x >= 1.0)})
+			v = append(v, verdict{fmt.Sprintf("hot key: p99 ≤ `%s`'s — %s", vsys, name),
+				fmt.Sprintf("%s ms vs %s ms", fms(hot.p99), fms(va.p99)), pass(hot.p99 <= va.p99)})
+		} else {
+			v = append(v, verdict{fmt.Sprintf("hot key: req/s and p99 vs `%s` — %s", vsys, name), "–", pending})
+		}
+		if h, ok := r.get("herd", sys); ok {
+			v = append(v, verdict{fmt.Sprintf("cold herd: p99 ≤ upstream latency + 5 ms (%s ms) — %s", f0(lat+5), name),
+				fmt.Sprintf("p99 %s ms (upstream alone, same herd: p99 %s ms); %s upstream calls per herd",
+					fms(h.p99), fms(h.dirP99), f2(h.ratio)),
+				pass(h.p99 <= lat+5)})
+			v = append(v, verdict{"cold herd: p99 ≤ p99 of the same herd sent to the upstream alone + 5 ms (client and CPU noise cancel out) — " + name,
+				fmt.Sprintf("p99 %s ms vs %s + 5 ms", fms(h.p99), fms(h.dirP99)),
+				pass(h.p99 <= h.dirP99+5)})
+		} else {
+			v = append(v, verdict{"cold herd: p99 ≤ upstream latency + 5 ms — " + name, "–", pending})
+		}
+		for _, wl := range []string{"miss0", "miss"} {
+			c, ok1 := r.get(wl, sys)
+			p, ok2 := r.get(wl, "caddy-proxy")
+			what := "all-miss (upstream answers at once)"
+			if wl == "miss" {
+				what = fmt.Sprintf("all-miss (upstream latency %s ms)", f0(lat))
+			}
+			if ok1 && ok2 {
+				x := 1 - c.rps/p.rps
+				v = append(v, verdict{fmt.Sprintf("%s: ≤ 5 %% req/s below `reverse_proxy` — %s", what, name),
+					fmt.Sprintf("%s vs %s req/s: %s %% below (p99 %s vs %s ms)", f0(c.rps), f0(p.rps), f1(100*x), fms(c.p99), fms(p.p99)),
+					pass(x <= 0.05)})
+			} else {
+				v = append(v, verdict{fmt.Sprintf("%s: ≤ 5 %% req/s below `reverse_proxy` — %s", what, name), "–", pending})
+			}
+		}
+	}
+	c, ok1 := r.get("mem", "caddy-coalesce-mem")
+	p, ok2 := r.get("mem", "caddy-proxy")
+	if ok1 && ok2 {
+		d := c.hwm - p.hwm
+		v = append(v, verdict{"memory: < 50 MB over plain Caddy with 10 000 live keys of 1 KiB (peak RSS)",
+			fmt.Sprintf("%s MB vs %s MB: %s MB more (at the end: %s vs %s MB; the cache held %s entries, %s MB)",
+				f1(c.hwm), f1(p.hwm), f1(d), f1(c.rs), f1(p.rs), f0(c.entries), f1(c.cacheMB)),
+			pass(d < 50)})
+	} else {
+		v = append(v, verdict{"memory: < 50 MB over plain Caddy with 10 000 live keys", "–", pending})
+	}
+	return v
+}
+
+func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
+	p := func(format string, a ...any) { fmt.Fprintf(b, format, a...) }
+	rounds := r.m("rounds")
+	p("# caddy-coalesce — side-by-side benchmark results\n\n")
+	p("Produced by `bench/run.sh` on %s (rounds: %s; every figure is the median over the rounds; the systems were measured one after the other, in a rotated order in each round, each started afresh for each measurement).\n\n", r.m("date"), rounds)
+	p("**Command:** `%s`\n\n", r.m("command"))
+	p("**Machine:** %s; %s; %s; %s RAM. Client (wrk, herd), upstream and proxy share these CPUs, so absolute figures are those of a small shared box: compare the systems with each other, within this run.\n", r.m("cpu"), r.m("host"), r.m("os"), r.m("memory"))
+	p("Load average at the start %s, at the end %s (other work on the machine disturbs the figures).\n\n", r.m("loadavg_start"), r.m("loadavg_end"))
+	p("**Software:** %s; nginx %s; %s; %s; %s. Upstream: `bench/upstream`, 1 KiB JSON after %s ms.\n\n",
+		r.m("caddy"), r.m("nginx"), r.m("varnish"), r.m("wrk"), r.m("go"), r.m("latency_ms"))
+	p("**Settings:** wrk %s threads, %s connections, %s per run; cold herd %s clients × %s herds; Zipf s = %s over %s keys; memory test %s keys for %s. Raw output: [`results/`](results/) (one file per measurement in `results/raw/`, configurations in `results/conf/`).\n\n",
+		r.m("threads"), r.m("connections"), r.m("duration"), r.m("herd_n"), r.m("herd_rounds"), r.m("zipf_s"), r.m("keys"), r.m("mem_keys"), r.m("mem_duration"))
+	if sk := r.meta["skipped"]; len(sk) > 0 {
+		p("**Not measured in this run:**\n\n")
+		for _, s := range sk {
+			name, why, _ := strings.Cut(s, ":")
+			p("- `%s`: %s\n", name, why)
+		}
+		p("\n")
+	}
+	if f := r.m("failed"); f != "" && f != "0" {
+		p("**%s measurement(s) failed** (see the `failed=` lines in the raw files); they are left out of the medians.\n\n", f)
+	}
+
+	p("## Targets\n\n| target | measured | verdict |\n|---|---|---|\n")
+	for _, v := range r.targets() {
+		p("| %s | %s | %s |\n", v.target, v.measured, v.result)
+	}
+	p("\n")
+
+	if plotErr == nil {
+		p("## Plot\n\n![req/s and p99 latency per system and workload](%s)\n\n", img)
+	} else {
+		p("## Plot\n\n(no plot: %v)\n\n", plotErr)
+	}
+
+	for _, wl := range r.wls {
+		p("## %s\n\n", workloadText[wl])
+		switch wl {
+		case "hot":
+			p("All connections ask for one key, `GET /hot/.../key`. Minimum = ⌈duration ÷ (ttl + upstream latency)⌉ (ttl of the system: 50 ms, NGINX 1 s, `reverse_proxy` 0); ratio = upstream requests ÷ minimum.\n\n")
+		case "zipf":
+			p("Keys drawn with P(rank k) ∝ 1/k^s. Minimum = Σ over keys of min(requests for the key, ⌈duration ÷ (ttl + latency)⌉).\n\n")
+		case "miss":
+			p("Every request is for a new key: nothing can be shared, this is the price of the proxy (and of its cache bookkeeping) over the upstream latency.\n\n")
+		case "miss0":
+			p("Every request is for a new key and the upstream answers at once (`?delay=0s`): the run is CPU-bound, so a proxy's own overhead shows in req/s. The all-miss overhead target is judged here (and on the previous table).\n\n")
+		case "herd":
+			p("Each herd: %s clients on open keep-alive connections send `GET` for one brand-new key at the same instant; latency of every client (leader and followers), over all herds. *Upstream alone* is the same herd sent straight to the upstream: the latency a client sees without any proxy. Calls/herd: upstream requests per herd (ideal: 1). Distinct bodies: different upstream responses the %s clients received per herd.\n\n", r.m("herd_n"), r.m("herd_n"))
+		case "mem":
+			p("Every one of %s keys requested once (`herd -fill`), then all of them round-robin by %s connections for %s, through `coalesce { ttl 1s  max_entries 20000 }`, and the same traffic through plain `reverse_proxy`. RSS of the proxy process at the end of the load and its peak (VmHWM). *Cache entries* and *cache MB* are the module's own count (admin API `/coalesce/stats`) at the end of the load: entries held in memory (expiry is checked on read, so an entry stays until it is replaced or evicted). An entry is fresh only if its key came round again within 1 s: when one pass over all keys takes longer than that on this machine (client requests ÷ keys ÷ duration < 1 pass per second), many held entries are expired copies — they cost the same memory, which is what this test measures.\n\n", r.m("mem_keys"), r.m("mem_connections"), r.m("mem_duration"))
+		}
+		switch wl {
+		case "herd":
+			p("| system | client p50 ms | client p99 ms | client max ms | upstream alone p50 / p99 ms | calls/herd | distinct bodies/herd | errors | peak RSS MB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		case "mem":
+			p("| system | req/s | p99 ms | client requests (timed load) | upstream requests (fill + load) | upstream keys | cache entries at end | cache MB | RSS at end MB | peak RSS MB | peak RSS over plain Caddy MB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		default:
+			p("| system | req/s | p50 ms | p99 ms | max ms | upstream requests | minimum | ratio | peak RSS MB | errors / non-2xx |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		}
+		base, _ := r.get("mem", "caddy-proxy")
+		for _, sys := range r.systems {
+			a, ok := r.aggs[[2]string{wl, sys}]
+			if !ok {
+				continue
+			}
+			name := systemText[sys]
+			if a.failed > 0 {
+				name += fmt.Sprintf(" (%d failed)", a.failed)
+			}
+			if a.n == 0 {
+				p("| %s | failed |\n", name)
+				continue
+			}
+			switch wl {
+			case "herd":
+				p("| %s | %s | %s | %s | %s / %s | %s | %s | %s | %s |\n", name, fms(a.p50), fms(a.p99), fms(a.max),
+					fms(a.dirP50), fms(a.dirP99), f2(a.ratio), f1(a.distinct), f0(a.errs+a.non2xx), f1(a.hwm))
+			case "mem":
+				over := "–"
+				if sys != "caddy-proxy" && base.n > 0 {
+					over = f1(a.hwm - base.hwm)
+				}
+				p("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", name, f0(a.rps), fms(a.p99), f0(a.reqs), f0(a.up), f0(a.upKeys),
+					f0(a.entries), f1(a.cacheMB), f1(a.rs), f1(a.hwm), over)
+			default:
+				up, mn, ratio := f0(a.up), f0(a.min), f2(a.ratio)
+				if sys == "caddy-respond" {
+					up, mn, ratio = "–", "–", "–"
+				}
+				p("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s / %s |\n", name, f0(a.rps), fms(a.p50), fms(a.p99), fms(a.max),
+					up, mn, ratio, f1(a.hwm), f0(a.errs), f0(a.non2xx))
+			}
+		}
+		p("\n")
+	}
+
+	p("## Notes\n\n")
+	p("- Peak RSS is VmHWM from `/proc/<pid>/status`, summed over the proxy's processes (NGINX master, workers, cache manager and loader; Varnish manager and child), so pages shared between processes count once per process.\n")
+	p("- wrk counts a non-2xx answer as an error (`non-2xx` column); `errors` are connect/read/write errors and timeouts.\n")
+	p("- Latency percentiles of wrk are those of its own histogram (`latency:percentile()` in `done()`); wrk measures from the moment it writes a request, so with all connections busy they are service times.\n")
+	p("- How to run and how to read each table: [`README.md`](README.md).\n")
+}
+
+// systemColor keeps a system's colour the same from plot to plot.
+var systemColor = map[string]string{
+	"caddy-respond":        "#8c8c8c",
+	"caddy-proxy":          "#1f77b4",
+	"caddy-coalesce":       "#2ca02c",
+	"caddy-coalesce-stale": "#98df8a",
+	"nginx":                "#ff7f0e",
+	"varnish":              "#9467bd",
+	"varnish-grace":        "#c5b0d5",
+}
+
+// plotCmd plots one bar per system (column 2, 3, ...) for each row of dat.
+func plotCmd(dat string, systems []string) string {
+	var parts []string
+	for i, sys := range systems {
+		src := "''"
+		if i == 0 {
+			src = fmt.Sprintf("%q", dat)
+		}
+		xtic := ""
+		if i == 0 {
+			xtic = ":xtic(1)"
+		}
+		c := systemColor[sys]
+		if c == "" {
+			c = "#444444"
+		}
+		parts = append(parts, fmt.Sprintf("%s using %d%s title %q lc rgb %q", src, i+2, xtic, sys, c))
+	}
+	return "plot " + strings.Join(parts, ", \\\n     ") + "\n"
+}
+
+// plot writes gnuplot data and script next to the PNG and runs gnuplot.
+func (r *report) plot(png string) error {
+	gp, err := exec.LookPath("gnuplot")
+	if err != nil {
+		return fmt.Errorf("gnuplot not installed (apt-get install -y gnuplot-nox)")
+	}
+	var systems []string
+	for _, s := range r.systems {
+		if s != "caddy-coalesce-mem" {
+			systems = append(systems, s)
+		}
+	}
+	if len(systems) == 0 {
+		return fmt.Errorf("nothing to plot")
+	}
+	dir := filepath.Dir(png)
+	base := strings.TrimSuffix(filepath.Base(png), ".png")
+	write := func(name string, wls []string, val func(a agg) float64) (string, error) {
+		path := filepath.Join(dir, base+"-"+name+".dat")
+		var b strings.Builder
+		b.WriteString("workload")
+		for _, s := range systems {
+			b.WriteString(" " + s)
+		}
+		b.WriteString("\n")
+		rows := 0
+		for _, wl := range wls {
+			if !slices.Contains(r.wls, wl) {
+				continue
+			}
+			rows++
+			fmt.Fprintf(&b, "%q", plotLabel[wl])
+			for _, s := range systems {
+				a, ok := r.get(wl, s)
+				v := nan()
+				if ok {
+					v = val(a)
+				}
+				if math.IsNaN(v) || v <= 0 {
+					b.WriteString(" ?")
+				} else {
+					fmt.Fprintf(&b, " %.3f", v)
+				}
+			}
+			b.WriteString("\n")
+		}
+		if rows == 0 {
+			return "", nil
+		}
+		return path, os.WriteFile(path, []byte(b.String()), 0o644)
+	}
+	rpsDat, err := write("rps", []string{"hot", "zipf", "miss", "miss0"}, func(a agg) float64 { return a.rps })
+	if err != nil {
+		return err
+	}
+	p99Dat, err := write("p99", []string{"hot", "zipf", "miss", "miss0", "herd"}, func(a agg) float64 { return a.p99 })
+	if err != nil {
+		return err
+	}
+	var s strings.Builder
+	panels := 0
+	if rpsDat != "" {
+		panels++
+	}
+	if p99Dat != "" {
+		panels++
+	}
+	fmt.Fprintf(&s, "set terminal pngcairo size 1400,%d font 'sans,11' noenhanced\n", 80+480*panels)
+	fmt.Fprintf(&s, "set output %q\n", filepath.Base(png))
+	fmt.Fprintf(&s, "set multiplot layout %d,1 title %q\n", panels,
+		fmt.Sprintf("caddy-coalesce benchmark, median of %s rounds, upstream latency %s ms (%s)", r.m("rounds"), r.m("latency_ms"), r.m("date")))
+	s.WriteString(`set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set boxwidth 0.9
+set grid ytics
+set key outside right top vertical
+set datafile missing "?"
+set yrange [0:*]
+set format y "%.0f"
+`)
+	if rpsDat != "" {
+		fmt.Fprintf(&s, "set title 'Throughput, req/s (higher is better)'\nset ylabel 'req/s'\n")
+		s.WriteString(plotCmd(filepath.Base(rpsDat), systems))
+	}
+	if p99Dat != "" {
+		fmt.Fprintf(&s, "set title 'p99 latency, ms, log scale (lower is better)'\nset ylabel 'p99 ms'\nset logscale y\nset yrange [*:*]\nset format y '%%g'\n")
+		s.WriteString(plotCmd(filepath.Base(p99Dat), systems))
+	}
+	s.WriteString("unset multiplot\n")
+	script := filepath.Join(dir, base+".gp")
+	if err := os.WriteFile(script, []byte(s.String()), 0o644); err != nil {
+		return err
+	}
+	cmd := exec.Command(gp, filepath.Base(script))
+	cmd.Dir = dir
+	outb, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("gnuplot: %v: %s", err, strings.TrimSpace(string(outb)))
+	}
+	return nil
+}

@@ -982,6 +982,66 @@ func TestStaleIfErrorServesTheLastGoodCopy(t *testing.T) {
 	}
 }
 
+func TestStaleIfErrorAnswersFollowersToo(t *testing.T) {
+	g := newGate(t)
+	var failing atomic.Bool
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		if failing.Load() {
+			g.wait(r)
+			http.Error(w, "down", http.StatusBadGateway)
+			return
+		}
+		io.WriteString(w, "good")
+	})
+	e := newEngine(t, func(c *Config) { c.TTL = 20 * time.Millisecond; c.StaleIfError = 10 * time.Second })
+	srv := newServer(t, e.Handler(o))
+	get(t, srv, "/x")
+	failing.Store(true)
+	time.Sleep(40 * time.Millisecond)
+	for i, r := range herd(t, e, o, g, 5, func(int) reply { return get(t, srv, "/x") }) {
+		if r.status != 200 || r.body != "good" || !strings.Contains(r.cacheStatus(), "stale-if-error") {
+			t.Errorf("client %d got %d %q (%q), want the last good copy", i, r.status, r.body, r.cacheStatus())
+		}
+	}
+	if n := o.calls.Load(); n != 2 {
+		t.Errorf("upstream calls = %d, want 2 (followers must not go upstream for a stale copy)", n)
+	}
+}
+
+// A background refresh that meets a failing upstream must not throw away
+// the copy stale_if_error will need.
+func TestFailedRefreshKeepsTheStaleIfErrorCopy(t *testing.T) {
+	var failing atomic.Bool
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		if failing.Load() {
+			http.Error(w, "down", http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "good")
+	})
+	const ttl, stale = 20 * time.Millisecond, 300 * time.Millisecond
+	e := newEngine(t, func(c *Config) {
+		c.TTL = ttl
+		c.Stale = stale
+		c.StaleIfError = 10 * time.Second
+	})
+	srv := newServer(t, e.Handler(o))
+	get(t, srv, "/x")
+	stored := time.Now() // the entry was stored a little earlier
+	failing.Store(true)
+	time.Sleep(2 * ttl)
+	// Within stale: served stale while one refresh runs, and fails.
+	if r := get(t, srv, "/x"); r.body != "good" || !strings.Contains(r.cacheStatus(), "stale-while-revalidate") {
+		t.Fatalf("within stale: %d %q (%q)", r.status, r.body, r.cacheStatus())
+	}
+	waitFor(t, "the refresh", func() bool { return o.calls.Load() == 2 && e.Stats().Registry.ActiveKeys == 0 })
+	time.Sleep(time.Until(stored.Add(ttl + stale + 20*time.Millisecond)))
+	r := get(t, srv, "/x")
+	if r.status != 200 || r.body != "good" || !strings.Contains(r.cacheStatus(), "stale-if-error") {
+		t.Errorf("after a failed refresh: %d %q (%q), want the last good copy", r.status, r.body, r.cacheStatus())
+	}
+}
+
 // ---- bypass and kill switch ----
 
 func TestBypassedRequestsGoStraightUpstream(t *testing.T) {

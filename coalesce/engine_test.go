@@ -504,6 +504,106 @@ func TestVaryMismatchFollowersGoAlone(t *testing.T) {
 	}
 }
 
+// ---- streams and large bodies ----
+
+func TestEventStreamReachesTheLeaderAtOnceAndFollowersGoAlone(t *testing.T) {
+	g := newGate(t)
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		fmt.Fprintf(w, "data: first of %d\n\n", n)
+		http.NewResponseController(w).Flush()
+		if n == 1 {
+			g.wait(r)
+		}
+		fmt.Fprintf(w, "data: last of %d\n\n", n)
+	})
+	e := newEngine(t, nil)
+	srv := newServer(t, e.Handler(o))
+
+	req, _ := http.NewRequest(http.MethodGet, srv.URL+"/events", nil)
+	resp, err := srv.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	// The first event arrives while the upstream is still holding.
+	line := receive(t, async(func() string {
+		l, _ := bufio.NewReader(resp.Body).ReadString('\n')
+		return l
+	}), "the first event")
+	if line != "data: first of 1\n" {
+		t.Fatalf("first line %q", line)
+	}
+	if cs := resp.Header.Get("Cache-Status"); !strings.Contains(cs, "detail=stream") {
+		t.Errorf("leader Cache-Status %q", cs)
+	}
+	// Requests arriving now do not queue behind the stream.
+	r := get(t, srv, "/events")
+	if r.body != "data: first of 2\n\ndata: last of 2\n\n" || !strings.Contains(r.cacheStatus(), "uncollapsible") {
+		t.Errorf("second client got %q (%q), want its own stream", r.body, r.cacheStatus())
+	}
+	g.open()
+}
+
+func TestBodyOverMaxBodyStreamsAndFollowersGoAlone(t *testing.T) {
+	g := newGate(t)
+	big := strings.Repeat("x", 4096)
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		if n == 1 {
+			g.wait(r)
+		}
+		fmt.Fprintf(w, "%d:%s", n, big)
+	})
+	e := newEngine(t, func(c *Config) { c.MaxBody = 1024; c.TTL = time.Second })
+	srv := newServer(t, e.Handler(o))
+	replies := herd(t, e, o, g, 4, func(int) reply { return get(t, srv, "/big") })
+	for i, r := range replies {
+		if r.status != 200 || !strings.HasSuffix(r.body, big) {
+			t.Errorf("client %d: %d, %d bytes", i, r.status, len(r.body))
+		}
+	}
+	if !strings.HasPrefix(replies[0].body, "1:") || !strings.Contains(replies[0].cacheStatus(), "too-large") {
+		t.Errorf("leader got %.4q (%q)", replies[0].body, replies[0].cacheStatus())
+	}
+	if n := o.calls.Load(); n != 4 {
+		t.Errorf("upstream calls = %d, want 4", n)
+	}
+	if s := e.Stats().Cache; s.Entries != 0 {
+		t.Errorf("a body over max_body was stored: %+v", s)
+	}
+}
+
+func TestFollowerLeavingDoesNotDisturbTheOthers(t *testing.T) {
+	g := newGate(t)
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		g.wait(r)
+		io.WriteString(w, "shared")
+	})
+	e := newEngine(t, nil)
+	leader, leaderRec := serveAsync(e, context.Background(), o.next)
+	waitFor(t, "the leader upstream", func() bool { return o.calls.Load() == 1 })
+	ctx, cancel := context.WithCancel(context.Background())
+	leaving, _ := serveAsync(e, ctx, o.next)
+	staying, stayingRec := serveAsync(e, context.Background(), o.next)
+	waitWaiters(t, e, 2)
+	cancel()
+	if err := receive(t, leaving, "the leaving follower"); !errors.Is(err, context.Canceled) {
+		t.Errorf("the leaving follower: %v, want context.Canceled", err)
+	}
+	g.open()
+	for name, c := range map[string]struct {
+		done <-chan error
+		rec  *httptest.ResponseRecorder
+	}{"leader": {leader, leaderRec}, "follower": {staying, stayingRec}} {
+		if err := receive(t, c.done, name); err != nil || c.rec.Body.String() != "shared" {
+			t.Errorf("%s: %v, %q", name, err, c.rec.Body.String())
+		}
+	}
+	if n := o.calls.Load(); n != 1 {
+		t.Errorf("upstream calls = %d, want 1", n)
+	}
+}
+
 // ---- conditional requests ----
 
 func TestConditionalRequestsCollapse(t *testing.T) {

@@ -49,6 +49,13 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		hit_for_miss    <duration>   # how long an unshareable key skips collapsing; default 5s
 //		max_flights     <n>          # keys in flight at once; default 100000
 //		zone            <name>       # name of the state (registry, cache) this handler uses
+//		breaker {                    # per-upstream circuit breaker; `breaker off` turns it off
+//			failures <n>             # consecutive failures that trip it; default 5
+//			ratio    <0..1> [min <n>] [window <duration>]  # or a failure ratio; default min 20, window 30s
+//			open     <duration>      # time open before half-open probes; default 10s
+//			probes   <n>             # requests that test a half-open upstream; default 1
+//			status   <code...>       # statuses that count as failures; default 502 503 504
+//		}
 //	}
 //
 // A bare `coalesce` uses the defaults.
@@ -155,6 +162,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 // unmarshalExtra parses the options that are not about collapsing itself.
 func (h *Handler) unmarshalExtra(d *caddyfile.Dispenser, opt string) error {
+	if opt == "breaker" {
+		return h.unmarshalBreaker(d)
+	}
 	return d.Errf("unrecognized coalesce option %q; see the README for the options", opt)
 }
 

@@ -90,6 +90,13 @@ type Handler struct {
 	// upstream without collapsing. Default: 100000.
 	MaxFlights int `json:"max_flights,omitempty"`
 
+	// The circuit breaker each upstream gets: after `failures` consecutive
+	// failures (transport errors, 502, 503, 504) the handler answers for
+	// the upstream for `open` (a stale copy within `stale_if_error`, else
+	// 503 with Retry-After) instead of calling it. Default: on, with the
+	// defaults of its fields; `{"off": true}` turns it off.
+	Breaker *BreakerOptions `json:"breaker,omitempty"`
+
 	// Names the state (registry and micro-cache) this handler uses. Handlers
 	// with the same zone and the same settings share state, and a reload
 	// that keeps both keeps the state. The Caddyfile gives each `coalesce`
@@ -141,6 +148,8 @@ func (h *Handler) config() coalesce.Config {
 	if h.MaxFlights != 0 {
 		c.MaxFlights = h.MaxFlights
 	}
+	c.Breaker = h.Breaker.config()
+	c.Breakers = breakers
 	return c
 }
 
@@ -186,7 +195,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Observe:  h.observe,
 		Upstream: upstreamOf,
 		Detach:   detach,
+
+		UpstreamFailed: upstreamFailed,
 	})
+	breakerLogger.Store(h.logger)
 	return nil
 }
 

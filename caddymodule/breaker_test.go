@@ -1,0 +1,165 @@
+package caddymodule
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/edge-coalesce/caddy-coalesce/coalesce"
+)
+
+func parseCoalesce(t *testing.T, input string) (*Handler, error) {
+	t.Helper()
+	h := new(Handler)
+	err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input))
+	return h, err
+}
+
+func TestCaddyfileBreakerBlock(t *testing.T) {
+	h, err := parseCoalesce(t, `coalesce {
+		breaker {
+			failures 3
+			open 30s
+			probes 2
+			status 500 502
+		}
+	}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := h.Breaker.config()
+	want := coalesce.DefaultBreakerConfig()
+	want.Failures, want.Open, want.Probes, want.Statuses = 3, 30*time.Second, 2, []int{500, 502}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got %+v\nwant %+v", got, want)
+	}
+
+	h, err = parseCoalesce(t, `coalesce {
+		breaker {
+			ratio 0.5 min 40 window 1m
+		}
+	}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got = h.Breaker.config()
+	if got.Ratio != 0.5 || got.MinRequests != 40 || got.Window != time.Minute || got.Failures != 0 {
+		t.Errorf("ratio alone: %+v (consecutive failures should not trip it too)", got)
+	}
+
+	h, err = parseCoalesce(t, `coalesce {
+		breaker {
+			ratio 0.25
+			failures 10
+		}
+	}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got = h.Breaker.config(); got.Ratio != 0.25 || got.Failures != 10 || got.MinRequests != 20 || got.Window != 30*time.Second {
+		t.Errorf("ratio and failures: %+v", got)
+	}
+
+	h, err = parseCoalesce(t, "coalesce {\n\tbreaker off\n}")
+	if err != nil || !h.Breaker.config().Disabled {
+		t.Errorf("breaker off: %v %+v", err, h.Breaker)
+	}
+	if h, err := parseCoalesce(t, "coalesce"); err != nil || h.Breaker.config().Disabled || h.Breaker.config().Failures != 5 {
+		t.Errorf("a bare coalesce should have the default breaker: %v", err)
+	}
+}
+
+func TestCaddyfileBreakerErrorsSayWhatIsWrong(t *testing.T) {
+	for input, want := range map[string]string{
+		"breaker {\n ratio 1.5\n}":              "not a fraction",
+		"breaker {\n ratio 0\n}":                "not a fraction",
+		"breaker {\n ratio 0.5 min 0\n}":        "positive whole number",
+		"breaker {\n ratio 0.5 every 3\n}":      "unexpected",
+		"breaker {\n ratio 0.5 window -1s\n}":   "not a positive duration",
+		"breaker {\n open -1s\n}":               "must not be negative",
+		"breaker {\n open 0s\n}":                "positive duration",
+		"breaker {\n probes 0\n}":               "positive whole number",
+		"breaker {\n failures -2\n}":            "positive whole number",
+		"breaker {\n status 502 700\n}":         `"700" is not an HTTP status code`,
+		"breaker {\n status teapot\n}":          "not an HTTP status code",
+		"breaker {\n status\n}":                 "at least one",
+		"breaker {\n trip 3\n}":                 `unrecognized breaker option "trip"`,
+		"breaker on":                            "takes a block, or `off`",
+		"breaker off {\n failures 3\n}":         "takes no block",
+		"breaker off\nbreaker {\nfailures 2\n}": "already configured",
+	} {
+		_, err := parseCoalesce(t, "coalesce {\n"+input+"\n}")
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: got %v, want an error saying %q", input, err, want)
+		}
+	}
+}
+
+func TestJSONBreakerNonsenseFailsValidation(t *testing.T) {
+	for raw, want := range map[string]string{
+		`{"breaker":{"ratio":2}}`:               "between 0 and 1",
+		`{"breaker":{"open":-1000000000}}`:      "open must not be negative",
+		`{"breaker":{"probes":-1}}`:             "probes",
+		`{"breaker":{"status":[42]}}`:           "status 42",
+		`{"breaker":{"ratio":0.5,"min":-3}}`:    "minimum sample",
+		`{"breaker":{"window":-1,"ratio":0.5}}`: "window must not be negative",
+	} {
+		var h Handler
+		if err := json.Unmarshal([]byte(raw), &h); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.Validate(); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: got %v, want %q", raw, err, want)
+		}
+	}
+}
+
+func TestUpstreamFailedCountsTransportErrorsNotClientsThatLeft(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{caddyhttp.Error(http.StatusBadGateway, errors.New("dial tcp 127.0.0.1:1: connect: connection refused")), true},
+		{caddyhttp.Error(http.StatusGatewayTimeout, errors.New("i/o timeout")), true},
+		{caddyhttp.Error(499, context.Canceled), false},
+		{caddyhttp.Error(499, errors.New("operation was canceled")), false},
+		{caddyhttp.Error(http.StatusNotFound, errors.New("no such file")), false},
+		{fmt.Errorf("wrapped: %w", caddyhttp.Error(http.StatusBadGateway, errors.New("EOF"))), true},
+		{context.Canceled, false},
+		{errors.New("something broke"), true},
+	} {
+		if got := upstreamFailed(tc.err); got != tc.want {
+			t.Errorf("upstreamFailed(%v) = %v, want %v", tc.err, got, tc.want)
+		}
+	}
+}
+
+func TestLBPolicyBreakerParsesTheInnerPolicy(t *testing.T) {
+	var s BreakerSelection
+	if err := s.UnmarshalCaddyfile(caddyfile.NewTestDispenser("breaker")); err != nil || s.InnerRaw != nil {
+		t.Fatalf("bare breaker: %v %s", err, s.InnerRaw)
+	}
+	s = BreakerSelection{}
+	if err := s.UnmarshalCaddyfile(caddyfile.NewTestDispenser("breaker header X-Upstream")); err != nil {
+		t.Fatal(err)
+	}
+	if got := string(s.InnerRaw); !strings.Contains(got, `"policy":"header"`) || !strings.Contains(got, `"field":"X-Upstream"`) {
+		t.Errorf("inner policy JSON %s", got)
+	}
+	s = BreakerSelection{}
+	if err := s.UnmarshalCaddyfile(caddyfile.NewTestDispenser("breaker breaker")); err == nil {
+		t.Error("breaker inside breaker accepted")
+	}
+	if err := s.UnmarshalCaddyfile(caddyfile.NewTestDispenser("breaker no_such_policy")); err == nil {
+		t.Error("an unknown inner policy accepted")
+	}
+}

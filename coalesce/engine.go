@@ -92,6 +92,9 @@ type result struct {
 type Engine struct {
 	*core
 	hooks Hooks
+	// seen: the upstreams this engine's requests went to, to guard the next
+	// ones (see passage.go); per hooks, like what Hooks.Upstream reports.
+	seen *seenUpstreams
 }
 
 type core struct {
@@ -112,7 +115,7 @@ func New(cfg Config) (*Engine, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Engine{hooks: cfg.Hooks, core: &core{
+	return &Engine{hooks: cfg.Hooks, seen: new(seenUpstreams), core: &core{
 		cfg:    cfg,
 		keys:   newKeyDeriver(cfg.IdentityHeaders, cfg.Public, cfg.KeyHeaders),
 		reg:    registry.New[*result](registry.Options{MaxFlights: cfg.MaxFlights}),
@@ -123,10 +126,13 @@ func New(cfg Config) (*Engine, error) {
 	}}, nil
 }
 
-// WithHooks returns an engine that shares e's registry, cache and
-// configuration but reports to other hooks. A server that keeps engines
-// across configuration reloads gives each configuration's handler its own.
-func (e *Engine) WithHooks(h Hooks) *Engine { return &Engine{core: e.core, hooks: h} }
+// WithHooks returns an engine that shares e's registry, cache, breakers and
+// configuration but reports to other hooks and learns its upstreams anew. A
+// server that keeps engines across configuration reloads gives each
+// configuration's handler its own.
+func (e *Engine) WithHooks(h Hooks) *Engine {
+	return &Engine{core: e.core, hooks: h, seen: new(seenUpstreams)}
+}
 
 // Close waits for background refreshes to end (each is bounded by its own
 // timeout) and stops new ones.

@@ -19,8 +19,9 @@ import (
 // guards it.
 //
 // The upstream that answers a request is known only afterwards
-// (Hooks.Upstream), so the engine remembers the upstreams its requests went
-// to (seenUpstreams) and guards the next request with them:
+// (Hooks.Upstream), so each engine (each WithHooks: in Caddy, each handler
+// of each config load) remembers the upstreams its requests went to
+// (seenUpstreams) and guards the next request with them:
 //
 //   - One upstream seen (a route with one upstream, the common case): its
 //     breaker must let the request through before next is called. While it
@@ -35,17 +36,20 @@ import (
 //     whose breakers let the request through and takes the probe slots, and
 //     the engine only reports the outcome to the breaker the policy chose.
 //     Once a policy has been seen, the engine stops guessing for a while
-//     (steerForget), so that probe slots are never taken twice.
+//     (steerForget), so that probe slots are never taken twice. The policy
+//     needs no learning: it is exact from the first request.
 //   - Nothing seen yet (the first requests of an engine): requests go on,
 //     and teach it.
 //
-// An upstream that has answered none of the engine's requests for
-// forgetUpstream, while another one did, is forgotten, so that a route
-// whose upstream changed (a reload that keeps the engine) is not held back
-// by the old one's breaker. An engine rebuilt by a reload that changed its
-// settings starts knowing nothing: its first requests go upstream even when
-// the breaker (which the reload keeps) is open, and the first answer teaches
-// it.
+// What an engine learned is never inherited, not even by the next config
+// load's handler in front of the same route: the reload may be the very
+// edit that moved the route off a dead upstream, and an inherited guess
+// would answer 503 for the new upstream until the old one's breaker
+// half-opened. The cost: after a reload, the requests that arrive before
+// the first answer go upstream even if its breaker (which the reload keeps)
+// is open; the first answer teaches the engine. `lb_policy breaker` avoids
+// even that. An upstream that has answered none of the engine's requests
+// for forgetUpstream, while another one did, is forgotten.
 const (
 	maxSeen        = 16
 	forgetUpstream = time.Minute
@@ -63,11 +67,9 @@ const statusClientClosed = 499
 // guard is the breaker side of an engine, shared by engines made with
 // WithHooks.
 type guard struct {
-	cfg       BreakerConfig
-	set       *Breakers
-	settings  string
-	seen      seenUpstreams
-	steeredAt atomic.Int64 // unix ns of the last request a policy steered
+	cfg      BreakerConfig
+	set      *Breakers
+	settings string
 }
 
 func newGuard(cfg Config) *guard {
@@ -86,9 +88,10 @@ func (g *guard) breaker(upstream string) *Breaker { return g.set.get(upstream, g
 // seenUpstreams is a small copy-on-write list: read on every upstream
 // request, written when an upstream is seen for the first time.
 type seenUpstreams struct {
-	mu     sync.Mutex
-	list   atomic.Pointer[[]*seenUpstream]
-	pruned atomic.Int64 // unix ns
+	mu        sync.Mutex
+	list      atomic.Pointer[[]*seenUpstream]
+	pruned    atomic.Int64 // unix ns
+	steeredAt atomic.Int64 // unix ns of the last request a policy steered
 }
 
 type seenUpstream struct {
@@ -168,10 +171,10 @@ func (e *Engine) admit(r *http.Request) (*http.Request, *passage, time.Time) {
 	}
 	now := time.Now()
 	p := &passage{e: e, pick: &Pick{set: g.set, cfg: g.cfg, settings: g.settings}}
-	if now.UnixNano()-g.steeredAt.Load() > int64(steerForget) {
+	if now.UnixNano()-e.seen.steeredAt.Load() > int64(steerForget) {
 		if e.hooks.Upstream == nil {
 			p.pre = g.breaker(defaultUpstream)
-		} else if seen := g.seen.load(); len(seen) == 1 {
+		} else if seen := e.seen.load(); len(seen) == 1 {
 			p.pre = seen[0].b
 		} else if len(seen) > 1 {
 			var first time.Time
@@ -213,12 +216,12 @@ func (p *passage) settle(r *http.Request, err error, status int) time.Time {
 	now := time.Now()
 	if pk := p.pick; pk.used {
 		// The policy decided; what the engine let through is not counted.
-		g.steeredAt.Store(now.UnixNano())
+		e.seen.steeredAt.Store(now.UnixNano())
 		p.preDone.report(excluded)
 		if pk.done != nil {
 			pk.done.report(v)
 			pk.done = nil
-			g.seen.saw(pk.chosen, now)
+			e.seen.saw(pk.chosen, now)
 		}
 		if err != nil && !pk.none.IsZero() {
 			return pk.none
@@ -235,7 +238,7 @@ func (p *passage) settle(r *http.Request, err error, status int) time.Time {
 		return time.Time{}
 	}
 	b := g.breaker(up)
-	g.seen.saw(b, now)
+	e.seen.saw(b, now)
 	if b == p.pre {
 		p.preDone.report(v)
 		return time.Time{}

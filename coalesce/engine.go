@@ -343,7 +343,9 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 		func(reason string) string {
 			return fmt.Sprintf("%s; fwd=uri-miss; detail=%s", CacheName, reason)
 		})
+	defer rec.finish() // also when next panics: no late flush after the handler
 	err = next(rec, ur)
+	rec.finish()
 	ev := Event{Outcome: OutcomeLeader, Key: key, Upstream: true, Waiters: f.Waiters(), Flight: time.Since(f.Started())}
 
 	if rec.streaming {
@@ -506,7 +508,9 @@ func (e *Engine) refresh(r *http.Request, key Key, next Next) {
 			}
 		}()
 		rec := newRecorder(discard{}, e.cfg.MaxBody, func(string) {}, func(string) string { return "" })
+		defer rec.finish()
 		err := next(rec, ur)
+		rec.finish()
 		pass.settle(ur, err, rec.status)
 		if err != nil || rec.streaming || !rec.complete() || rec.status >= 500 {
 			// A failed refresh leaves the stored copy alone: stale_if_error

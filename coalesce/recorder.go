@@ -4,13 +4,16 @@ import (
 	"bytes"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 )
 
 // streamAfter is how long an unknown-length response may keep arriving in
 // pieces before a flush turns it into a stream. A body that arrives at once
 // (chunked JSON, a compressed upstream) is shared; one that trickles (a long
-// poll writing events) reaches its client without waiting for the end.
+// poll writing events) reaches its client without waiting for the end: what
+// the upstream flushed goes out at the latest streamAfter after the header,
+// even if the upstream then stays quiet for a long time.
 const streamAfter = 100 * time.Millisecond
 
 // recorder is the leader's ResponseWriter. It buffers a response for sharing
@@ -18,7 +21,15 @@ const streamAfter = 100 * time.Millisecond
 // it turns into a pass-through to the leader's client ("streaming") and
 // calls onStream once, before the first byte goes out, so that followers
 // can stop waiting.
+//
+// mu serialises the handler's calls with the late flush, a timer that may
+// turn the recorder into a stream while the handler waits for the upstream.
+// The caller reads the recorder's fields only after finish.
 type recorder struct {
+	mu        sync.Mutex
+	lateFlush *time.Timer
+	finished  bool
+
 	w       http.ResponseWriter
 	header  http.Header
 	maxBody int64
@@ -40,6 +51,8 @@ func newRecorder(w http.ResponseWriter, maxBody int64, onStream func(string), ca
 }
 
 func (rec *recorder) Header() http.Header {
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
 	if rec.streaming {
 		return rec.w.Header()
 	}
@@ -47,6 +60,12 @@ func (rec *recorder) Header() http.Header {
 }
 
 func (rec *recorder) WriteHeader(status int) {
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	rec.writeHeader(status)
+}
+
+func (rec *recorder) writeHeader(status int) {
 	if rec.wroteHeader {
 		return
 	}
@@ -71,8 +90,10 @@ func (rec *recorder) WriteHeader(status int) {
 }
 
 func (rec *recorder) Write(p []byte) (int, error) {
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
 	if !rec.wroteHeader {
-		rec.WriteHeader(http.StatusOK)
+		rec.writeHeader(http.StatusOK)
 	}
 	if rec.streaming {
 		return rec.w.Write(p)
@@ -84,15 +105,46 @@ func (rec *recorder) Write(p []byte) (int, error) {
 	return rec.buf.Write(p)
 }
 
-// Flush forwards flushes while streaming. While buffering it is ignored,
-// except that an unknown-length response still arriving after streamAfter
-// becomes a stream.
+// Flush forwards flushes while streaming. While buffering it is held back,
+// except that an unknown-length response not finished streamAfter after its
+// header becomes a stream: at once if that time has passed, else when it
+// passes (the late flush), so that a first event is not held back until
+// the upstream writes the next one.
 func (rec *recorder) Flush() {
-	if !rec.streaming && rec.wroteHeader && !rec.knownLength && time.Since(rec.headerAt) >= streamAfter {
-		rec.stream("stream")
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if !rec.streaming && rec.wroteHeader && !rec.knownLength {
+		if wait := streamAfter - time.Since(rec.headerAt); wait <= 0 {
+			rec.stream("stream")
+		} else if rec.lateFlush == nil && !rec.finished {
+			rec.lateFlush = time.AfterFunc(wait, rec.flushLate)
+		}
 	}
 	if rec.streaming {
 		_ = http.NewResponseController(rec.w).Flush()
+	}
+}
+
+// flushLate runs on the timer Flush set: the response is still arriving, so
+// it is a stream and what was flushed goes to the client now.
+func (rec *recorder) flushLate() {
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if rec.finished || rec.streaming {
+		return
+	}
+	rec.stream("stream")
+	_ = http.NewResponseController(rec.w).Flush()
+}
+
+// finish is called when the handler has returned: no late flush may touch
+// the client's writer after it. Calling it again is harmless.
+func (rec *recorder) finish() {
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	rec.finished = true
+	if rec.lateFlush != nil {
+		rec.lateFlush.Stop()
 	}
 }
 

@@ -191,17 +191,64 @@ func TestRecorderTricklingResponseBecomesAStream(t *testing.T) {
 	rec, reasons := newTestRecorder(c, 1<<20)
 	rec.Write([]byte("first "))
 	rec.Flush()
-	if rec.streaming {
+	rec.mu.Lock() // the late flush may run from now on
+	early := rec.streaming
+	rec.mu.Unlock()
+	if early {
 		t.Fatal("streaming on the first quick flush")
 	}
 	time.Sleep(streamAfter + 10*time.Millisecond)
 	rec.Write([]byte("second"))
 	rec.Flush()
+	rec.finish()
 	if !rec.streaming || strings.Join(*reasons, ",") != "stream" {
 		t.Fatalf("still buffering after %v of flushes", streamAfter)
 	}
-	if c.body.String() != "first second" || c.flushes != 1 {
-		t.Errorf("client got %q with %d flushes", c.body.String(), c.flushes)
+	if c.body.String() != "first second" {
+		t.Errorf("client got %q", c.body.String())
+	}
+}
+
+// What the upstream flushed reaches the client within streamAfter even when
+// the upstream then goes quiet (a long poll that sent one event and waits
+// for the next): it is not held until the next write.
+func TestRecorderFlushedDataIsNotHeldBackByAQuietUpstream(t *testing.T) {
+	c := newClientWriter()
+	rec, reasons := newTestRecorder(c, 1<<20)
+	rec.Write([]byte("data: 1\n\n"))
+	rec.Flush()
+	deadline := time.Now().Add(bound)
+	for {
+		rec.mu.Lock()
+		got, flushes := c.body.String(), c.flushes
+		rec.mu.Unlock()
+		if got == "data: 1\n\n" && flushes == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s the client has %q with %d flushes", bound, got, flushes)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	rec.finish()
+	if strings.Join(*reasons, ",") != "stream" {
+		t.Errorf("reasons %q", *reasons)
+	}
+}
+
+// A body of unknown length that is complete before streamAfter stays
+// buffered, and the late flush does nothing once the handler is done.
+func TestRecorderQuickChunkedBodyStaysBufferedAfterFinish(t *testing.T) {
+	c := newClientWriter()
+	rec, reasons := newTestRecorder(c, 1<<20)
+	rec.Write([]byte(`{"a":1}`))
+	rec.Flush()
+	rec.finish()
+	time.Sleep(streamAfter + 20*time.Millisecond)
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if rec.streaming || c.flushes != 0 || c.body.Len() != 0 || len(*reasons) != 0 {
+		t.Errorf("a finished recorder streamed: streaming=%v flushes=%d body=%q", rec.streaming, c.flushes, c.body.String())
 	}
 }
 

@@ -1,0 +1,138 @@
+package tests
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Edges of the request path that a user meets in production: streams that
+// announce themselves only by trickling, upstreams that break mid-body or
+// fail, leaders that take too long.
+
+func TestTricklingStreamWithoutLengthIsNotHeldBack(t *testing.T) {
+	// A long poll / NDJSON feed with an ordinary content type: no length,
+	// the first line flushed at once, the next one much later.
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = fmt.Fprint(w, `{"event":1}`+"\n")
+		_ = http.NewResponseController(w).Flush()
+		select {
+		case <-time.After(2 * time.Second):
+		case <-r.Context().Done():
+			return
+		}
+		_, _ = fmt.Fprint(w, `{"event":2}`+"\n")
+	})
+	startCaddy(t, site("ttl 500ms"), up)
+	client := newClient(t)
+	warm(t, client, 3)
+
+	got := together(3, func(int) fetched {
+		start := time.Now()
+		resp, err := client.Get(baseURL + pathFor(t, ""))
+		if err != nil {
+			return fetched{err: err}
+		}
+		defer resp.Body.Close()
+		line, err := bufio.NewReader(resp.Body).ReadString('\n')
+		return fetched{status: resp.StatusCode, body: line, err: err, took: time.Since(start)}
+	})
+	for i, f := range got {
+		if f.err != nil || f.body != `{"event":1}`+"\n" {
+			t.Errorf("client %d: first line %q, err %v", i, f.body, f.err)
+			continue
+		}
+		if f.took > time.Second {
+			t.Errorf("client %d: the first line, flushed at once by the upstream, arrived after %s (the second comes at 2s)", i, f.took.Round(time.Millisecond))
+		}
+	}
+}
+
+func TestUpstreamBreakingMidBodyNeverHandsOutATruncatedBody(t *testing.T) {
+	// The upstream promises 1000 bytes, sends 500 and hangs up.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_, _ = bufio.NewReader(c).ReadString('\n')
+				time.Sleep(200 * time.Millisecond)
+				_, _ = fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n%s", strings.Repeat("x", 500))
+			}()
+		}
+	}()
+	startCaddy(t, site("ttl 1s"), &upstream{addr: ln.Addr().String()})
+	client := newClient(t)
+	warm(t, client, 10)
+	url := baseURL + pathFor(t, "")
+
+	got := herd(client, 10, "GET", url)
+	for i, f := range got {
+		if f.err == nil && f.status == 200 && len(f.body) != 1000 {
+			t.Errorf("client %d: 200 with %d of the 1000 bytes promised, and no error", i, len(f.body))
+		}
+	}
+	// Nothing broken was stored.
+	if f := get(client, "GET", url); f.err == nil && f.status == 200 && len(f.body) != 1000 {
+		t.Errorf("GET after the herd: 200 with %d bytes (Cache-Status %q)", len(f.body), f.cacheStatus())
+	}
+}
+
+func TestUpstreamErrorIsSharedWithTheHerdButNotStored(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(300 * time.Millisecond)
+		http.Error(w, "upstream is unwell", http.StatusInternalServerError)
+	})
+	startCaddy(t, site("ttl 1s"), up)
+	client := newClient(t)
+	warm(t, client, 20)
+	url := baseURL + pathFor(t, "")
+
+	got := herd(client, 20, "GET", url)
+	expectAll(t, got, http.StatusInternalServerError, "upstream is unwell\n")
+	if n := up.Calls(); n != 1 {
+		t.Errorf("upstream calls: %d, want 1", n)
+	}
+	if f := get(client, "GET", url); up.Calls() != 2 || strings.Contains(f.cacheStatus(), "hit") {
+		t.Errorf("a 500 was reused: upstream calls %d, Cache-Status %q", up.Calls(), f.cacheStatus())
+	}
+}
+
+func TestFollowersGiveUpAfterMaxWaitWith504(t *testing.T) {
+	up := newUpstream(t, slow(1500*time.Millisecond, "slow answer"))
+	startCaddy(t, site("ttl 500ms\n\t\tmax_wait 200ms"), up)
+	client := newClient(t)
+	warm(t, client, 6)
+	url := baseURL + pathFor(t, "")
+
+	leader := make(chan fetched, 1)
+	go func() { leader <- get(client, "GET", url) }()
+	if !waitFor(2*time.Second, func() bool { return up.Calls() == 1 }) {
+		t.Fatal("the leader never reached the upstream")
+	}
+	followers := herd(client, 5, "GET", url)
+	for i, f := range followers {
+		if f.status != http.StatusGatewayTimeout {
+			t.Errorf("follower %d: %d %q, want 504", i, f.status, f.body)
+		}
+		if f.took > time.Second {
+			t.Errorf("follower %d waited %s with max_wait 200ms", i, f.took)
+		}
+	}
+	if f := <-leader; f.status != 200 || f.body != "slow answer" {
+		t.Errorf("leader: %d %q", f.status, f.body)
+	}
+}

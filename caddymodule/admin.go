@@ -253,19 +253,62 @@ func writeJSON(w http.ResponseWriter, v any) error {
 	return json.NewEncoder(w).Encode(v)
 }
 
+// breakerSummary counts the breakers in each state, for /coalesce/stats.
+type breakerSummary struct {
+	Closed   int `json:"closed"`
+	HalfOpen int `json:"half_open"`
+	Open     int `json:"open"`
+}
+
+func summarizeBreakers() *breakerSummary {
+	var s breakerSummary
+	for _, b := range breakers.Snapshot() {
+		switch b.State {
+		case coalesce.BreakerOpen:
+			s.Open++
+		case coalesce.BreakerHalfOpen:
+			s.HalfOpen++
+		default:
+			s.Closed++
+		}
+	}
+	return &s
+}
+
+// breakerView is one breaker in /coalesce/breakers.
+type breakerView struct {
+	coalesce.BreakerStatus
+	// HalfOpenIn is how long an open breaker still refuses requests before
+	// it lets probes through.
+	HalfOpenInNS int64  `json:"half_open_in_ns,omitempty"`
+	HalfOpenIn   string `json:"half_open_in,omitempty"`
+}
+
+type breakersResponse struct {
+	Breakers []breakerView `json:"breakers"`
+}
+
+// handleBreakers lists every upstream's breaker (one per upstream and
+// breaker settings), ordered by upstream.
+func (a *adminAPI) handleBreakers(w http.ResponseWriter, r *http.Request) error {
+	if err := allowMethods(w, r, http.MethodGet); err != nil {
+		return err
+	}
+	now := time.Now()
+	resp := breakersResponse{Breakers: []breakerView{}}
+	for _, b := range breakers.Snapshot() {
+		v := breakerView{BreakerStatus: b}
+		if b.OpenUntil != nil {
+			left := max(b.OpenUntil.Sub(now), 0)
+			v.HalfOpenInNS, v.HalfOpenIn = int64(left), left.Round(time.Millisecond).String()
+		}
+		resp.Breakers = append(resp.Breakers, v)
+	}
+	return writeJSON(w, resp)
+}
+
 // Interface guards
 var (
 	_ caddy.AdminRouter = (*adminAPI)(nil)
 	_ caddy.Provisioner = (*adminAPI)(nil)
 )
-
-type breakerSummary struct{}
-
-func summarizeBreakers() *breakerSummary { return nil }
-
-func (a *adminAPI) handleBreakers(w http.ResponseWriter, r *http.Request) error {
-	if err := allowMethods(w, r, http.MethodGet); err != nil {
-		return err
-	}
-	return writeJSON(w, map[string]any{"breakers": []any{}})
-}

@@ -20,7 +20,10 @@ import (
 // keyed by upstream address and breaker settings: two routes to one host
 // share its state, and a config reload keeps it. The lb_policy `breaker`
 // reads the same set.
-var breakers = coalesce.NewBreakers(logBreakerChange)
+var breakers = coalesce.NewBreakers(func(c coalesce.BreakerChange) {
+	countBreakerChange(c)
+	logBreakerChange(c)
+})
 
 // breakerLogger is the logger of the handler provisioned last. A breaker's
 // state belongs to the process, not to a config, so its changes are logged

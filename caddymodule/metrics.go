@@ -42,7 +42,10 @@ var metrics = struct {
 	abandoned  *prometheus.CounterVec
 	waitTime   *prometheus.HistogramVec
 	flightTime *prometheus.HistogramVec
-	state      *stateCollector
+	// breakerTransitions is per upstream; addresses come from the
+	// configuration (dynamic upstreams add theirs as they appear).
+	breakerTransitions *prometheus.CounterVec
+	state              *stateCollector
 }{}
 
 func initMetrics() {
@@ -69,6 +72,10 @@ func initMetrics() {
 			Help:    "How long flights ran, from the leader's arrival until the upstream answered or failed.",
 			Buckets: durationBuckets,
 		}, []string{"handler"})
+		metrics.breakerTransitions = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "breaker_transitions_total",
+			Help: "State changes of the upstreams' circuit breakers (closed, open, half-open).",
+		}, []string{"upstream", "from", "to"})
 		metrics.state = newStateCollector()
 	})
 }
@@ -82,7 +89,7 @@ func registerMetrics(ctx caddy.Context) error {
 	}
 	for _, c := range []prometheus.Collector{
 		metrics.requests, metrics.upstream, metrics.abandoned,
-		metrics.waitTime, metrics.flightTime, metrics.state,
+		metrics.waitTime, metrics.flightTime, metrics.breakerTransitions, metrics.state,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
@@ -143,12 +150,32 @@ func (m *zoneMetrics) observe(ev coalesce.Event) {
 // left.
 const detailAbandoned = "abandoned"
 
+// countBreakerChange counts one state change of a breaker. Like
+// logBreakerChange it runs under that breaker's lock.
+func countBreakerChange(c coalesce.BreakerChange) {
+	initMetrics()
+	metrics.breakerTransitions.WithLabelValues(c.Upstream, string(c.From), string(c.To)).Inc()
+}
+
+// breakerStateValue is the value of caddy_coalesce_breaker_state.
+func breakerStateValue(s coalesce.BreakerState) float64 {
+	switch s {
+	case coalesce.BreakerOpen:
+		return 2
+	case coalesce.BreakerHalfOpen:
+		return 1
+	default:
+		return 0
+	}
+}
+
 // stateCollector reports what the listed engines hold now: flights, waiting
-// followers, micro-cache size and budget, evictions, and the kill switch. It
+// followers, micro-cache size and budget, evictions, the kill switch, and the
+// state of every upstream's breaker. It
 // reads them at scrape time, so the values are right after any number of
 // reloads without anyone keeping gauges up to date.
 type stateCollector struct {
-	flights, waiters, entries, bytes, maxEntries, maxBytes, evictions, bypass *prometheus.Desc
+	flights, waiters, entries, bytes, maxEntries, maxBytes, evictions, bypass, breaker *prometheus.Desc
 }
 
 func newStateCollector() *stateCollector {
@@ -164,11 +191,12 @@ func newStateCollector() *stateCollector {
 		maxBytes:   desc("cache_max_bytes", "The micro-cache's byte budget (max_memory).", "handler"),
 		evictions:  desc("cache_evictions_total", "Entries pushed out of the micro-cache to stay within its budgets.", "handler"),
 		bypass:     desc("bypass_enabled", "1 while the kill switch (POST /coalesce/bypass) makes every coalesce handler pass requests straight through, else 0."),
+		breaker:    desc("breaker_state", "State of the upstream's circuit breaker: 0 closed, 1 half-open, 2 open (the worst, if handlers use different breaker settings for it).", "upstream"),
 	}
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.flights, c.waiters, c.entries, c.bytes, c.maxEntries, c.maxBytes, c.evictions, c.bypass} {
+	for _, d := range []*prometheus.Desc{c.flights, c.waiters, c.entries, c.bytes, c.maxEntries, c.maxBytes, c.evictions, c.bypass, c.breaker} {
 		ch <- d
 	}
 }
@@ -194,6 +222,20 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		on = 1
 	}
 	gauge(c.bypass, on)
+
+	// Snapshot is ordered by upstream: one series per upstream, its worst state.
+	var last string
+	worst := -1.0
+	for _, b := range breakers.Snapshot() {
+		if b.Upstream != last && worst >= 0 {
+			gauge(c.breaker, worst, last)
+			worst = -1
+		}
+		last, worst = b.Upstream, max(worst, breakerStateValue(b.State))
+	}
+	if worst >= 0 {
+		gauge(c.breaker, worst, last)
+	}
 }
 
 // Interface guards

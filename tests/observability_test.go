@@ -512,6 +512,80 @@ func TestMetricsKeepCountingAcrossReloads(t *testing.T) {
 	}
 }
 
+func TestMetricsAndAdminShowABreakerTrip(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	})
+	startCaddy(t, site("ttl 0\n\t\tzone obs-breaker\n\t\tbreaker {\n\t\t\tfailures 3\n\t\t\topen 5s\n\t\t}"), up)
+	client := newClient(t)
+	url := baseURL + pathFor(t, "")
+	zone := []string{"handler", "obs-breaker"}
+	upstream := []string{"upstream", up.addr}
+
+	before := scrapeMetrics(t, client)
+	for i := range 3 {
+		if f := get(client, "GET", url); f.status != http.StatusServiceUnavailable {
+			t.Fatalf("failing request %d: %d, want the upstream's 503", i, f.status)
+		}
+	}
+	refused := get(client, "GET", url)
+	if refused.status != http.StatusServiceUnavailable || refused.header.Get("Retry-After") == "" {
+		t.Fatalf("after 3 failures: %d, Retry-After %q; want 503 from the open breaker", refused.status, refused.header.Get("Retry-After"))
+	}
+	if n := up.Calls(); n != 3 {
+		t.Errorf("upstream calls: %d, want 3 (the open breaker answers the 4th)", n)
+	}
+	after := scrapeMetrics(t, client)
+	if v := after.get(t, "caddy_coalesce_breaker_state", upstream...); v != 2 {
+		t.Errorf("caddy_coalesce_breaker_state{upstream=%q} = %v, want 2 (open)", up.addr, v)
+	}
+	expectDelta(t, before, after, 1, "caddy_coalesce_breaker_transitions_total", append(upstream, "from", "closed", "to", "open")...)
+	expectDelta(t, before, after, 1, "caddy_coalesce_requests_total", append(zone, "outcome", "breaker_open")...)
+	expectDelta(t, before, after, 3, "caddy_coalesce_requests_total", append(zone, "outcome", "leader")...)
+	expectDelta(t, before, after, 3, "caddy_coalesce_upstream_requests_total", zone...)
+
+	var breakers struct {
+		Breakers []struct {
+			Upstream string `json:"upstream"`
+			State    string `json:"state"`
+			Counts   struct {
+				Requests            uint32 `json:"requests"`
+				ConsecutiveFailures uint32 `json:"consecutive_failures"`
+			} `json:"counts"`
+			OpenUntil    *time.Time `json:"open_until"`
+			HalfOpenInNS int64      `json:"half_open_in_ns"`
+			HalfOpenIn   string     `json:"half_open_in"`
+			Settings     string     `json:"settings"`
+		} `json:"breakers"`
+	}
+	if st := adminJSON(t, client, "GET", "/coalesce/breakers", "", &breakers); st != http.StatusOK {
+		t.Fatalf("GET /coalesce/breakers: %d", st)
+	}
+	found := false
+	for _, b := range breakers.Breakers {
+		if b.Upstream != up.addr {
+			continue
+		}
+		found = true
+		if b.State != "open" || b.OpenUntil == nil || b.HalfOpenInNS <= 0 || b.HalfOpenInNS > int64(5*time.Second) || b.HalfOpenIn == "" || b.Settings == "" {
+			t.Errorf("breaker of %s: %+v; want open, half-open within 5s", up.addr, b)
+		}
+	}
+	if !found {
+		t.Errorf("GET /coalesce/breakers does not list %s: %+v", up.addr, breakers)
+	}
+	var stats struct {
+		Breakers struct {
+			Closed, Open int
+			HalfOpen     int `json:"half_open"`
+		} `json:"breakers"`
+	}
+	adminJSON(t, client, "GET", "/coalesce/stats", "", &stats)
+	if stats.Breakers.Open < 1 {
+		t.Errorf("GET /coalesce/stats breakers %+v: want at least one open", stats.Breakers)
+	}
+}
+
 func TestMetricsCountAnAbandonedFlight(t *testing.T) {
 	up := newUpstream(t, slow(5*time.Second, "too late"))
 	startCaddy(t, site("zone obs-abandon"), up)

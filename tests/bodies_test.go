@@ -81,21 +81,29 @@ func TestTwentyMiBBodyArrivesIntactForConcurrentClients(t *testing.T) {
 	want := hex.EncodeToString(sum[:])
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		time.Sleep(200 * time.Millisecond)
-		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 		w.Header().Set("Content-Type", "application/octet-stream")
+		if r.URL.Query().Has("chunked") {
+			// No Content-Length: sent chunked, in pieces.
+			for b := body; len(b) > 0; b = b[min(len(b), 64<<10):] {
+				_, _ = w.Write(b[:min(len(b), 64<<10)])
+			}
+			return
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 		_, _ = w.Write(body)
 	})
 
-	for _, c := range []struct{ name, options string }{
-		{"larger than max_body, streamed", "ttl 500ms"},
-		{"within max_body, shared", "ttl 500ms\n\t\tmax_body 32MiB"},
+	for _, c := range []struct{ name, options, query string }{
+		{"larger than max_body, streamed", "ttl 500ms", ""},
+		{"unknown length larger than max_body, streamed", "ttl 500ms", "?chunked"},
+		{"within max_body, shared", "ttl 500ms\n\t\tmax_body 32MiB", ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			before := up.Calls()
 			startCaddy(t, site(c.options), up)
 			client := newClient(t)
 			warm(t, client, 5)
-			got := herd(client, 5, "GET", baseURL+pathFor(t, ""))
+			got := herd(client, 5, "GET", baseURL+pathFor(t, "")+c.query)
 			for i, f := range got {
 				s := sha256.Sum256([]byte(f.body))
 				if f.err != nil || f.status != 200 || hex.EncodeToString(s[:]) != want {
@@ -209,6 +217,17 @@ func TestMatchingIfNoneMatchGets304WhileCollapsedWithFullResponses(t *testing.T)
 	}
 	if n := sawValidator.Load(); n != 0 {
 		t.Errorf("the upstream saw a client's validator %d time(s); the shared request must carry none", n)
+	}
+
+	// From the micro-cache too: a matching validator gets 304, another 200.
+	if f := get(client, "GET", url, `If-None-Match: "v1"`); f.status != http.StatusNotModified || f.body != "" {
+		t.Errorf("hit with a matching If-None-Match: %d %q (Cache-Status %q), want 304", f.status, f.body, f.cacheStatus())
+	}
+	if f := get(client, "GET", url, `If-None-Match: "v0"`); f.status != 200 || f.body != `{"sessions":3}` {
+		t.Errorf("hit with a stale If-None-Match: %d %q, want 200 with the body", f.status, f.body)
+	}
+	if n := up.Calls(); n != 1 {
+		t.Errorf("upstream calls after the hits: %d, want 1", n)
 	}
 }
 

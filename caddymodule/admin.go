@@ -209,6 +209,10 @@ func (a *adminAPI) handleBypass(w http.ResponseWriter, r *http.Request) error {
 	dec.DisallowUnknownFields()
 	var req bypassRequest
 	if err := dec.Decode(&req); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) {
+			return apiError(http.StatusBadRequest, "%s: %q must be true or false, not a JSON %s", usage, typeErr.Field, typeErr.Value)
+		}
 		return apiError(http.StatusBadRequest, "%s: %v", usage, err)
 	}
 	if req.Enabled == nil {

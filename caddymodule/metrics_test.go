@@ -2,9 +2,12 @@ package caddymodule
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -176,6 +179,59 @@ func TestObserveLogsWarningsAndNeverTheKey(t *testing.T) {
 		}
 		if e.ContextMap()["key_hash"] != key.String() {
 			t.Errorf("%q: key_hash %v, want %s", e.Message, e.ContextMap()["key_hash"], key.String())
+		}
+	}
+}
+
+// The documentation and the dashboard name only metrics that exist, and
+// the documentation describes every one.
+func TestDocsAndDashboardMatchTheMetrics(t *testing.T) {
+	initMetrics()
+	served := map[string]bool{}
+	descs := make(chan *prometheus.Desc, 64)
+	for _, c := range []prometheus.Collector{
+		metrics.requests, metrics.upstream, metrics.abandoned, metrics.waitTime,
+		metrics.flightTime, metrics.breakerTransitions, metrics.state,
+	} {
+		c.Describe(descs)
+	}
+	close(descs)
+	fqName := regexp.MustCompile(`fqName: "([^"]+)"`)
+	for d := range descs {
+		served[fqName.FindStringSubmatch(d.String())[1]] = true
+	}
+
+	doc, err := os.ReadFile("../docs/OBSERVABILITY.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dash, err := os.ReadFile("../docs/grafana-dashboard.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var board struct {
+		Panels []json.RawMessage `json:"panels"`
+	}
+	if err := json.Unmarshal(dash, &board); err != nil || len(board.Panels) == 0 {
+		t.Fatalf("docs/grafana-dashboard.json is not a dashboard: %v", err)
+	}
+	named := regexp.MustCompile(`caddy_coalesce_[a-z_]+`)
+	for file, text := range map[string][]byte{"OBSERVABILITY.md": doc, "grafana-dashboard.json": dash} {
+		for _, m := range named.FindAllString(string(text), -1) {
+			name := m
+			for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+				if base, ok := strings.CutSuffix(m, suffix); ok && served[base] {
+					name = base
+				}
+			}
+			if !served[name] {
+				t.Errorf("%s names %s, which is not a metric", file, m)
+			}
+		}
+	}
+	for name := range served {
+		if !strings.Contains(string(doc), "| `"+name+"` |") {
+			t.Errorf("OBSERVABILITY.md has no table row for %s", name)
 		}
 	}
 }

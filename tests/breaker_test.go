@@ -1,0 +1,512 @@
+package tests
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// The circuit breaker, end to end: real upstreams on 127.0.0.1 behind the
+// in-process Caddy.
+
+// failing is an upstream handler that answers 200 "good" until bad is set,
+// then 503.
+func failing(bad *atomic.Bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if bad.Load() {
+			http.Error(w, "down", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = fmt.Fprint(w, "good")
+	}
+}
+
+// brokenListener accepts connections on 127.0.0.1 and closes them at once
+// (a dead process behind a port that still accepts): every request through
+// it is a transport error, and accepted counts the requests that reached it.
+type brokenListener struct {
+	ln       net.Listener
+	addr     string
+	accepted atomic.Int64
+}
+
+func newBrokenListener(t *testing.T) *brokenListener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &brokenListener{ln: ln, addr: ln.Addr().String()}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b.accepted.Add(1)
+			_ = c.Close()
+		}
+	}()
+	t.Cleanup(func() { _ = ln.Close() })
+	return b
+}
+
+// breakerSite is a site with `coalesce { <options> }` in front of
+// `reverse_proxy <upstreams> { <proxy> }`.
+func breakerSite(options, upstreams, proxy string) string {
+	return fmt.Sprintf(`:%d {
+	handle /warm {
+		respond "warm" 200
+	}
+	coalesce {
+%s
+	}
+	reverse_proxy %s {
+%s
+	}
+}
+`, httpPort, options, upstreams, proxy)
+}
+
+// reloadCaddy loads a new config into the running Caddy through the admin
+// API, as `caddy reload` does.
+func reloadCaddy(t *testing.T, site string) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", fmt.Sprintf("http://127.0.0.1:%d/load", adminPort), strings.NewReader(globalOptions+site))
+	req.Header.Set("Content-Type", "text/caddyfile")
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("reload: %d %s", resp.StatusCode, body)
+	}
+}
+
+// isBreakerOpen reports whether f is the handler's own answer for an open
+// breaker: 503, Retry-After in whole seconds within 1..maxSecs, and the
+// Cache-Status that says so.
+func isBreakerOpen(f fetched, maxSecs int) bool {
+	secs, err := strconv.Atoi(f.header.Get("Retry-After"))
+	return f.err == nil && f.status == http.StatusServiceUnavailable && err == nil && secs >= 1 && secs <= maxSecs &&
+		strings.Contains(f.cacheStatus(), "caddy-coalesce; fwd=bypass; detail=breaker-open")
+}
+
+func TestBreakerTripsAfterFailuresAndAnswers503WithoutTheUpstream(t *testing.T) {
+	var bad atomic.Bool
+	bad.Store(true)
+	up := newUpstream(t, failing(&bad))
+	startCaddy(t, breakerSite("breaker {\nfailures 3\nopen 10s\n}", "{up}", ""), up)
+	client := newClient(t)
+
+	for i := range 3 {
+		f := get(client, "GET", baseURL+pathFor(t, "/"+strconv.Itoa(i)))
+		if f.status != http.StatusServiceUnavailable || f.header.Get("Retry-After") != "" {
+			t.Fatalf("failure %d: %d Retry-After %q; the upstream's own 503 should pass through", i, f.status, f.header.Get("Retry-After"))
+		}
+	}
+	for i := range 20 {
+		f := get(client, "GET", baseURL+pathFor(t, "/open"+strconv.Itoa(i)))
+		if !isBreakerOpen(f, 10) {
+			t.Fatalf("request %d after the trip: %d Retry-After %q Cache-Status %q", i, f.status, f.header.Get("Retry-After"), f.cacheStatus())
+		}
+	}
+	// A request that is never collapsed (POST) is answered the same way.
+	if f := get(client, "POST", baseURL+pathFor(t, "/post")); !isBreakerOpen(f, 10) {
+		t.Errorf("POST after the trip: %d %q", f.status, f.cacheStatus())
+	}
+	if n := up.Calls(); n != 3 {
+		t.Errorf("the upstream got %d requests, want only the 3 that tripped the breaker", n)
+	}
+}
+
+func TestBreakerCountsAConnectionRefusedUpstreamAsFailing(t *testing.T) {
+	dead := &upstream{addr: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
+	startCaddy(t, breakerSite("breaker {\nfailures 2\n}", "{up}", ""), dead)
+	client := newClient(t)
+	for i := range 2 {
+		if f := get(client, "GET", baseURL+pathFor(t, "/"+strconv.Itoa(i))); f.status != http.StatusBadGateway {
+			t.Fatalf("request %d to a closed port: %d, want reverse_proxy's 502", i, f.status)
+		}
+	}
+	if f := get(client, "GET", baseURL+pathFor(t, "/after")); !isBreakerOpen(f, 10) {
+		t.Fatalf("after 2 refused connections: %d Retry-After %q %q", f.status, f.header.Get("Retry-After"), f.cacheStatus())
+	}
+}
+
+func TestBreakerRecoversThroughAProbeAfterOpen(t *testing.T) {
+	var bad atomic.Bool
+	bad.Store(true)
+	up := newUpstream(t, failing(&bad))
+	startCaddy(t, breakerSite("breaker {\nfailures 2\nopen 1s\n}", "{up}", ""), up)
+	client := newClient(t)
+	for i := range 2 {
+		get(client, "GET", baseURL+pathFor(t, "/"+strconv.Itoa(i)))
+	}
+	bad.Store(false) // the upstream is back, but the breaker does not know yet
+	if f := get(client, "GET", baseURL+pathFor(t, "/early")); !isBreakerOpen(f, 1) {
+		t.Fatalf("within open: %d %q", f.status, f.cacheStatus())
+	}
+	time.Sleep(1100 * time.Millisecond)
+	before := up.Calls()
+	if f := get(client, "GET", baseURL+pathFor(t, "/probe")); f.status != http.StatusOK || f.body != "good" {
+		t.Fatalf("the probe after open: %d %q", f.status, f.body)
+	}
+	for i := range 10 {
+		if f := get(client, "GET", baseURL+pathFor(t, "/closed"+strconv.Itoa(i))); f.status != http.StatusOK {
+			t.Fatalf("after a good probe, request %d: %d %q", i, f.status, f.cacheStatus())
+		}
+	}
+	if n := up.Calls() - before; n != 11 {
+		t.Errorf("after the probe the upstream got %d requests, want 11 (closed again)", n)
+	}
+}
+
+func TestBreakerLetsOnlyProbesReachAHalfOpenUpstreamUnderAHerd(t *testing.T) {
+	var bad atomic.Bool
+	bad.Store(true)
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if bad.Load() {
+			http.Error(w, "down", http.StatusBadGateway)
+			return
+		}
+		time.Sleep(300 * time.Millisecond) // slow: the herd arrives while the probe runs
+		_, _ = fmt.Fprint(w, "good")
+	})
+	startCaddy(t, breakerSite("breaker {\nfailures 2\nopen 1s\nprobes 1\n}", "{up}", ""), up)
+	client := newClient(t)
+	warm(t, client, 100)
+	for i := range 2 {
+		get(client, "GET", baseURL+pathFor(t, "/"+strconv.Itoa(i)))
+	}
+	bad.Store(false)
+	time.Sleep(1100 * time.Millisecond)
+	before := up.Calls()
+	// 100 different URLs: nothing collapses; only the breaker holds them.
+	got := together(100, func(i int) fetched {
+		return get(client, "GET", baseURL+pathFor(t, "/herd"+strconv.Itoa(i)))
+	})
+	ok, refused := 0, 0
+	for i, f := range got {
+		switch {
+		case f.status == http.StatusOK:
+			ok++
+		case isBreakerOpen(f, 1):
+			refused++
+		default:
+			t.Errorf("client %d: %d %q %v", i, f.status, f.cacheStatus(), f.err)
+		}
+	}
+	if n := up.Calls() - before; n != 1 || ok != 1 || refused != 99 {
+		t.Errorf("half-open, probes 1, herd of 100: %d reached the upstream, %d ok, %d answered as open", n, ok, refused)
+	}
+}
+
+func TestBreakerPoolServesEveryRequestAroundADeadMember(t *testing.T) {
+	live := newUpstream(t, func(w http.ResponseWriter, r *http.Request) { _, _ = fmt.Fprint(w, "live") })
+	dead := newBrokenListener(t)
+	startCaddy(t, breakerSite("breaker {\nfailures 3\nopen 2s\n}", live.addr+" "+dead.addr, "lb_policy breaker round_robin\nlb_retries 2"))
+	client := newClient(t)
+	warm(t, client, 50)
+
+	failed := 0
+	check := func(phase string, got []fetched) {
+		for i, f := range got {
+			if f.err != nil || f.status != http.StatusOK || f.body != "live" {
+				if failed++; failed <= 5 {
+					t.Errorf("%s, client %d: %d %q %v", phase, i, f.status, clip(f.body), f.err)
+				}
+			}
+		}
+	}
+	// One at a time until the breaker trips: every failed attempt on the
+	// dead member is retried on the live one.
+	var first []fetched
+	for i := range 10 {
+		first = append(first, get(client, "GET", baseURL+pathFor(t, "/seq"+strconv.Itoa(i))))
+	}
+	check("before the trip", first)
+	if n := dead.accepted.Load(); n != 3 {
+		t.Fatalf("the dead member got %d requests before its breaker tripped, want 3", n)
+	}
+	// While open: herds of different URLs never reach the dead member.
+	for round := range 5 {
+		check("while open", together(100, func(i int) fetched {
+			return get(client, "GET", baseURL+pathFor(t, fmt.Sprintf("/open%d-%d", round, i)))
+		}))
+	}
+	if n := dead.accepted.Load(); n != 3 {
+		t.Errorf("the dead member got %d requests while its breaker was open, want none after the 3", n-3)
+	}
+	// After open: one probe, which fails and is retried on the live member.
+	time.Sleep(2100 * time.Millisecond)
+	for round := range 3 {
+		check("after open", together(50, func(i int) fetched {
+			return get(client, "GET", baseURL+pathFor(t, fmt.Sprintf("/probe%d-%d", round, i)))
+		}))
+	}
+	if n := dead.accepted.Load(); n != 4 {
+		t.Errorf("after open the dead member got %d requests, want exactly 1 probe", n-3)
+	}
+	t.Logf("pool of 2, one dead: %d client requests, %d failed; %d reached the dead member (3 to trip, 1 probe)",
+		10+500+150, failed, dead.accepted.Load())
+}
+
+func TestBreakerRatioDoesNotTripBelowMin(t *testing.T) {
+	var bad atomic.Bool
+	bad.Store(true)
+	up := newUpstream(t, failing(&bad))
+	startCaddy(t, breakerSite("breaker {\nratio 0.5 min 10 window 10s\n}", "{up}", ""), up)
+	client := newClient(t)
+	for i := range 9 {
+		if f := get(client, "GET", baseURL+pathFor(t, "/"+strconv.Itoa(i))); f.status != http.StatusServiceUnavailable || f.header.Get("Retry-After") != "" {
+			t.Fatalf("failure %d of a sample below min: %d Retry-After %q", i, f.status, f.header.Get("Retry-After"))
+		}
+	}
+	if n := up.Calls(); n != 9 {
+		t.Fatalf("9 failures below min 10: %d reached the upstream", n)
+	}
+	get(client, "GET", baseURL+pathFor(t, "/10th"))
+	if f := get(client, "GET", baseURL+pathFor(t, "/11th")); !isBreakerOpen(f, 10) {
+		t.Fatalf("10 of 10 failed with ratio 0.5 min 10: %d %q", f.status, f.cacheStatus())
+	}
+	if n := up.Calls(); n != 10 {
+		t.Errorf("%d reached the upstream, want 10", n)
+	}
+}
+
+func TestBreakerDoesNotCountClientsThatGaveUp(t *testing.T) {
+	var slowNow atomic.Bool
+	slowNow.Store(true)
+	var cancelled atomic.Int64
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if slowNow.Load() {
+			select {
+			case <-time.After(3 * time.Second):
+			case <-r.Context().Done():
+				cancelled.Add(1)
+				return
+			}
+		}
+		_, _ = fmt.Fprint(w, "good")
+	})
+	startCaddy(t, breakerSite("breaker {\nfailures 2\n}", "{up}", ""), up)
+	impatient := newClient(t)
+	impatient.Timeout = 100 * time.Millisecond
+	for i := range 5 {
+		if f := get(impatient, "GET", baseURL+pathFor(t, "/"+strconv.Itoa(i))); f.err == nil {
+			t.Fatalf("client %d did not give up: %d", i, f.status)
+		}
+	}
+	if !waitFor(2*time.Second, func() bool { return cancelled.Load() == 5 }) {
+		t.Fatalf("%d of 5 upstream requests were cancelled", cancelled.Load())
+	}
+	slowNow.Store(false)
+	before := up.Calls()
+	if f := get(newClient(t), "GET", baseURL+pathFor(t, "/after")); f.status != http.StatusOK || up.Calls() != before+1 {
+		t.Fatalf("after 5 clients gave up (failures 2): %d %q; their cancels must not count", f.status, f.cacheStatus())
+	}
+}
+
+func TestStaleIfErrorServesTheLastGoodCopyDuringAnOutageAndStopsAfterItsWindow(t *testing.T) {
+	var bad atomic.Bool
+	up := newUpstream(t, failing(&bad))
+	startCaddy(t, breakerSite("ttl 100ms\nstale_if_error 2s\nbreaker {\nfailures 2\nopen 10s\n}", "{up}", ""), up)
+	client := newClient(t)
+	url := baseURL + pathFor(t, "")
+	if f := get(client, "GET", url); f.status != http.StatusOK || f.body != "good" {
+		t.Fatalf("priming: %d %q", f.status, f.body)
+	}
+	stored := time.Now()
+	bad.Store(true)
+	time.Sleep(150 * time.Millisecond)
+	for time.Since(stored) < 1800*time.Millisecond {
+		f := get(client, "GET", url)
+		if f.status != http.StatusOK || f.body != "good" || !strings.Contains(f.cacheStatus(), "fwd=stale") || f.header.Get("Age") == "" {
+			t.Fatalf("during the outage: %d %q Cache-Status %q Age %q", f.status, f.body, f.cacheStatus(), f.header.Get("Age"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := up.Calls(); n != 3 {
+		t.Errorf("the upstream got %d requests, want 1 good and the 2 that tripped the breaker", n)
+	}
+	time.Sleep(time.Until(stored.Add(2200 * time.Millisecond)))
+	if f := get(client, "GET", url); !isBreakerOpen(f, 10) {
+		t.Errorf("after stale_if_error ran out: %d %q %q, want the open breaker's 503", f.status, f.body, f.cacheStatus())
+	}
+}
+
+// hotKeyLoad runs clients in a loop on one URL for d and returns their
+// latencies, sorted, and how many answers were not from memory.
+func hotKeyLoad(client *http.Client, url string, clients int, d time.Duration) (lat []time.Duration, waited, failed int) {
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Since(start) < d {
+				f := get(client, "GET", url)
+				mu.Lock()
+				lat = append(lat, f.took)
+				if f.err != nil || f.status != http.StatusOK {
+					failed++
+				} else if !strings.Contains(f.cacheStatus(), "hit") {
+					waited++
+				}
+				mu.Unlock()
+				time.Sleep(2 * time.Millisecond)
+			}
+		}()
+	}
+	wg.Wait()
+	slices.Sort(lat)
+	return lat, waited, failed
+}
+
+func p99(lat []time.Duration) time.Duration { return lat[len(lat)*99/100] }
+
+func TestStaleWhileRevalidateRefreshesOncePerExpiryAndNobodyWaits(t *testing.T) {
+	const latency = 200 * time.Millisecond
+	var inflight, maxInflight atomic.Int64
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if n := inflight.Add(1); n > maxInflight.Load() {
+			maxInflight.Store(n)
+		}
+		defer inflight.Add(-1)
+		time.Sleep(latency)
+		_, _ = fmt.Fprint(w, "hot")
+	})
+	startCaddy(t, breakerSite("ttl 200ms\nstale 5s", "{up}", ""), up)
+	client := newClient(t)
+	warm(t, client, 20)
+	url := baseURL + pathFor(t, "")
+	get(client, "GET", url)
+	before := up.Calls()
+	const d = 3 * time.Second
+	lat, waited, failed := hotKeyLoad(client, url, 20, d)
+	refreshes := up.Calls() - before
+
+	// Each expiry (every ttl + latency = 400ms) starts exactly one refresh.
+	if maxInflight.Load() != 1 || refreshes < int64(d/(400*time.Millisecond))-1 || refreshes > int64(d/(200*time.Millisecond))+1 {
+		t.Errorf("%d refreshes in %s, %d at once; want one per expiry (about %d)", refreshes, d, maxInflight.Load(), d/(400*time.Millisecond))
+	}
+	// Every answer came from memory (a hit, fresh or stale): no client
+	// waited for a refresh. Latencies depend on the machine's load and are
+	// only logged.
+	if waited != 0 || failed != 0 {
+		t.Errorf("%d of %d clients waited for the upstream, %d failed", waited, len(lat), failed)
+	}
+
+	// The same load without stale, for the record: at each expiry the
+	// clients wait for the upstream.
+	startCaddy(t, breakerSite("ttl 200ms", "{up}", ""), up)
+	url2 := baseURL + pathFor(t, "/nostale")
+	get(client, "GET", url2)
+	lat2, waited2, _ := hotKeyLoad(client, url2, 20, d)
+	t.Logf("hot key, 20 clients, %s, upstream %s, ttl 200ms: p99 %s with stale 5s (%d requests, %d refreshes), p99 %s without (%d requests, %d waited)",
+		d, latency, p99(lat), len(lat), refreshes, p99(lat2), len(lat2), waited2)
+}
+
+func TestBreakerStaysOpenAcrossAReload(t *testing.T) {
+	var bad atomic.Bool
+	bad.Store(true)
+	up := newUpstream(t, failing(&bad))
+	options := "breaker {\nfailures 2\nopen 30s\n}"
+	startCaddy(t, breakerSite(options, up.addr, "lb_policy breaker"))
+	client := newClient(t)
+	for i := range 2 {
+		get(client, "GET", baseURL+pathFor(t, "/"+strconv.Itoa(i)))
+	}
+	f := get(client, "GET", baseURL+pathFor(t, "/tripped"))
+	if !isBreakerOpen(f, 30) {
+		t.Fatalf("not tripped: %d %q", f.status, f.cacheStatus())
+	}
+	tripped, _ := strconv.Atoi(f.header.Get("Retry-After"))
+
+	// A reload that changes the site but not the breaker: the same state,
+	// counting down, and with lb_policy breaker not one request through.
+	time.Sleep(1100 * time.Millisecond)
+	reloadCaddy(t, breakerSite("ttl 80ms\n"+options, up.addr, "lb_policy breaker\nheader_up X-Reloaded 1"))
+	f = get(client, "GET", baseURL+pathFor(t, "/reloaded"))
+	secs, _ := strconv.Atoi(f.header.Get("Retry-After"))
+	if !isBreakerOpen(f, 30) || secs >= tripped {
+		t.Fatalf("after a reload: %d Retry-After %q (was %d) %q; want the same open breaker", f.status, f.header.Get("Retry-After"), tripped, f.cacheStatus())
+	}
+	if n := up.Calls(); n != 2 {
+		t.Errorf("after the reload the upstream got %d requests, want 0", n-2)
+	}
+
+	// Without the policy the new handler learns its upstream from the
+	// first answer: at most one request reaches it, then it is held back.
+	reloadCaddy(t, breakerSite("ttl 90ms\n"+options, up.addr, ""))
+	for i := range 5 {
+		get(client, "GET", baseURL+pathFor(t, "/plain"+strconv.Itoa(i)))
+	}
+	if f := get(client, "GET", baseURL+pathFor(t, "/plain")); !isBreakerOpen(f, 30) {
+		t.Fatalf("after a reload without lb_policy breaker: %d %q", f.status, f.cacheStatus())
+	}
+	if n := up.Calls() - 2; n > 1 {
+		t.Errorf("after a reload without the policy %d requests reached the open upstream, want at most 1", n)
+	}
+}
+
+func TestBreakerDeadUpstreamUnderTenSecondsOfLoad(t *testing.T) {
+	if testing.Short() {
+		t.Skip("10 s of load")
+	}
+	var bad atomic.Bool
+	var afterDeath atomic.Int64
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if bad.Load() {
+			afterDeath.Add(1)
+			http.Error(w, "down", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = fmt.Fprint(w, "good")
+	})
+	startCaddy(t, breakerSite("breaker {\nfailures 5\n}", "{up}", ""), up) // open 10s, probes 1
+	client := newClient(t)
+	warm(t, client, 50)
+	hot := baseURL + pathFor(t, "/hot")
+	get(client, "GET", hot)
+	bad.Store(true)
+
+	// 50 clients poll one hot URL (as a page's hooks do) for 10 s after the
+	// upstream died. Their requests collapse, so the upstream sees them one
+	// at a time: 5 failures trip the breaker, and a probe is due 10 s later.
+	var wg sync.WaitGroup
+	var requests, refusals atomic.Int64
+	start := time.Now()
+	for range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Since(start) < 10*time.Second {
+				f := get(client, "GET", hot)
+				requests.Add(1)
+				if isBreakerOpen(f, 10) {
+					refusals.Add(1)
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("10 s of load (50 clients, %d requests) on an upstream that died: %d reached it, %d answered by the open breaker",
+		requests.Load(), afterDeath.Load(), refusals.Load())
+	if n := afterDeath.Load(); n > 5+1 {
+		t.Errorf("%d requests reached the dead upstream; want at most 5 to trip it and 1 probe", n)
+	}
+}

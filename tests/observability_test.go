@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -208,15 +209,16 @@ func gated(gate <-chan struct{}, body string) http.HandlerFunc {
 	}
 }
 
-// eventually polls cond every 10ms for up to 5s.
+// eventually polls cond every 10ms for up to 15s (generous: a loaded
+// two-core machine under -race is slow).
 func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 		if cond() {
 			return
 		}
 	}
-	t.Fatalf("gave up after 5s waiting for %s", what)
+	t.Fatalf("gave up after 15s waiting for %s", what)
 }
 
 func TestMetricsCountALeaderThenAHit(t *testing.T) {
@@ -350,7 +352,14 @@ func TestMetricsAndAdminFollowAHerd(t *testing.T) {
 }
 
 func TestBypassKillSwitchTurnsCollapsingOffAndOnWithoutReload(t *testing.T) {
-	up := newUpstream(t, slow(300*time.Millisecond, "answer"))
+	// The upstream holds every request until the phase's gate opens, so the
+	// 100 requests of a phase are concurrent however slow the machine is.
+	var mu sync.Mutex
+	gate := make(chan struct{})
+	currentGate := func() chan struct{} { mu.Lock(); defer mu.Unlock(); return gate }
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		gated(currentGate(), "answer")(w, r)
+	})
 	startCaddy(t, site("ttl 0\n\t\tzone obs-bypass"), up)
 	client := newClient(t)
 	t.Cleanup(func() { setBypass(t, client, false) })
@@ -371,7 +380,11 @@ func TestBypassKillSwitchTurnsCollapsingOffAndOnWithoutReload(t *testing.T) {
 		t.Errorf("caddy_coalesce_bypass_enabled = %v, want 1", v)
 	}
 
-	got := herd(client, 100, "GET", url)
+	done := make(chan []fetched)
+	go func() { done <- herd(client, 100, "GET", url) }()
+	eventually(t, "100 requests at the upstream at once", func() bool { return up.inflight.Load() == 100 })
+	close(currentGate())
+	got := <-done
 	expectAll(t, got, http.StatusOK, "answer")
 	if n := up.Calls(); n != 100 {
 		t.Errorf("kill switch on: 100 concurrent GETs made %d upstream calls, want 100", n)
@@ -387,7 +400,16 @@ func TestBypassKillSwitchTurnsCollapsingOffAndOnWithoutReload(t *testing.T) {
 	expectDelta(t, before, mid, 100, "caddy_coalesce_upstream_requests_total", zone...)
 
 	setBypass(t, client, false)
-	got = herd(client, 100, "GET", url)
+	mu.Lock()
+	gate = make(chan struct{})
+	mu.Unlock()
+	go func() { done <- herd(client, 100, "GET", url) }()
+	eventually(t, "one leader with 99 followers", func() bool {
+		v, _ := scrapeMetrics(t, client).value("caddy_coalesce_waiting_followers", zone...)
+		return v == 99
+	})
+	close(currentGate())
+	got = <-done
 	expectAll(t, got, http.StatusOK, "answer")
 	if n := up.Calls() - 100; n != 1 {
 		t.Errorf("kill switch off again: 100 concurrent GETs made %d upstream calls, want 1", n)
@@ -587,14 +609,14 @@ func TestMetricsAndAdminShowABreakerTrip(t *testing.T) {
 }
 
 func TestMetricsCountAnAbandonedFlight(t *testing.T) {
-	up := newUpstream(t, slow(5*time.Second, "too late"))
+	up := newUpstream(t, slow(20*time.Second, "too late"))
 	startCaddy(t, site("zone obs-abandon"), up)
 	client := newClient(t)
 	zone := []string{"handler", "obs-abandon"}
 
 	before := scrapeMetrics(t, client)
 	impatient := *client
-	impatient.Timeout = 200 * time.Millisecond
+	impatient.Timeout = 500 * time.Millisecond
 	if f := get(&impatient, "GET", baseURL+pathFor(t, "")); f.err == nil {
 		t.Fatalf("the impatient client got %d, want it to give up", f.status)
 	}

@@ -23,8 +23,10 @@ func slow(delay time.Duration, body string) http.HandlerFunc {
 }
 
 func TestHundredConcurrentGETsMakeOneUpstreamCall(t *testing.T) {
-	up := newUpstream(t, slow(300*time.Millisecond, "the one answer"))
-	startCaddy(t, site("ttl 500ms"), up)
+	// The upstream takes long enough for all 100 to arrive while it works,
+	// even on a loaded machine.
+	up := newUpstream(t, slow(500*time.Millisecond, "the one answer"))
+	startCaddy(t, site("ttl 1s"), up)
 	client := newClient(t)
 	warm(t, client, 100)
 
@@ -84,7 +86,7 @@ func TestGETWithinTTLIsAHitAndAfterItAMiss(t *testing.T) {
 	up = newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		_, _ = fmt.Fprintf(w, "version %d", up.Calls())
 	})
-	startCaddy(t, site("ttl 200ms"), up)
+	startCaddy(t, site("ttl 500ms"), up)
 	client := newClient(t)
 	url := baseURL + pathFor(t, "")
 
@@ -109,7 +111,7 @@ func TestGETWithinTTLIsAHitAndAfterItAMiss(t *testing.T) {
 		t.Errorf("upstream calls after the hit: %d, want 1", up.Calls())
 	}
 
-	time.Sleep(400 * time.Millisecond)
+	time.Sleep(time.Second)
 	miss := get(client, "GET", url)
 	if miss.status != 200 || miss.body != "version 2" {
 		t.Errorf("GET after the TTL: %d %q, want a fresh 200 \"version 2\"", miss.status, miss.body)

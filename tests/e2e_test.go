@@ -72,7 +72,7 @@ func TestBuiltBinaryEndToEnd(t *testing.T) {
 			w.Header().Set("Set-Cookie", fmt.Sprintf("session=s%d; Path=/", n))
 			_, _ = fmt.Fprintf(w, "hello s%d", n)
 		default:
-			time.Sleep(300 * time.Millisecond)
+			time.Sleep(500 * time.Millisecond)
 			_, _ = fmt.Fprint(w, "answer for "+r.URL.Path)
 		}
 	})

@@ -276,3 +276,26 @@ func freePort(t testing.TB) int {
 	_ = ln.Close()
 	return port
 }
+
+// followersWaiting is how many followers wait now in flights for path, as
+// the admin API (/coalesce/inflight) reports them. Tests wait for it before
+// they act on a herd (cancel its leader, reload) instead of sleeping.
+func followersWaiting(t testing.TB, client *http.Client, path string) int {
+	t.Helper()
+	var inflight struct {
+		Flights []struct {
+			Path    string `json:"path"`
+			Waiters int    `json:"waiters"`
+		} `json:"flights"`
+	}
+	if st := adminJSON(t, client, "GET", "/coalesce/inflight?limit=1000", "", &inflight); st != http.StatusOK {
+		t.Fatalf("GET /coalesce/inflight: status %d", st)
+	}
+	n := 0
+	for _, f := range inflight.Flights {
+		if f.Path == path {
+			n += f.Waiters
+		}
+	}
+	return n
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"reflect"
 	"strings"
 	"testing"
@@ -13,6 +14,9 @@ import (
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/edge-coalesce/caddy-coalesce/coalesce"
 )
@@ -161,5 +165,53 @@ func TestLBPolicyBreakerParsesTheInnerPolicy(t *testing.T) {
 	}
 	if err := s.UnmarshalCaddyfile(caddyfile.NewTestDispenser("breaker no_such_policy")); err == nil {
 		t.Error("an unknown inner policy accepted")
+	}
+}
+
+func TestBreakerStateChangesAreLoggedOnceEach(t *testing.T) {
+	core, logs := observer.New(zapcore.DebugLevel)
+	prev := breakerLogger.Swap(zap.New(core))
+	t.Cleanup(func() { breakerLogger.Store(prev) })
+
+	cfg := coalesce.DefaultConfig()
+	cfg.Breaker.Failures, cfg.Breaker.Open = 2, 30*time.Millisecond
+	cfg.Breakers = breakers
+	cfg.Hooks.Upstream = func(*http.Request) string { return "log-test.internal:8080" }
+	e, err := coalesce.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	status := http.StatusBadGateway
+	next := func(w http.ResponseWriter, r *http.Request) error {
+		w.WriteHeader(status)
+		return nil
+	}
+	serve := func(path string) {
+		_ = e.Serve(httptest.NewRecorder(), httptest.NewRequest("GET", "http://api.example"+path, nil), next)
+	}
+	for i := range 4 {
+		serve(fmt.Sprintf("/fail%d", i)) // 2 trip it, 2 are answered as open
+	}
+	time.Sleep(40 * time.Millisecond)
+	status = http.StatusOK
+	serve("/probe")
+	serve("/closed")
+
+	var got []string
+	for _, entry := range logs.All() {
+		got = append(got, entry.Level.String()+" "+entry.Message)
+	}
+	want := []string{
+		"warn circuit breaker opened: answering for the upstream without calling it",
+		"info circuit breaker half-open: probing the upstream",
+		"info circuit breaker closed: the upstream answers again",
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("logged\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	opened := logs.All()[0].ContextMap()
+	if opened["upstream"] != "log-test.internal:8080" || opened["consecutive_failures"] != uint32(2) || opened["failures"] != uint32(2) {
+		t.Errorf("the opening line does not say which upstream and what tripped it: %v", opened)
 	}
 }

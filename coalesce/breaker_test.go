@@ -576,3 +576,86 @@ func TestStaleWhileRevalidateRefreshesOncePerExpiryInTheBackground(t *testing.T)
 		t.Errorf("%d refreshes in 600ms, %d at once", n, maxInflight.Load())
 	}
 }
+
+func TestAHandlerOfANewConfigLearnsItsUpstreamAnew(t *testing.T) {
+	// The old config's handler went to old:80, whose breaker is open; the
+	// new config points the route at new:80. Its handler must not hold
+	// requests back on old:80's account.
+	o := newBrOrigin()
+	o.status.Store(http.StatusBadGateway)
+	upstream := "old:80"
+	e := newBrEngine(t, func(c *Config) { c.Hooks.Upstream = func(*http.Request) string { return upstream } })
+	for i := range 4 {
+		brGet(e, o.next, "/p"+strconv.Itoa(i))
+	}
+	if n := o.calls.Load(); n != 3 {
+		t.Fatalf("old:80 got %d requests, want 3", n)
+	}
+	upstream = "new:80"
+	o.status.Store(http.StatusOK)
+	reloaded := e.WithHooks(Hooks{Upstream: func(*http.Request) string { return "new:80" }})
+	if w := brGet(reloaded, o.next, "/after-reload"); w.Code != 200 {
+		t.Fatalf("the new handler answered %d for new:80 on old:80's account", w.Code)
+	}
+	// The breaker state itself is shared: the old upstream is still open.
+	if s := e.guard.breaker("old:80").State(); s != BreakerOpen {
+		t.Errorf("old:80 is %s", s)
+	}
+}
+
+func TestWithSeveralUpstreamsTheEngineAnswersOnlyWhenAllRefuse(t *testing.T) {
+	// A pool without lb_policy breaker: the engine cannot tell which member
+	// is next, so it holds requests back only when every one refuses.
+	var n atomic.Int64
+	var deadA, deadB atomic.Bool
+	next := func(w http.ResponseWriter, r *http.Request) error {
+		i := n.Add(1)
+		member := "a:80"
+		dead := deadA.Load()
+		if i%2 == 0 {
+			member, dead = "b:80", deadB.Load()
+		}
+		*r.Context().Value(memberKey{}).(*string) = member
+		if dead {
+			w.WriteHeader(http.StatusBadGateway)
+		}
+		return nil
+	}
+	e := newBrEngine(t, func(c *Config) {
+		c.Hooks.Upstream = func(r *http.Request) string { return *r.Context().Value(memberKey{}).(*string) }
+	})
+	get := func(path string) int {
+		w := httptest.NewRecorder()
+		var member string
+		r := httptest.NewRequest(http.MethodGet, "http://api.example"+path, nil)
+		r = r.WithContext(context.WithValue(r.Context(), memberKey{}, &member))
+		_ = e.Serve(w, r, next)
+		return w.Code
+	}
+	get("/warm-a")
+	get("/warm-b")
+	deadA.Store(true)
+	for i := range 10 {
+		get("/a-dies" + strconv.Itoa(i))
+	}
+	if s := e.guard.breaker("a:80").State(); s != BreakerOpen {
+		t.Fatalf("a:80 is %s", s)
+	}
+	before := n.Load()
+	for i := range 4 {
+		get("/b-alive" + strconv.Itoa(i))
+	}
+	if n.Load()-before != 4 {
+		t.Fatalf("one open member of two held back requests: %d of 4 went on", n.Load()-before)
+	}
+	deadB.Store(true)
+	for i := range 10 {
+		get("/b-dies" + strconv.Itoa(i))
+	}
+	before = n.Load()
+	if code := get("/all-open"); code != 503 || n.Load() != before {
+		t.Fatalf("every member open: %d, %d went on", code, n.Load()-before)
+	}
+}
+
+type memberKey struct{}

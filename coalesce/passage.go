@@ -176,20 +176,8 @@ func (e *Engine) admit(r *http.Request) (*http.Request, *passage, time.Time) {
 			p.pre = g.breaker(defaultUpstream)
 		} else if seen := e.seen.load(); len(seen) == 1 {
 			p.pre = seen[0].b
-		} else if len(seen) > 1 {
-			var first time.Time
-			for _, u := range seen {
-				if u.b.ready() {
-					first = time.Time{}
-					break
-				}
-				if at := u.b.retryAt(now); first.IsZero() || at.Before(first) {
-					first = at
-				}
-			}
-			if !first.IsZero() {
-				return r, nil, first
-			}
+		} else if until := refusingUntil(seen, now); !until.IsZero() {
+			return r, nil, until
 		}
 		if p.pre != nil {
 			done, retry, ok := p.pre.allow(now)
@@ -200,6 +188,24 @@ func (e *Engine) admit(r *http.Request) (*http.Request, *passage, time.Time) {
 		}
 	}
 	return r.WithContext(context.WithValue(r.Context(), pickKey{}, p.pick)), p, time.Time{}
+}
+
+// refusingUntil returns, when every one of several upstreams refuses
+// requests, the time the first lets them through again; zero otherwise.
+func refusingUntil(seen []*seenUpstream, now time.Time) time.Time {
+	if len(seen) < 2 {
+		return time.Time{}
+	}
+	var first time.Time
+	for _, u := range seen {
+		if u.b.ready() {
+			return time.Time{}
+		}
+		if at := u.b.retryAt(now); first.IsZero() || at.Before(first) {
+			first = at
+		}
+	}
+	return first
 }
 
 // settle reports the outcome of the request r that next answered with err

@@ -106,7 +106,12 @@ type fetched struct {
 
 // get sends one request with extra headers ("Name: value" pairs).
 func get(client *http.Client, method, url string, headers ...string) fetched {
-	req, err := http.NewRequest(method, url, nil)
+	return getCtx(context.Background(), client, method, url, headers...)
+}
+
+// getCtx is get with a context (a client that gives up or disconnects).
+func getCtx(ctx context.Context, client *http.Client, method, url string, headers ...string) fetched {
+	req, err := http.NewRequestWithContext(ctx, method, url, nil)
 	if err != nil {
 		return fetched{err: err}
 	}
@@ -151,26 +156,6 @@ func together(n int, client func(i int) fetched) []fetched {
 	close(start)
 	done.Wait()
 	return out
-}
-
-// getCtx is get with a context (a client that gives up or disconnects).
-func getCtx(ctx context.Context, client *http.Client, method, url string, headers ...string) fetched {
-	req, err := http.NewRequestWithContext(ctx, method, url, nil)
-	if err != nil {
-		return fetched{err: err}
-	}
-	for _, h := range headers {
-		k, v, _ := strings.Cut(h, ":")
-		req.Header.Add(strings.TrimSpace(k), strings.TrimSpace(v))
-	}
-	start := time.Now()
-	resp, err := client.Do(req)
-	if err != nil {
-		return fetched{err: err, took: time.Since(start)}
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return fetched{status: resp.StatusCode, header: resp.Header, body: string(b), err: err, took: time.Since(start)}
 }
 
 // newClient returns the client for herds: up to 200 connections per host

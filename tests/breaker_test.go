@@ -2,7 +2,6 @@ package tests
 
 import (
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"slices"
@@ -74,23 +73,6 @@ func breakerSite(options, upstreams, proxy string) string {
 	}
 }
 `, httpPort, options, upstreams, proxy)
-}
-
-// reloadCaddy loads a new config into the running Caddy through the admin
-// API, as `caddy reload` does.
-func reloadCaddy(t *testing.T, site string) {
-	t.Helper()
-	req, _ := http.NewRequest("POST", fmt.Sprintf("http://127.0.0.1:%d/load", adminPort), strings.NewReader(globalOptions+site))
-	req.Header.Set("Content-Type", "text/caddyfile")
-	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
-	if err != nil {
-		t.Fatalf("reload: %v", err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("reload: %d %s", resp.StatusCode, body)
-	}
 }
 
 // isBreakerOpen reports whether f is the handler's own answer for an open

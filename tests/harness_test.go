@@ -6,6 +6,7 @@ package tests
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -28,6 +29,8 @@ const (
 	adminPort = 2999
 	baseURL   = "http://localhost:9080"
 )
+
+var adminURL = fmt.Sprintf("http://localhost:%d", adminPort)
 
 // globalOptions is the global block every in-process config starts with.
 var globalOptions = fmt.Sprintf(`{
@@ -87,12 +90,63 @@ func (u *upstream) PathCalls(path string) int {
 // order.
 func startCaddy(t *testing.T, site string, ups ...*upstream) *caddytest.Tester {
 	t.Helper()
+	tester := caddytest.NewTester(t)
+	tester.InitServer(globalOptions+withUpstreams(site, ups), "caddyfile")
+	return tester
+}
+
+// reloadCaddy loads a new site into the running Caddy through the admin
+// API, as `caddy reload` does; {up} placeholders as in startCaddy.
+func reloadCaddy(t *testing.T, site string, ups ...*upstream) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", fmt.Sprintf("http://127.0.0.1:%d/load", adminPort), strings.NewReader(globalOptions+withUpstreams(site, ups)))
+	req.Header.Set("Content-Type", "text/caddyfile")
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("reload: %d %s", resp.StatusCode, body)
+	}
+}
+
+// withUpstreams replaces site's {up} placeholders by the addresses of ups,
+// in order.
+func withUpstreams(site string, ups []*upstream) string {
 	for _, u := range ups {
 		site = strings.Replace(site, "{up}", u.addr, 1)
 	}
-	tester := caddytest.NewTester(t)
-	tester.InitServer(globalOptions+site, "caddyfile")
-	return tester
+	return site
+}
+
+// adminJSON sends a request to the admin endpoint and decodes the JSON
+// answer into out (when out is not nil); it returns the status.
+func adminJSON(t testing.TB, client *http.Client, method, path, body string, out any) int {
+	t.Helper()
+	req, err := http.NewRequest(method, adminURL+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: reading the body: %v", method, path, err)
+	}
+	if out != nil {
+		if err := json.Unmarshal(raw, out); err != nil {
+			t.Fatalf("%s %s: status %d, body %q is not the JSON expected: %v", method, path, resp.StatusCode, raw, err)
+		}
+	}
+	return resp.StatusCode
 }
 
 // fetched is what a client saw.

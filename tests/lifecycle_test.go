@@ -3,7 +3,6 @@ package tests
 import (
 	"context"
 	"fmt"
-	"io"
 	"net/http"
 	"strings"
 	"sync/atomic"
@@ -164,18 +163,7 @@ func TestConfigReloadDuringAHerdLosesNoRequest(t *testing.T) {
 		during <- all
 	}()
 
-	reloaded := strings.Replace(globalOptions+site("ttl 300ms"), "{up}", up.addr, 1)
-	req, _ := http.NewRequest("POST", fmt.Sprintf("http://127.0.0.1:%d/load", adminPort), strings.NewReader(reloaded))
-	req.Header.Set("Content-Type", "text/caddyfile")
-	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
-	if err != nil {
-		t.Fatalf("reload: %v", err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("reload: %d %s", resp.StatusCode, body)
-	}
+	reloadCaddy(t, site("ttl 300ms"), up)
 
 	first := <-herdDone
 	expectAll(t, first, http.StatusOK, "survived")

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -20,8 +19,6 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 )
-
-var adminURL = fmt.Sprintf("http://localhost:%d", adminPort)
 
 // scrape is one read of the admin endpoint's /metrics.
 type scrape map[string]*dto.MetricFamily
@@ -101,34 +98,6 @@ func expectDelta(t testing.TB, before, after scrape, want float64, name string, 
 	if got := delta(before, after, name, labels...); got != want {
 		t.Errorf("%s%v grew by %v, want %v", name, labels, got, want)
 	}
-}
-
-// adminJSON sends a request to the admin endpoint and decodes the JSON
-// answer into out (when out is not nil); it returns the status.
-func adminJSON(t testing.TB, client *http.Client, method, path, body string, out any) int {
-	t.Helper()
-	req, err := http.NewRequest(method, adminURL+path, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if body != "" {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatalf("%s %s: reading the body: %v", method, path, err)
-	}
-	if out != nil {
-		if err := json.Unmarshal(raw, out); err != nil {
-			t.Fatalf("%s %s: status %d, body %q is not the JSON expected: %v", method, path, resp.StatusCode, raw, err)
-		}
-	}
-	return resp.StatusCode
 }
 
 // setBypass switches the kill switch through the admin API.

@@ -110,6 +110,12 @@ func FuzzKeyIdentity(f *testing.F) {
 		if d.derive(q, http.MethodGet) == ka {
 			t.Fatal("a longer query gives the same key")
 		}
+		// "/p?" is another request target than "/p"; "/p?a" is "/p?a".
+		fq := mk(authA, cookieA)
+		fq.URL.ForceQuery = true
+		if (d.derive(fq, http.MethodGet) == ka) != (query != "") {
+			t.Fatalf("query %q with and without a forced '?': keys equal = %v", query, query == "")
+		}
 	})
 }
 

@@ -37,6 +37,12 @@ var alwaysKeyed = []string{
 	"X-Http-Method-Override",
 	"X-Http-Method",
 	"X-Method-Override",
+	// Honoured for absolute URLs and redirects (Symfony, Spring, Express
+	// behind proxies); Caddy passes them on untouched.
+	"X-Forwarded-Port",
+	"X-Forwarded-Prefix",
+	"X-Forwarded-Server",
+	"X-Host",
 }
 
 // keyDeriver derives keys; it is immutable after construction.
@@ -86,7 +92,12 @@ func (k *keyDeriver) derive(r *http.Request, method string) Key {
 	}
 	field(strings.ToLower(r.Host))
 	field(r.URL.EscapedPath())
-	field(r.URL.RawQuery)
+	// "/p?" and "/p" reach the upstream as different request targets.
+	if r.URL.ForceQuery || r.URL.RawQuery != "" {
+		field("?" + r.URL.RawQuery)
+	} else {
+		field("")
+	}
 	field(encodingClass(r.Header))
 	for _, group := range [2][]string{k.identity, k.headers} {
 		for _, name := range group {

@@ -13,64 +13,51 @@ import (
 // no-store, Vary.
 
 func TestDifferentAuthorizationsNeverReceiveEachOthersResponse(t *testing.T) {
-	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
-		time.Sleep(300 * time.Millisecond)
-		_, _ = fmt.Fprint(w, "for "+r.Header.Get("Authorization"))
-	})
-	startCaddy(t, site("ttl 500ms"), up)
-	client := newClient(t)
-	warm(t, client, 40)
-	url := baseURL + pathFor(t, "")
-	identity := func(i int) string { return []string{"Bearer alice", "Bearer bob"}[i%2] }
-
-	got := together(40, func(i int) fetched { return get(client, "GET", url, "Authorization: "+identity(i)) })
-
-	for i, f := range got {
-		if want := "for " + identity(i); f.status != 200 || f.body != want {
-			t.Errorf("client %d (%s): got %d %q, want 200 %q", i, identity(i), f.status, f.body, want)
-		}
-	}
-	if n := up.Calls(); n != 2 {
-		t.Errorf("upstream calls: %d, want 2 (one per identity)", n)
-	}
-
-	// Within the TTL each identity gets its own stored copy.
-	for i := range 2 {
-		if f := get(client, "GET", url, "Authorization: "+identity(i)); f.body != "for "+identity(i) {
-			t.Errorf("hit for %s: got %q", identity(i), f.body)
-		}
-	}
+	client, url := expectIdentitiesKeptApart(t, "Authorization", "Bearer alice", "Bearer bob")
 	if f := get(client, "GET", url); f.body != "for " {
 		t.Errorf("anonymous GET got %q, want the anonymous answer", f.body)
 	}
 }
 
 func TestDifferentCookiesNeverReceiveEachOthersResponse(t *testing.T) {
+	expectIdentitiesKeptApart(t, "Cookie", "session=alice", "session=bob")
+}
+
+// expectIdentitiesKeptApart sends a herd of 40 clients, taking turns at the
+// identities in header, to an upstream that answers "for <identity>". Each
+// client must get its own identity's answer, from one upstream call per
+// identity, and within the TTL each identity its own stored copy. It returns
+// the client and URL for the caller's further checks.
+func expectIdentitiesKeptApart(t *testing.T, header string, identities ...string) (*http.Client, string) {
+	t.Helper()
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		time.Sleep(300 * time.Millisecond)
-		_, _ = fmt.Fprint(w, "for "+r.Header.Get("Cookie"))
+		_, _ = fmt.Fprint(w, "for "+r.Header.Get(header))
 	})
 	startCaddy(t, site("ttl 500ms"), up)
 	client := newClient(t)
 	warm(t, client, 40)
 	url := baseURL + pathFor(t, "")
-	identity := func(i int) string { return []string{"session=alice", "session=bob"}[i%2] }
+	identity := func(i int) string { return identities[i%len(identities)] }
 
-	got := together(40, func(i int) fetched { return get(client, "GET", url, "Cookie: "+identity(i)) })
+	got := together(40, func(i int) fetched { return get(client, "GET", url, header+": "+identity(i)) })
 
 	for i, f := range got {
 		if want := "for " + identity(i); f.status != 200 || f.body != want {
 			t.Errorf("client %d (%s): got %d %q, want 200 %q", i, identity(i), f.status, f.body, want)
 		}
 	}
-	if n := up.Calls(); n != 2 {
-		t.Errorf("upstream calls: %d, want 2 (one per identity)", n)
+	if n := up.Calls(); n != int64(len(identities)) {
+		t.Errorf("upstream calls: %d, want %d (one per identity)", n, len(identities))
 	}
-	for i := range 2 {
-		if f := get(client, "GET", url, "Cookie: "+identity(i)); f.body != "for "+identity(i) {
-			t.Errorf("hit for %s: got %q", identity(i), f.body)
+
+	// Within the TTL each identity gets its own stored copy.
+	for _, id := range identities {
+		if f := get(client, "GET", url, header+": "+id); f.body != "for "+id {
+			t.Errorf("hit for %s: got %q", id, f.body)
 		}
 	}
+	return client, url
 }
 
 func TestConcurrentSetCookieResponsesAreEachClientsOwn(t *testing.T) {

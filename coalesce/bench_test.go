@@ -97,6 +97,21 @@ func noUpstream(b *testing.B) Next {
 	}
 }
 
+// serveParallel has every goroutine of b.RunParallel serve benchRequest
+// through e until the benchmark ends; an answer other than 200 fails b.
+func serveParallel(b *testing.B, e *Engine, next Next) {
+	b.RunParallel(func(pb *testing.PB) {
+		r := benchRequest()
+		for pb.Next() {
+			rec := httptest.NewRecorder()
+			if err := e.Serve(rec, r, next); err != nil || rec.Code != 200 {
+				b.Errorf("Serve: %v, status %d", err, rec.Code)
+				return
+			}
+		}
+	})
+}
+
 // The handler's hit path: key, lookup, Vary check, headers copied, body
 // written to an httptest.ResponseRecorder.
 func BenchmarkServeHit(b *testing.B) {
@@ -118,16 +133,7 @@ func BenchmarkServeHitParallel(b *testing.B) {
 	storeFor(e, benchRequest())
 	next := noUpstream(b)
 	b.ReportAllocs()
-	b.RunParallel(func(pb *testing.PB) {
-		r := benchRequest()
-		for pb.Next() {
-			rec := httptest.NewRecorder()
-			if err := e.Serve(rec, r, next); err != nil || rec.Code != 200 {
-				b.Errorf("Serve: %v, status %d", err, rec.Code)
-				return
-			}
-		}
-	})
+	serveParallel(b, e, next)
 }
 
 // The follower path: many goroutines ask for one hot key with no cache
@@ -145,16 +151,7 @@ func BenchmarkServeFollowersParallel(b *testing.B) {
 	b.SetParallelism(32)
 	b.ReportAllocs()
 	b.ResetTimer()
-	b.RunParallel(func(pb *testing.PB) {
-		r := benchRequest()
-		for pb.Next() {
-			rec := httptest.NewRecorder()
-			if err := e.Serve(rec, r, next); err != nil || rec.Code != 200 {
-				b.Errorf("Serve: %v, status %d", err, rec.Code)
-				return
-			}
-		}
-	})
+	serveParallel(b, e, next)
 	b.StopTimer()
 	after := e.Stats().Registry
 	b.ReportMetric(float64(calls.Load())/float64(b.N), "upstream/op")

@@ -736,6 +736,39 @@ func TestConcurrentHeadsCollapseWithoutBody(t *testing.T) {
 	}
 }
 
+// The micro-cache's byte budget counts len(Body): a stored body must not hold
+// on to much more memory than that. A HEAD answer announcing a large
+// Content-Length has no body at all, and a chunked body that grew in pieces
+// must not keep the slack of its buffer.
+func TestStoredBodiesHoldNoMoreMemoryThanTheyCount(t *testing.T) {
+	e := newEngine(t, func(c *Config) { c.TTL = time.Second })
+	next := func(w http.ResponseWriter, r *http.Request) error {
+		if r.Method == http.MethodHead {
+			w.Header().Set("Content-Length", "900000")
+			w.WriteHeader(http.StatusOK)
+			return nil
+		}
+		chunk := strings.Repeat("x", 4096)
+		for range 130 { // 520 KiB, no Content-Length
+			io.WriteString(w, chunk)
+		}
+		return nil
+	}
+	for _, method := range []string{http.MethodHead, http.MethodGet} {
+		req := httptest.NewRequest(method, "http://api.example/big", nil)
+		if err := e.Serve(httptest.NewRecorder(), req, next); err != nil {
+			t.Fatalf("%s: %v", method, err)
+		}
+		ent := e.cache.get(e.keys.derive(req, method), time.Now())
+		if ent == nil {
+			t.Fatalf("%s: not stored", method)
+		}
+		if n, c := len(ent.resp.Body), cap(ent.resp.Body); c > n+n/8+4096 {
+			t.Errorf("%s: the stored body counts %d bytes but holds %d", method, n, c)
+		}
+	}
+}
+
 // ---- leaving ----
 
 // serveAsync runs e.Serve for a request with ctx in a goroutine.

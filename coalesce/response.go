@@ -1,6 +1,7 @@
 package coalesce
 
 import (
+	"bytes"
 	"net/http"
 	"strconv"
 	"strings"
@@ -23,6 +24,11 @@ type Response struct {
 }
 
 func newResponse(status int, h http.Header, body []byte, req *http.Request) *Response {
+	if cap(body)-len(body) > len(body)/8+4096 {
+		// The cache's budget counts len(Body): do not keep the slack of a
+		// buffer grown for a HEAD's Content-Length or doubled by a chunked body.
+		body = bytes.Clone(body)
+	}
 	resp := &Response{Status: status, Header: h, Body: body, fromHead: req.Method == http.MethodHead}
 	resp.varyFields = varyFields(h)
 	if len(resp.varyFields) > 0 {

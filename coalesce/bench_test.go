@@ -30,20 +30,6 @@ func benchRequest() *http.Request {
 // benchBody is a small JSON answer.
 var benchBody = []byte(`{"sessions":[` + strings.Repeat(`{"id":"8f14e45f","user":42,"active":true},`, 20) + `{}]}`)
 
-func benchEngine(b *testing.B, change func(*Config)) *Engine {
-	b.Helper()
-	cfg := DefaultConfig()
-	if change != nil {
-		change(&cfg)
-	}
-	e, err := New(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(e.Close)
-	return e
-}
-
 // trivialUpstream answers benchBody at once.
 func trivialUpstream(w http.ResponseWriter, _ *http.Request) error {
 	w.Header().Set("Content-Type", "application/json")
@@ -115,7 +101,7 @@ func serveParallel(b *testing.B, e *Engine, next Next) {
 // The handler's hit path: key, lookup, Vary check, headers copied, body
 // written to an httptest.ResponseRecorder.
 func BenchmarkServeHit(b *testing.B) {
-	e := benchEngine(b, nil)
+	e := newEngine(b, nil)
 	r := benchRequest()
 	storeFor(e, r)
 	next := noUpstream(b)
@@ -129,7 +115,7 @@ func BenchmarkServeHit(b *testing.B) {
 }
 
 func BenchmarkServeHitParallel(b *testing.B) {
-	e := benchEngine(b, nil)
+	e := newEngine(b, nil)
 	storeFor(e, benchRequest())
 	next := noUpstream(b)
 	b.ReportAllocs()
@@ -140,7 +126,7 @@ func BenchmarkServeHitParallel(b *testing.B) {
 // (ttl 0) while the upstream takes 200µs, so nearly every request waits for
 // a leader. upstream/op and followers/op show how many did which.
 func BenchmarkServeFollowersParallel(b *testing.B) {
-	e := benchEngine(b, func(c *Config) { c.TTL = 0 })
+	e := newEngine(b, func(c *Config) { c.TTL = 0 })
 	var calls atomic.Int64
 	next := func(w http.ResponseWriter, r *http.Request) error {
 		calls.Add(1)
@@ -162,7 +148,7 @@ func BenchmarkServeFollowersParallel(b *testing.B) {
 // nothing is stored (ttl 0), so the recorder, the response and the publish
 // are measured on each iteration.
 func BenchmarkServeMiss(b *testing.B) {
-	e := benchEngine(b, func(c *Config) { c.TTL = 0 })
+	e := newEngine(b, func(c *Config) { c.TTL = 0 })
 	r := benchRequest()
 	b.ReportAllocs()
 	for b.Loop() {
@@ -176,7 +162,7 @@ func BenchmarkServeMiss(b *testing.B) {
 // The miss path that stores: distinct keys, each a leader whose answer is
 // put in the cache.
 func BenchmarkServeMissStore(b *testing.B) {
-	e := benchEngine(b, nil)
+	e := newEngine(b, nil)
 	reqs := make([]*http.Request, 4096)
 	for i := range reqs {
 		reqs[i] = benchRequest()

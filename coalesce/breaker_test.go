@@ -272,19 +272,15 @@ func (o *brOrigin) next(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// newBrEngine is newEngine with the test breaker (open a minute) switched on.
 func newBrEngine(t *testing.T, mod func(*Config)) *Engine {
 	t.Helper()
-	cfg := DefaultConfig()
-	cfg.Breaker = testBreakerConfig(time.Minute)
-	if mod != nil {
-		mod(&cfg)
-	}
-	e, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	return e
+	return newEngine(t, func(c *Config) {
+		c.Breaker = testBreakerConfig(time.Minute)
+		if mod != nil {
+			mod(c)
+		}
+	})
 }
 
 // brGet sends one GET through e to next and returns the recorded answer.

@@ -260,9 +260,11 @@ func (e *Engine) bypass(w http.ResponseWriter, r *http.Request, next Next, detai
 	cacheStatus := fmt.Sprintf("%s; fwd=%s; detail=%s", CacheName, fwd, detail)
 	ev := Event{Outcome: OutcomeBypass, Detail: detail, Upstream: true}
 	if detail == "disabled" {
-		w.Header().Add("Cache-Status", cacheStatus)
 		e.observe(r, ev)
-		return next(w, r)
+		sw := &statusWriter{ResponseWriter: w, cacheStatus: cacheStatus}
+		err := next(sw, r)
+		sw.tag()
+		return err
 	}
 	return e.forward(w, r, next, Key{}, cacheStatus, ev)
 }

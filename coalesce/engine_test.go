@@ -1209,6 +1209,35 @@ func TestBypassedRequestsGoStraightUpstream(t *testing.T) {
 	}
 }
 
+// RFC 9211: each cache appends its member, so ours (the cache nearest the
+// client) comes after those of caches behind it, also on responses that
+// pass straight through. reverse_proxy Adds the upstream's fields to the
+// header map the handler was given.
+func TestCacheStatusIsAppendedAfterTheUpstreamsOnPassThrough(t *testing.T) {
+	var killed atomic.Bool
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		w.Header().Add("Cache-Status", "origin-cache; hit")
+		if r.URL.Path == "/cookie" {
+			w.Header().Set("Set-Cookie", "a=b")
+		}
+		io.WriteString(w, "body")
+	})
+	e := newEngine(t, func(c *Config) { c.Hooks.Disabled = killed.Load })
+	srv := newServer(t, e.Handler(o))
+	check := func(what string, r reply) {
+		t.Helper()
+		if got := r.header.Values("Cache-Status"); len(got) != 2 || got[0] != "origin-cache; hit" || !strings.HasPrefix(got[1], CacheName+";") {
+			t.Errorf("%s: Cache-Status %q, want the origin's member, then ours", what, got)
+		}
+	}
+	check("POST", fetch(t, srv, http.MethodPost, "/x"))
+	check("Range", get(t, srv, "/x", "Range", "bytes=0-1"))
+	get(t, srv, "/cookie") // not shareable: the next request goes alone
+	check("uncollapsible", get(t, srv, "/cookie"))
+	killed.Store(true)
+	check("kill switch", get(t, srv, "/x"))
+}
+
 // A GET with a chunked body (a search query, say) arrives at a handler with
 // the body's framing in r.TransferEncoding, not in the header.
 func TestChunkedRequestBodyIsNotCollapsed(t *testing.T) {

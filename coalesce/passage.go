@@ -309,18 +309,19 @@ func (e *Engine) forward(w http.ResponseWriter, r *http.Request, next Next, key 
 	if !until.IsZero() {
 		return e.refuse(w, r, key, until)
 	}
-	w.Header().Add("Cache-Status", cacheStatus)
+	sw := &statusWriter{ResponseWriter: w, cacheStatus: cacheStatus}
 	if pass == nil {
 		e.observe(r, ev)
-		return next(w, r)
+		err := next(sw, r)
+		sw.tag()
+		return err
 	}
 	defer pass.release()
-	sw := &statusWriter{ResponseWriter: w}
 	err := next(sw, ur)
 	if until := pass.settle(ur, err, sw.status); !until.IsZero() && err != nil && sw.status == 0 {
-		dropValue(w.Header(), "Cache-Status", cacheStatus)
 		return e.refuse(w, r, key, until)
 	}
+	sw.tag()
 	e.observe(r, ev)
 	return err
 }
@@ -373,33 +374,32 @@ func writeOpen(w http.ResponseWriter, r *http.Request, collapsed string, until t
 	}
 }
 
-// dropValue removes one value of a header field.
-func dropValue(h http.Header, name, value string) {
-	vs := h.Values(name)
-	for i, v := range vs {
-		if v == value {
-			vs = append(vs[:i:i], vs[i+1:]...)
-			break
-		}
-	}
-	if len(vs) == 0 {
-		h.Del(name)
-	} else {
-		h[http.CanonicalHeaderKey(name)] = vs
-	}
-}
-
 // statusWriter notes the status of a response that goes straight to the
 // client, for the breaker. http.ResponseController reaches the writer
 // beneath (flushes, hijacking for WebSocket, deadlines) through Unwrap.
+//
+// It appends cacheStatus to Cache-Status when the header goes out (or, if
+// nothing was written, when next returns, for the error response): after
+// the members of caches behind it, which reverse_proxy adds to the header
+// map while it copies the upstream's header (RFC 9211: each cache appends).
 type statusWriter struct {
 	http.ResponseWriter
-	status int
+	status      int
+	cacheStatus string
+	tagged      bool
+}
+
+func (w *statusWriter) tag() {
+	if !w.tagged {
+		w.tagged = true
+		w.ResponseWriter.Header().Add("Cache-Status", w.cacheStatus)
+	}
 }
 
 func (w *statusWriter) WriteHeader(code int) {
 	if w.status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
 		w.status = code
+		w.tag()
 	}
 	w.ResponseWriter.WriteHeader(code)
 }
@@ -407,10 +407,17 @@ func (w *statusWriter) WriteHeader(code int) {
 func (w *statusWriter) Write(p []byte) (int, error) {
 	if w.status == 0 {
 		w.status = http.StatusOK
+		w.tag()
 	}
 	return w.ResponseWriter.Write(p)
 }
 
-func (w *statusWriter) Flush() { _ = http.NewResponseController(w.ResponseWriter).Flush() }
+func (w *statusWriter) Flush() {
+	if w.status == 0 {
+		w.status = http.StatusOK
+		w.tag()
+	}
+	_ = http.NewResponseController(w.ResponseWriter).Flush()
+}
 
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

@@ -304,6 +304,8 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 		res.stale.writeStale(w, r, "collapsed; ", time.Now())
 		e.observe(r, Event{Outcome: OutcomeStale, Key: key, Wait: waited, Detail: "stale-if-error"})
 		return nil
+	case res.stale != nil:
+		return e.alone(w, r, next, key, OutcomeUncollapsible, "vary-mismatch", "vary-miss")
 	case !res.openUntil.IsZero():
 		writeOpen(w, r, "collapsed; ", res.openUntil)
 		e.observe(r, Event{Outcome: OutcomeBreakerOpen, Key: key, Wait: waited, Detail: detailBreakerOpen})

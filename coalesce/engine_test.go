@@ -1141,6 +1141,43 @@ func TestStaleIfErrorAnswersFollowersToo(t *testing.T) {
 	}
 }
 
+// The leader's stand-in copy varies on a field the follower sent otherwise:
+// the follower goes alone, as for any Vary mismatch, and says so in a valid
+// Cache-Status (a parameter needs a value).
+func TestStaleIfErrorCopyOfAnotherVariantSendsTheFollowerAlone(t *testing.T) {
+	g := newGate(t)
+	var failing atomic.Bool
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		w.Header().Set("Vary", "X-V")
+		if failing.Load() {
+			g.wait(r)
+			http.Error(w, "down", http.StatusBadGateway)
+			return
+		}
+		io.WriteString(w, "good "+r.Header.Get("X-V"))
+	})
+	e := newEngine(t, func(c *Config) { c.TTL = 20 * time.Millisecond; c.StaleIfError = 10 * time.Second })
+	srv := newServer(t, e.Handler(o))
+	get(t, srv, "/x", "X-V", "a")
+	failing.Store(true)
+	time.Sleep(40 * time.Millisecond)
+	leader := async(func() reply { return get(t, srv, "/x", "X-V", "a") })
+	waitFor(t, "the leader upstream", func() bool { return o.calls.Load() == 2 })
+	follower := async(func() reply { return get(t, srv, "/x", "X-V", "b") })
+	waitWaiters(t, e, 1)
+	g.open()
+	if r := receive(t, leader, "leader"); r.body != "good a" {
+		t.Errorf("leader got %d %q (%q), want its stale copy", r.status, r.body, r.cacheStatus())
+	}
+	r := receive(t, follower, "follower")
+	if r.body == "good a" {
+		t.Errorf("follower with X-V: b got the X-V: a copy")
+	}
+	if cs := r.cacheStatus(); strings.HasSuffix(cs, "=") || !strings.Contains(cs, "fwd=vary-miss") {
+		t.Errorf("follower Cache-Status %q, want a vary-miss with a value for every parameter", cs)
+	}
+}
+
 // A background refresh that meets a failing upstream must not throw away
 // the copy stale_if_error will need.
 func TestFailedRefreshKeepsTheStaleIfErrorCopy(t *testing.T) {

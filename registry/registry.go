@@ -140,7 +140,7 @@ type Flight[V any] struct {
 //
 // note describes the flight for inspection (Inflight), e.g. "GET /api/x".
 func (r *Registry[V]) Join(ctx context.Context, key, note string) (*Flight[V], Role) {
-	s := &r.shards[maphash.String(r.seed, key)%shardCount]
+	s := r.shardFor(key)
 	s.mu.Lock()
 	if f, ok := s.flights[key]; ok {
 		if f.addFollower(r.opts.MaxFollowers) {
@@ -165,9 +165,7 @@ func (r *Registry[V]) Join(ctx context.Context, key, note string) (*Flight[V], R
 	}
 	f := r.newFlight(ctx, s, key, note)
 	s.mu.Unlock()
-
-	r.led.Add(1)
-	f.stopWatch = context.AfterFunc(ctx, f.release)
+	f.watchLeader(ctx)
 	return f, Leader
 }
 
@@ -176,7 +174,7 @@ func (r *Registry[V]) Join(ctx context.Context, key, note string) (*Flight[V], R
 // anywhere. It suits work done on nobody's behalf, such as a background
 // refresh that must not run twice.
 func (r *Registry[V]) Lead(ctx context.Context, key, note string) (*Flight[V], bool) {
-	s := &r.shards[maphash.String(r.seed, key)%shardCount]
+	s := r.shardFor(key)
 	s.mu.Lock()
 	if _, ok := s.flights[key]; ok || !r.reserveFlight() {
 		s.mu.Unlock()
@@ -184,8 +182,7 @@ func (r *Registry[V]) Lead(ctx context.Context, key, note string) (*Flight[V], b
 	}
 	f := r.newFlight(ctx, s, key, note)
 	s.mu.Unlock()
-	r.led.Add(1)
-	f.stopWatch = context.AfterFunc(ctx, f.release)
+	f.watchLeader(ctx)
 	return f, true
 }
 
@@ -197,6 +194,18 @@ func (r *Registry[V]) newFlight(ctx context.Context, s *shard[V], key, note stri
 	f.clients.Store(1)
 	s.flights[key] = f
 	return f
+}
+
+// shardFor is the shard that holds key's flights.
+func (r *Registry[V]) shardFor(key string) *shard[V] {
+	return &r.shards[maphash.String(r.seed, key)%shardCount]
+}
+
+// watchLeader counts f as led and ties its leader to ctx: when the leader's
+// client goes away, it stops counting as one of f's clients.
+func (f *Flight[V]) watchLeader(ctx context.Context) {
+	f.reg.led.Add(1)
+	f.stopWatch = context.AfterFunc(ctx, f.release)
 }
 
 // reserveFlight counts one more flight unless MaxFlights is reached. Joins

@@ -372,8 +372,51 @@ type report struct {
 	byKey   map[[2]string][]measurement
 	aggs    map[[2]string]agg
 	systems []string // in display order, as measured
+	dir     string
 	wls     []string
 }
+
+// span is "min–max" of a figure over the rounds of (wl, sys).
+func (r *report) span(wl, sys string, f func(m measurement) float64, format func(float64) string) string {
+	lo, hi := math.Inf(1), math.Inf(-1)
+	n := 0
+	for _, m := range r.byKey[[2]string{wl, sys}] {
+		if m.Failed != "" || math.IsNaN(f(m)) {
+			continue
+		}
+		lo, hi = math.Min(lo, f(m)), math.Max(hi, f(m))
+		n++
+	}
+	if n < 2 {
+		return ""
+	}
+	return " (" + format(lo) + "–" + format(hi) + ")"
+}
+
+// perRound lists f(a) / f(b) for the rounds where both were measured.
+func (r *report) perRound(wl, a, b string, f func(m measurement) float64) string {
+	byRound := map[int]float64{}
+	for _, m := range r.byKey[[2]string{wl, b}] {
+		if m.Failed == "" {
+			byRound[m.Round] = f(m)
+		}
+	}
+	var parts []string
+	ms := slices.Clone(r.byKey[[2]string{wl, a}])
+	sort.Slice(ms, func(i, j int) bool { return ms[i].Round < ms[j].Round })
+	for _, m := range ms {
+		if d, ok := byRound[m.Round]; ok && m.Failed == "" && d > 0 {
+			parts = append(parts, f2(f(m)/d))
+		}
+	}
+	if len(parts) < 2 {
+		return ""
+	}
+	return "; per round " + strings.Join(parts, ", ")
+}
+
+func rpsOf(m measurement) float64 { return m.RPS }
+func p99Of(m measurement) float64 { return m.P99 }
 
 func (r *report) get(wl, sys string) (agg, bool) {
 	a, ok := r.aggs[[2]string{wl, sys}]
@@ -403,7 +446,7 @@ func main() {
 	}
 	files, _ := filepath.Glob(filepath.Join(*dir, "raw", "*.txt"))
 	sort.Strings(files)
-	r := &report{meta: meta, byKey: map[[2]string][]measurement{}, aggs: map[[2]string]agg{}}
+	r := &report{dir: *dir, meta: meta, byKey: map[[2]string][]measurement{}, aggs: map[[2]string]agg{}}
 	jl, err := os.Create(filepath.Join(*dir, "results.jsonl"))
 	if err != nil {
 		log.Fatal(err)
@@ -498,7 +541,7 @@ func (r *report) targets() []verdict {
 		if resp, ok := r.get("hot", "caddy-respond"); ok && okHot {
 			x := hot.rps / resp.rps
 			v = append(v, verdict{"hot key: req/s ≥ 0.9 × Caddy `respond` — " + name,
-				fmt.Sprintf("%s vs %s req/s: %s ×", f0(hot.rps), f0(resp.rps), f2(x)), pass(x >= 0.9)})
+				fmt.Sprintf("%s vs %s req/s: %s ×%s", f0(hot.rps), f0(resp.rps), f2(x), r.perRound("hot", sys, "caddy-respond", rpsOf)), pass(x >= 0.9)})
 		} else {
 			v = append(v, verdict{"hot key: req/s ≥ 0.9 × Caddy `respond` — " + name, "–", pending})
 		}
@@ -509,9 +552,9 @@ func (r *report) targets() []verdict {
 		if va, ok := r.get("hot", vsys); ok && okHot {
 			x := hot.rps / va.rps
 			v = append(v, verdict{fmt.Sprintf("hot key: req/s ≥ 1.0 × `%s` — %s", vsys, name),
-				fmt.Sprintf("%s vs %s req/s: %s ×", f0(hot.rps), f0(va.rps), f2(x)), pass(x >= 1.0)})
+				fmt.Sprintf("%s vs %s req/s: %s ×%s", f0(hot.rps), f0(va.rps), f2(x), r.perRound("hot", sys, vsys, rpsOf)), pass(x >= 1.0)})
 			v = append(v, verdict{fmt.Sprintf("hot key: p99 ≤ `%s`'s — %s", vsys, name),
-				fmt.Sprintf("%s ms vs %s ms", fms(hot.p99), fms(va.p99)), pass(hot.p99 <= va.p99)})
+				fmt.Sprintf("%s ms vs %s ms%s", fms(hot.p99), fms(va.p99), r.perRound("hot", sys, vsys, p99Of)), pass(hot.p99 <= va.p99)})
 		} else {
 			v = append(v, verdict{fmt.Sprintf("hot key: req/s and p99 vs `%s` — %s", vsys, name), "–", pending})
 		}
@@ -536,7 +579,8 @@ func (r *report) targets() []verdict {
 			if ok1 && ok2 {
 				x := 1 - c.rps/p.rps
 				v = append(v, verdict{fmt.Sprintf("%s: ≤ 5 %% req/s below `reverse_proxy` — %s", what, name),
-					fmt.Sprintf("%s vs %s req/s: %s %% below (p99 %s vs %s ms)", f0(c.rps), f0(p.rps), f1(100*x), fms(c.p99), fms(p.p99)),
+					fmt.Sprintf("%s vs %s req/s: %s %% below (p99 %s vs %s ms)%s", f0(c.rps), f0(p.rps), f1(100*x), fms(c.p99), fms(p.p99),
+						r.perRound(wl, sys, "caddy-proxy", rpsOf)),
 					pass(x <= 0.05)})
 			} else {
 				v = append(v, verdict{fmt.Sprintf("%s: ≤ 5 %% req/s below `reverse_proxy` — %s", what, name), "–", pending})
@@ -581,7 +625,7 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 		p("**%s measurement(s) failed** (see the `failed=` lines in the raw files); they are left out of the medians.\n\n", f)
 	}
 
-	p("## Targets\n\n| target | measured | verdict |\n|---|---|---|\n")
+	p("## Targets\n\nFigures are medians over the rounds; *per round* gives the ratio of the two systems in each round (measured minutes apart), to show how much of a verdict is noise.\n\n| target | measured | verdict |\n|---|---|---|\n")
 	for _, v := range r.targets() {
 		p("| %s | %s | %s |\n", v.target, v.measured, v.result)
 	}
@@ -611,11 +655,11 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 		}
 		switch wl {
 		case "herd":
-			p("| system | client p50 ms | client p99 ms | client max ms | upstream alone p50 / p99 ms | calls/herd | distinct bodies/herd | errors | peak RSS MB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+			p("| system | client p50 ms | client p99 ms (range) | client max ms | upstream alone p50 / p99 ms | calls/herd | distinct bodies/herd | errors | peak RSS MB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		case "mem":
 			p("| system | req/s | p99 ms | client requests (timed load) | upstream requests (fill + load) | upstream keys | cache entries at end | cache MB | RSS at end MB | peak RSS MB | peak RSS over plain Caddy MB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		default:
-			p("| system | req/s | p50 ms | p99 ms | max ms | upstream requests | minimum | ratio | peak RSS MB | errors / non-2xx |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+			p("| system | req/s (range) | p50 ms | p99 ms (range) | max ms | upstream requests | minimum | ratio | peak RSS MB | errors / non-2xx |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		}
 		base, _ := r.get("mem", "caddy-proxy")
 		for _, sys := range r.systems {
@@ -633,7 +677,7 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 			}
 			switch wl {
 			case "herd":
-				p("| %s | %s | %s | %s | %s / %s | %s | %s | %s | %s |\n", name, fms(a.p50), fms(a.p99), fms(a.max),
+				p("| %s | %s | %s%s | %s | %s / %s | %s | %s | %s | %s |\n", name, fms(a.p50), fms(a.p99), r.span(wl, sys, p99Of, fms), fms(a.max),
 					fms(a.dirP50), fms(a.dirP99), f2(a.ratio), f1(a.distinct), f0(a.errs+a.non2xx), f1(a.hwm))
 			case "mem":
 				over := "–"
@@ -647,13 +691,17 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 				if sys == "caddy-respond" {
 					up, mn, ratio = "–", "–", "–"
 				}
-				p("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s / %s |\n", name, f0(a.rps), fms(a.p50), fms(a.p99), fms(a.max),
+				p("| %s | %s%s | %s | %s%s | %s | %s | %s | %s | %s | %s / %s |\n", name, f0(a.rps), r.span(wl, sys, rpsOf, f0), fms(a.p50),
+					fms(a.p99), r.span(wl, sys, p99Of, fms), fms(a.max),
 					up, mn, ratio, f1(a.hwm), f0(a.errs), f0(a.non2xx))
 			}
 		}
 		p("\n")
 	}
 
+	if notes, err := os.ReadFile(filepath.Join(r.dir, "notes.md")); err == nil {
+		p("## About this run\n\n%s\n", strings.TrimSpace(string(notes))+"\n")
+	}
 	p("## Notes\n\n")
 	p("- Peak RSS is VmHWM from `/proc/<pid>/status`, summed over the proxy's processes (NGINX master, workers, cache manager and loader; Varnish manager and child), so pages shared between processes count once per process.\n")
 	p("- wrk counts a non-2xx answer as an error (`non-2xx` column); `errors` are connect/read/write errors and timeouts.\n")

@@ -16,16 +16,18 @@ import (
 // The circuit breaker, end to end: real upstreams on 127.0.0.1 behind the
 // in-process Caddy.
 
-// failing is an upstream handler that answers 200 "good" until bad is set,
-// then 503.
-func failing(bad *atomic.Bool) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+// failingUpstream starts an upstream that answers 200 "good" while bad is
+// false and 503 while it is true; bad starts set to down.
+func failingUpstream(t *testing.T, down bool) (up *upstream, bad *atomic.Bool) {
+	bad = new(atomic.Bool)
+	bad.Store(down)
+	return newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		if bad.Load() {
 			http.Error(w, "down", http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = fmt.Fprint(w, "good")
-	}
+	}), bad
 }
 
 // brokenListener accepts connections on 127.0.0.1 and closes them at once
@@ -85,9 +87,7 @@ func isBreakerOpen(f fetched, maxSecs int) bool {
 }
 
 func TestBreakerTripsAfterFailuresAndAnswers503WithoutTheUpstream(t *testing.T) {
-	var bad atomic.Bool
-	bad.Store(true)
-	up := newUpstream(t, failing(&bad))
+	up, _ := failingUpstream(t, true)
 	startCaddy(t, breakerSite("breaker {\nfailures 3\nopen 10s\n}", "{up}", ""), up)
 	client := newClient(t)
 
@@ -127,9 +127,7 @@ func TestBreakerCountsAConnectionRefusedUpstreamAsFailing(t *testing.T) {
 }
 
 func TestBreakerRecoversThroughAProbeAfterOpen(t *testing.T) {
-	var bad atomic.Bool
-	bad.Store(true)
-	up := newUpstream(t, failing(&bad))
+	up, bad := failingUpstream(t, true)
 	startCaddy(t, breakerSite("breaker {\nfailures 2\nopen 1s\n}", "{up}", ""), up)
 	client := newClient(t)
 	for i := range 2 {
@@ -256,9 +254,7 @@ func TestBreakerPoolServesEveryRequestAroundADeadMember(t *testing.T) {
 }
 
 func TestBreakerRatioDoesNotTripBelowMin(t *testing.T) {
-	var bad atomic.Bool
-	bad.Store(true)
-	up := newUpstream(t, failing(&bad))
+	up, _ := failingUpstream(t, true)
 	startCaddy(t, breakerSite("breaker {\nratio 0.5 min 10 window 10s\n}", "{up}", ""), up)
 	client := newClient(t)
 	for i := range 9 {
@@ -312,8 +308,7 @@ func TestBreakerDoesNotCountClientsThatGaveUp(t *testing.T) {
 }
 
 func TestStaleIfErrorServesTheLastGoodCopyDuringAnOutageAndStopsAfterItsWindow(t *testing.T) {
-	var bad atomic.Bool
-	up := newUpstream(t, failing(&bad))
+	up, bad := failingUpstream(t, false)
 	startCaddy(t, breakerSite("ttl 100ms\nstale_if_error 2s\nbreaker {\nfailures 2\nopen 10s\n}", "{up}", ""), up)
 	client := newClient(t)
 	url := baseURL + pathFor(t, "")
@@ -413,9 +408,7 @@ func TestStaleWhileRevalidateRefreshesOncePerExpiryAndNobodyWaits(t *testing.T) 
 }
 
 func TestBreakerStaysOpenAcrossAReload(t *testing.T) {
-	var bad atomic.Bool
-	bad.Store(true)
-	up := newUpstream(t, failing(&bad))
+	up, _ := failingUpstream(t, true)
 	options := "breaker {\nfailures 2\nopen 30s\n}"
 	startCaddy(t, breakerSite(options, up.addr, "lb_policy breaker"))
 	client := newClient(t)

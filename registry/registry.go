@@ -163,7 +163,7 @@ func (r *Registry[V]) Join(ctx context.Context, key, note string) (*Flight[V], R
 		r.rejected.Add(1)
 		return nil, Rejected
 	}
-	f := r.newFlight(ctx, s, key, note)
+	f := r.newFlight(context.WithoutCancel(ctx), s, key, note)
 	s.mu.Unlock()
 	f.watchLeader(ctx)
 	return f, Leader
@@ -172,7 +172,9 @@ func (r *Registry[V]) Join(ctx context.Context, key, note string) (*Flight[V], R
 // Lead makes the caller the leader of a new flight for key if none is
 // running; otherwise it returns nil and false and the caller is not counted
 // anywhere. It suits work done on nobody's behalf, such as a background
-// refresh that must not run twice.
+// refresh that must not run twice. Its Context ends when ctx does, also
+// while followers wait: ctx is the bound of the work, and followers that
+// keep joining must not keep it running past that.
 func (r *Registry[V]) Lead(ctx context.Context, key, note string) (*Flight[V], bool) {
 	s := r.shardFor(key)
 	s.mu.Lock()
@@ -186,11 +188,11 @@ func (r *Registry[V]) Lead(ctx context.Context, key, note string) (*Flight[V], b
 	return f, true
 }
 
-// newFlight creates a flight with its leader counted and puts it in s.
-// Called under s.mu.
-func (r *Registry[V]) newFlight(ctx context.Context, s *shard[V], key, note string) *Flight[V] {
+// newFlight creates a flight with its leader counted and puts it in s; the
+// flight's context is a child of parent. Called under s.mu.
+func (r *Registry[V]) newFlight(parent context.Context, s *shard[V], key, note string) *Flight[V] {
 	f := &Flight[V]{key: key, note: note, reg: r, shard: s, started: r.now(), done: make(chan struct{})}
-	f.ctx, f.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	f.ctx, f.cancel = context.WithCancel(parent)
 	f.clients.Store(1)
 	s.flights[key] = f
 	return f
@@ -277,7 +279,8 @@ func (f *Flight[V]) Waiters() int { return int(f.followers.Load()) }
 
 // Context is the context for the leader's work: it carries the values of the
 // leader's client context and is cancelled only when every client of the
-// flight has gone (or after the flight is done and the leader has left).
+// flight has gone (or after the flight is done and the leader has left), or,
+// for a flight started by Lead, when Lead's ctx ends.
 func (f *Flight[V]) Context() context.Context { return f.ctx }
 
 // Publish hands the result to every follower and removes the flight from the

@@ -436,6 +436,28 @@ func TestLeadStartsAFlightOnlyWhenNoneRuns(t *testing.T) {
 	checkIdle(t, r)
 }
 
+// Lead's work is done on nobody's behalf: its context is the bound of the
+// work, and followers that join it do not extend it.
+func TestLeadFlightEndsWithItsContextEvenWithFollowers(t *testing.T) {
+	r := registry.New[string](registry.Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	refresh, ok := r.Lead(ctx, "k", "refresh")
+	if !ok {
+		t.Fatal("Lead refused")
+	}
+	follower := mustJoin(t, r, context.Background(), "k", registry.Follower)
+	got := wait(follower, context.Background(), 0)
+	cancel()
+	waitDone(t, refresh.Context(), "refresh flight after its context ended")
+	refresh.Publish("late", nil)
+	refresh.Leave()
+	if res := receive(t, got, "follower"); res.v != "late" {
+		t.Errorf("follower got %+v", res)
+	}
+	checkIdle(t, r)
+}
+
 func TestMaxFollowersRejects(t *testing.T) {
 	r := registry.New[string](registry.Options{MaxFollowers: 2})
 	leader := mustJoin(t, r, context.Background(), "k", registry.Leader)

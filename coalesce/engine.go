@@ -516,11 +516,16 @@ func (e *Engine) refresh(r *http.Request, key Key, next Next) {
 		err := next(rec, ur)
 		rec.finish()
 		pass.settle(ur, err, rec.status)
-		if err != nil || rec.streaming || !rec.complete() || rec.status >= 500 {
+		// Cut off by its timeout, a handler may return no error with
+		// nothing or a part written: not a response either.
+		cut := ur.Context().Err() != nil
+		if err != nil || cut || rec.streaming || !rec.complete() || rec.status >= 500 {
 			// A failed refresh leaves the stored copy alone: stale_if_error
 			// may still need it.
 			if ent := e.spare(key, br); ent != nil {
 				f.Publish(&result{stale: ent}, nil)
+			} else if cut {
+				f.Publish(&result{err: &StatusError{Status: http.StatusGatewayTimeout, Err: ErrWaitTimeout}}, nil)
 			} else {
 				f.Publish(&result{err: err, reason: "refresh-failed"}, nil)
 			}

@@ -1063,6 +1063,74 @@ func TestStaleWhileRevalidateServesAtOnceWithOneRefresh(t *testing.T) {
 	}
 }
 
+// A refresh is bounded by its own timeout (max_wait), also while requests
+// keep joining it as followers (a hot key whose stale window has passed):
+// each follower waits at most max_wait, but overlapping followers must not
+// keep a hung upstream request alive for ever.
+func TestRefreshEndsAtItsTimeoutWhileFollowersKeepJoining(t *testing.T) {
+	ended := make(chan time.Duration, 1)
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		if n == 2 {
+			start := time.Now()
+			<-r.Context().Done() // a hung upstream
+			ended <- time.Since(start)
+			return
+		}
+		fmt.Fprintf(w, "v%d", n)
+	})
+	e := newEngine(t, func(c *Config) {
+		c.TTL = 10 * time.Millisecond
+		c.Stale = time.Hour
+		c.MaxWait = 100 * time.Millisecond
+	})
+	srv := newServer(t, e.Handler(o))
+	get(t, srv, "/x")
+	time.Sleep(20 * time.Millisecond)
+	get(t, srv, "/x") // stale: starts the refresh
+	waitFor(t, "the refresh upstream", func() bool { return o.calls.Load() == 2 })
+	stop := time.Now().Add(time.Second)
+	var wg sync.WaitGroup
+	for time.Now().Before(stop) {
+		wg.Go(func() { get(t, srv, "/x", "Cache-Control", "no-cache") }) // joins the refresh
+		time.Sleep(20 * time.Millisecond)
+	}
+	wg.Wait()
+	select {
+	case took := <-ended:
+		if took > 600*time.Millisecond {
+			t.Errorf("the refresh's upstream request ran %s, want it cancelled at its 100ms timeout", took)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the refresh's upstream request never ended")
+	}
+}
+
+// A plain http.Handler cut off by the refresh's timeout returns without an
+// error, having written nothing or a part: that is not a response to store.
+func TestRefreshCutOffByItsTimeoutStoresNothing(t *testing.T) {
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		if n == 2 {
+			<-r.Context().Done()
+			return
+		}
+		fmt.Fprintf(w, "v%d", n)
+	})
+	e := newEngine(t, func(c *Config) {
+		c.TTL = 10 * time.Millisecond
+		c.Stale = time.Hour
+		c.MaxWait = 50 * time.Millisecond
+	})
+	srv := newServer(t, e.Handler(o))
+	get(t, srv, "/x")
+	time.Sleep(20 * time.Millisecond)
+	get(t, srv, "/x") // stale: starts the refresh
+	waitFor(t, "the refresh upstream", func() bool { return o.calls.Load() == 2 })
+	waitFor(t, "the refresh to end", func() bool { return e.Stats().Registry.ActiveKeys == 0 })
+	if r := get(t, srv, "/x"); r.body != "v1" {
+		t.Errorf("after the refresh was cut off: %d %q (%q), want the stale v1", r.status, r.body, r.cacheStatus())
+	}
+}
+
 func TestStaleIfErrorServesTheLastGoodCopy(t *testing.T) {
 	cases := []struct {
 		name string

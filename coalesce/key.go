@@ -132,37 +132,42 @@ func encodingClass(h http.Header) string {
 	if len(vs) == 0 {
 		return ""
 	}
-	var gzip, br, zstd, deflate, other bool
+	var class int
 	for _, v := range vs {
 		for part := range strings.SplitSeq(v, ",") {
 			name, params, _ := strings.Cut(part, ";")
 			if q := strings.TrimSpace(params); strings.HasPrefix(q, "q=0") && strings.Trim(q[3:], ".0") == "" {
 				continue // q=0 means "not acceptable"
 			}
-			switch strings.ToLower(strings.TrimSpace(name)) {
-			case "gzip", "x-gzip":
-				gzip = true
-			case "br":
-				br = true
-			case "zstd":
-				zstd = true
-			case "deflate":
-				deflate = true
-			case "identity", "":
+			name = strings.TrimSpace(name)
+			switch {
+			case name == "" || strings.EqualFold(name, "identity"):
+			case strings.EqualFold(name, "br"):
+				class |= 1 << 0
+			case strings.EqualFold(name, "deflate"):
+				class |= 1 << 1
+			case strings.EqualFold(name, "gzip") || strings.EqualFold(name, "x-gzip"):
+				class |= 1 << 2
+			case strings.EqualFold(name, "zstd"):
+				class |= 1 << 3
 			default:
-				other = true
+				class |= 1 << 4
 			}
 		}
 	}
-	var s []byte
-	for _, c := range []struct {
-		on   bool
-		name string
-	}{{br, "br"}, {deflate, "deflate"}, {gzip, "gzip"}, {zstd, "zstd"}, {other, "*"}} {
-		if c.on {
-			s = append(s, c.name...)
-			s = append(s, ' ')
+	return encodingClasses[class]
+}
+
+// encodingClasses names every set of codings once, so that computing a
+// class on the hot path allocates nothing.
+var encodingClasses = func() (names [32]string) {
+	codings := [5]string{"br", "deflate", "gzip", "zstd", "*"}
+	for class := range names {
+		for bit, name := range codings {
+			if class&(1<<bit) != 0 {
+				names[class] += name + " "
+			}
 		}
 	}
-	return string(s)
-}
+	return names
+}()

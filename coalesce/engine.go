@@ -105,9 +105,13 @@ type core struct {
 	hfm   *marks
 	guard *guard // nil when breakers are off
 
+	// stop ends when the engine is closed: it cancels running refreshes.
+	// closeMu orders a refresh's start (refreshes.Add) before Close's Wait.
 	refreshes sync.WaitGroup
 	closeOnce sync.Once
-	closed    chan struct{}
+	closeMu   sync.Mutex
+	stop      context.Context
+	stopAll   context.CancelFunc
 }
 
 // New builds an engine; cfg must pass Validate.
@@ -115,14 +119,16 @@ func New(cfg Config) (*Engine, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	stop, stopAll := context.WithCancel(context.Background())
 	return &Engine{hooks: cfg.Hooks, seen: new(seenUpstreams), core: &core{
-		cfg:    cfg,
-		keys:   newKeyDeriver(cfg.IdentityHeaders, cfg.Public, cfg.KeyHeaders),
-		reg:    registry.New[*result](registry.Options{MaxFlights: cfg.MaxFlights}),
-		cache:  newMicroCache(cfg.MaxEntries, cfg.MaxMemory),
-		hfm:    newMarks(cfg.MaxEntries),
-		guard:  newGuard(cfg),
-		closed: make(chan struct{}),
+		cfg:     cfg,
+		keys:    newKeyDeriver(cfg.IdentityHeaders, cfg.Public, cfg.KeyHeaders),
+		reg:     registry.New[*result](registry.Options{MaxFlights: cfg.MaxFlights}),
+		cache:   newMicroCache(cfg.MaxEntries, cfg.MaxMemory),
+		hfm:     newMarks(cfg.MaxEntries),
+		guard:   newGuard(cfg),
+		stop:    stop,
+		stopAll: stopAll,
 	}}, nil
 }
 
@@ -134,10 +140,15 @@ func (e *Engine) WithHooks(h Hooks) *Engine {
 	return &Engine{core: e.core, hooks: h, seen: new(seenUpstreams)}
 }
 
-// Close waits for background refreshes to end (each is bounded by its own
-// timeout) and stops new ones.
+// Close stops new background refreshes, cancels the running ones and waits
+// for them to end. (A server closes an engine while it reloads its
+// configuration: it must not wait for a refresh on a hung upstream.)
 func (e *Engine) Close() {
-	e.closeOnce.Do(func() { close(e.closed) })
+	e.closeOnce.Do(func() {
+		e.closeMu.Lock()
+		e.stopAll()
+		e.closeMu.Unlock()
+	})
 	e.refreshes.Wait()
 }
 
@@ -465,20 +476,34 @@ func (e *Engine) store(key Key, resp *Response) bool {
 // refresh starts one background request for key unless one is running. It
 // is detached from every client and bounded by its own timeout.
 func (e *Engine) refresh(r *http.Request, key Key, next Next) {
-	select {
-	case <-e.closed:
+	if e.stop.Err() != nil {
 		return
-	default:
 	}
 	timeout := e.cfg.MaxWait
 	if timeout <= 0 {
 		timeout = 30 * time.Second
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
+	ctx, cancelCtx := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
 	f, ok := e.reg.Lead(ctx, string(key[:]), "refresh "+r.Method+" "+r.URL.Path)
 	if !ok {
-		cancel()
+		cancelCtx()
 		return
+	}
+	e.closeMu.Lock()
+	if e.stop.Err() != nil {
+		e.closeMu.Unlock()
+		f.Publish(&result{reason: "refresh-failed"}, nil)
+		f.Leave()
+		cancelCtx()
+		return
+	}
+	e.refreshes.Add(1)
+	e.closeMu.Unlock()
+	unwatch := context.AfterFunc(e.stop, cancelCtx) // Close cancels it
+	cancel := func() {
+		unwatch()
+		cancelCtx()
+		e.refreshes.Done()
 	}
 	var br *http.Request
 	if e.hooks.Detach != nil {
@@ -500,9 +525,7 @@ func (e *Engine) refresh(r *http.Request, key Key, next Next) {
 		cancel()
 		return
 	}
-	e.refreshes.Add(1)
 	go func() {
-		defer e.refreshes.Done()
 		defer cancel()
 		defer f.Leave()
 		defer pass.release()

@@ -1131,6 +1131,30 @@ func TestRefreshCutOffByItsTimeoutStoresNothing(t *testing.T) {
 	}
 }
 
+// Close runs when the last config holding the engine is cleaned up, inside
+// Caddy's config reload: it must not wait for a refresh stuck on a hung
+// upstream, it cancels it.
+func TestCloseCancelsARefreshStuckOnAHungUpstream(t *testing.T) {
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		if n == 2 {
+			<-r.Context().Done()
+			return
+		}
+		fmt.Fprintf(w, "v%d", n)
+	})
+	e := newEngine(t, func(c *Config) { c.TTL = 10 * time.Millisecond; c.Stale = time.Hour })
+	srv := newServer(t, e.Handler(o))
+	get(t, srv, "/x")
+	time.Sleep(20 * time.Millisecond)
+	get(t, srv, "/x")
+	waitFor(t, "the refresh upstream", func() bool { return o.calls.Load() == 2 })
+	start := time.Now()
+	e.Close()
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("Close took %s waiting for a refresh (max_wait %s), want it cancelled at once", took, e.cfg.MaxWait)
+	}
+}
+
 func TestStaleIfErrorServesTheLastGoodCopy(t *testing.T) {
 	cases := []struct {
 		name string

@@ -1063,11 +1063,13 @@ func TestStaleWhileRevalidateServesAtOnceWithOneRefresh(t *testing.T) {
 	}
 }
 
-// A refresh is bounded by its own timeout (max_wait), also while requests
-// keep joining it as followers (a hot key whose stale window has passed):
-// each follower waits at most max_wait, but overlapping followers must not
-// keep a hung upstream request alive for ever.
-func TestRefreshEndsAtItsTimeoutWhileFollowersKeepJoining(t *testing.T) {
+// refreshOnAHungUpstream starts an engine (ttl 10ms, stale an hour, then
+// change) in front of an upstream that answers "v<n>" but hangs on its
+// second call until that call's context ends, and makes that call: the
+// refresh of a stale hit. It returns once the refresh is at the upstream;
+// hung receives how long the refresh's upstream call ran.
+func refreshOnAHungUpstream(t *testing.T, change func(*Config)) (e *Engine, srv *httptest.Server, hung <-chan time.Duration) {
+	t.Helper()
 	ended := make(chan time.Duration, 1)
 	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
 		if n == 2 {
@@ -1078,16 +1080,27 @@ func TestRefreshEndsAtItsTimeoutWhileFollowersKeepJoining(t *testing.T) {
 		}
 		fmt.Fprintf(w, "v%d", n)
 	})
-	e := newEngine(t, func(c *Config) {
+	e = newEngine(t, func(c *Config) {
 		c.TTL = 10 * time.Millisecond
 		c.Stale = time.Hour
-		c.MaxWait = 100 * time.Millisecond
+		if change != nil {
+			change(c)
+		}
 	})
-	srv := newServer(t, e.Handler(o))
+	srv = newServer(t, e.Handler(o))
 	get(t, srv, "/x")
 	time.Sleep(20 * time.Millisecond)
 	get(t, srv, "/x") // stale: starts the refresh
 	waitFor(t, "the refresh upstream", func() bool { return o.calls.Load() == 2 })
+	return e, srv, ended
+}
+
+// A refresh is bounded by its own timeout (max_wait), also while requests
+// keep joining it as followers (a hot key whose stale window has passed):
+// each follower waits at most max_wait, but overlapping followers must not
+// keep a hung upstream request alive for ever.
+func TestRefreshEndsAtItsTimeoutWhileFollowersKeepJoining(t *testing.T) {
+	_, srv, hung := refreshOnAHungUpstream(t, func(c *Config) { c.MaxWait = 100 * time.Millisecond })
 	stop := time.Now().Add(time.Second)
 	var wg sync.WaitGroup
 	for time.Now().Before(stop) {
@@ -1096,7 +1109,7 @@ func TestRefreshEndsAtItsTimeoutWhileFollowersKeepJoining(t *testing.T) {
 	}
 	wg.Wait()
 	select {
-	case took := <-ended:
+	case took := <-hung:
 		if took > 600*time.Millisecond {
 			t.Errorf("the refresh's upstream request ran %s, want it cancelled at its 100ms timeout", took)
 		}
@@ -1108,23 +1121,7 @@ func TestRefreshEndsAtItsTimeoutWhileFollowersKeepJoining(t *testing.T) {
 // A plain http.Handler cut off by the refresh's timeout returns without an
 // error, having written nothing or a part: that is not a response to store.
 func TestRefreshCutOffByItsTimeoutStoresNothing(t *testing.T) {
-	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
-		if n == 2 {
-			<-r.Context().Done()
-			return
-		}
-		fmt.Fprintf(w, "v%d", n)
-	})
-	e := newEngine(t, func(c *Config) {
-		c.TTL = 10 * time.Millisecond
-		c.Stale = time.Hour
-		c.MaxWait = 50 * time.Millisecond
-	})
-	srv := newServer(t, e.Handler(o))
-	get(t, srv, "/x")
-	time.Sleep(20 * time.Millisecond)
-	get(t, srv, "/x") // stale: starts the refresh
-	waitFor(t, "the refresh upstream", func() bool { return o.calls.Load() == 2 })
+	e, srv, _ := refreshOnAHungUpstream(t, func(c *Config) { c.MaxWait = 50 * time.Millisecond })
 	waitFor(t, "the refresh to end", func() bool { return e.Stats().Registry.ActiveKeys == 0 })
 	if r := get(t, srv, "/x"); r.body != "v1" {
 		t.Errorf("after the refresh was cut off: %d %q (%q), want the stale v1", r.status, r.body, r.cacheStatus())
@@ -1135,19 +1132,7 @@ func TestRefreshCutOffByItsTimeoutStoresNothing(t *testing.T) {
 // Caddy's config reload: it must not wait for a refresh stuck on a hung
 // upstream, it cancels it.
 func TestCloseCancelsARefreshStuckOnAHungUpstream(t *testing.T) {
-	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
-		if n == 2 {
-			<-r.Context().Done()
-			return
-		}
-		fmt.Fprintf(w, "v%d", n)
-	})
-	e := newEngine(t, func(c *Config) { c.TTL = 10 * time.Millisecond; c.Stale = time.Hour })
-	srv := newServer(t, e.Handler(o))
-	get(t, srv, "/x")
-	time.Sleep(20 * time.Millisecond)
-	get(t, srv, "/x")
-	waitFor(t, "the refresh upstream", func() bool { return o.calls.Load() == 2 })
+	e, _, _ := refreshOnAHungUpstream(t, nil)
 	start := time.Now()
 	e.Close()
 	if took := time.Since(start); took > time.Second {

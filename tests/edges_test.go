@@ -204,3 +204,27 @@ func TestCompressedAndPlainClientsEachGetABodyTheyCanRead(t *testing.T) {
 		t.Errorf("upstream calls: %d, want at most one per encoding class (3)", n)
 	}
 }
+
+// RFC 9211: a cache appends its Cache-Status member after those of the
+// caches behind it. reverse_proxy adds the upstream's fields to the header
+// map coalesce hands it, so on requests that pass straight through (POST,
+// Range) ours must still come last, as on those coalesce answers itself.
+func TestCacheStatusComesAfterTheUpstreamsMembers(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Add("Cache-Status", "origin-cache; hit")
+		_, _ = io.WriteString(w, "body")
+	})
+	startCaddy(t, site(""), up)
+	client := newClient(t)
+	url := baseURL + pathFor(t, "")
+	for _, c := range []struct {
+		method string
+		header []string
+	}{{"POST", nil}, {"GET", []string{"Range: bytes=0-1"}}, {"GET", nil}} {
+		f := get(client, c.method, url, c.header...)
+		members := f.header.Values("Cache-Status")
+		if f.err != nil || len(members) != 2 || members[0] != "origin-cache; hit" || !strings.HasPrefix(members[1], "caddy-coalesce;") {
+			t.Errorf("%s %q: %d Cache-Status %q (err %v), want the origin's member, then ours", c.method, c.header, f.status, members, f.err)
+		}
+	}
+}

@@ -231,7 +231,7 @@ func (h *Handler) unmarshalBreaker(d *caddyfile.Dispenser) error {
 			for _, a := range args {
 				n, err := strconv.Atoi(a)
 				if err != nil || n < 100 || n > 599 {
-					return d.Errf("status: %q is not an HTTP status code (100-599)", a)
+					return d.Errf("status: %q is not an HTTP status code; write codes between 100 and 599, e.g. status 502 503 504", a)
 				}
 				o.Status = append(o.Status, n)
 			}

@@ -62,7 +62,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
 	if d.NextArg() {
-		return d.ArgErr()
+		return d.Errf("coalesce takes no arguments besides a matcher (got %q); put options in a block: coalesce { ttl 50ms }", d.Val())
 	}
 	for d.NextBlock(0) {
 		opt := d.Val()
@@ -124,27 +124,27 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "key_headers":
 			fields := d.RemainingArgs()
 			if len(fields) == 0 {
-				return d.Errf("key_headers needs at least one header field name")
+				return d.Errf("key_headers needs at least one header field name, e.g. key_headers X-Tenant")
 			}
 			h.KeyHeaders = append(h.KeyHeaders, fields...)
 		case "identity_headers":
 			fields := d.RemainingArgs()
 			if len(fields) == 0 {
-				return d.Errf("identity_headers needs at least one header field name")
+				return d.Errf("identity_headers needs at least one header field name, e.g. identity_headers X-Api-Key")
 			}
 			h.IdentityHeaders = append(h.IdentityHeaders, fields...)
 		case "public":
 			if d.NextArg() {
-				return d.ArgErr()
+				return d.Errf("public takes no value (got %q); write just `public`", d.Val())
 			}
 			h.Public = true
 		case "zone":
 			if !d.NextArg() {
-				return d.ArgErr()
+				return d.Err("zone needs a name, e.g. zone api")
 			}
 			h.Zone = d.Val()
 			if d.NextArg() {
-				return d.ArgErr()
+				return d.Errf("zone takes one name, got another argument %q; remove it", d.Val())
 			}
 		default:
 			if err := h.unmarshalExtra(d, opt); err != nil {
@@ -165,7 +165,7 @@ func (h *Handler) unmarshalExtra(d *caddyfile.Dispenser, opt string) error {
 	if opt == "breaker" {
 		return h.unmarshalBreaker(d)
 	}
-	return d.Errf("unrecognized coalesce option %q; see the README for the options", opt)
+	return d.Errf("unrecognized coalesce option %q; the options are ttl, stale, stale_if_error, max_wait, max_body, max_entries, max_memory, key_headers, identity_headers, public, hit_for_miss, max_flights, zone and breaker (see the README)", opt)
 }
 
 // parseDuration reads exactly one duration argument, never negative.
@@ -179,10 +179,10 @@ func parseDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
 		return 0, d.Errf("%s: %q is not a duration (write e.g. 50ms, 2s): %v", opt, d.Val(), err)
 	}
 	if dur < 0 {
-		return 0, d.Errf("%s must not be negative (got %s)", opt, d.Val())
+		return 0, d.Errf("%s must not be negative (got %s); write 0 or a positive duration, e.g. %s 50ms", opt, d.Val(), opt)
 	}
 	if d.NextArg() {
-		return 0, d.Errf("%s takes one duration, got another argument %q", opt, d.Val())
+		return 0, d.Errf("%s takes one duration, got another argument %q; remove it", opt, d.Val())
 	}
 	return caddy.Duration(dur), nil
 }
@@ -195,10 +195,10 @@ func parseSize(d *caddyfile.Dispenser) (int64, error) {
 	}
 	n, err := humanize.ParseBytes(d.Val())
 	if err != nil || n == 0 || n > 1<<40 {
-		return 0, d.Errf("%s: %q is not a usable size (write e.g. 512KiB, 1MiB, 64MB)", opt, d.Val())
+		return 0, d.Errf("%s: %q is not a size from 1B to 1TiB (write e.g. 512KiB, 1MiB, 64MB)", opt, d.Val())
 	}
 	if d.NextArg() {
-		return 0, d.Errf("%s takes one size, got another argument %q", opt, d.Val())
+		return 0, d.Errf("%s takes one size, got another argument %q; remove it", opt, d.Val())
 	}
 	return int64(n), nil
 }
@@ -207,14 +207,14 @@ func parseSize(d *caddyfile.Dispenser) (int64, error) {
 func parseCount(d *caddyfile.Dispenser) (int, error) {
 	opt := d.Val()
 	if !d.NextArg() {
-		return 0, d.Errf("%s needs a number", opt)
+		return 0, d.Errf("%s needs a number, e.g. %s 100", opt, opt)
 	}
 	n, err := strconv.Atoi(d.Val())
 	if err != nil || n <= 0 {
 		return 0, d.Errf("%s must be a positive whole number (got %q)", opt, d.Val())
 	}
 	if d.NextArg() {
-		return 0, d.Errf("%s takes one number, got another argument %q", opt, d.Val())
+		return 0, d.Errf("%s takes one number, got another argument %q; remove it", opt, d.Val())
 	}
 	return n, nil
 }

@@ -44,15 +44,17 @@ type Handler struct {
 
 	// Serve an expired entry for this long after `ttl` while exactly one
 	// background request refreshes it (stale-while-revalidate). Default: 0.
+	// At most 1h.
 	Stale caddy.Duration `json:"stale,omitempty"`
 
 	// Serve the last good entry for this long after `ttl` when the upstream
 	// fails (transport error or a 5xx) or its breaker is open. Default: 0.
+	// At most 24h.
 	StaleIfError caddy.Duration `json:"stale_if_error,omitempty"`
 
 	// The longest a follower waits for its leader's response before it is
 	// answered 504 Gateway Timeout. Default: 10s. 0 means no bound other
-	// than the client's own.
+	// than the client's own. At most 1h.
 	MaxWait *caddy.Duration `json:"max_wait,omitempty"`
 
 	// The largest response body, in bytes, buffered for sharing. Larger
@@ -83,7 +85,7 @@ type Handler struct {
 	// How long a key whose response could not be shared (Set-Cookie,
 	// private, Vary: *, a stream, a too large body) goes upstream without
 	// collapsing, so that the next burst does not queue for nothing
-	// (Varnish's hit-for-miss). Default: 5s.
+	// (Varnish's hit-for-miss). Default: 5s. At most 1h.
 	HitForMiss *caddy.Duration `json:"hit_for_miss,omitempty"`
 
 	// The most keys in flight at once; requests for further keys go

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -162,9 +163,13 @@ func (s *BreakerSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	name := d.Val()
 	if name == "breaker" {
-		return d.Err("lb_policy breaker: the inner policy cannot be breaker again")
+		return d.Err("lb_policy breaker: the inner policy cannot be breaker again; name another one, e.g. lb_policy breaker round_robin")
 	}
 	modID := "http.reverse_proxy.selection_policies." + name
+	if _, err := caddy.GetModule(modID); err != nil {
+		return d.Errf("lb_policy breaker: unknown selection policy %q; write one of %s, e.g. lb_policy breaker round_robin",
+			name, strings.Join(selectionPolicies(), ", "))
+	}
 	unm, err := caddyfile.UnmarshalModule(d, modID)
 	if err != nil {
 		return err
@@ -175,6 +180,18 @@ func (s *BreakerSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	s.InnerRaw = caddyconfig.JSONModuleObject(sel, "policy", name, nil)
 	return nil
+}
+
+// selectionPolicies names the selection policies this Caddy has, but
+// breaker itself.
+func selectionPolicies() []string {
+	var names []string
+	for _, m := range caddy.GetModules("http.reverse_proxy.selection_policies") {
+		if name := m.ID.Name(); name != "breaker" {
+			names = append(names, name)
+		}
+	}
+	return names
 }
 
 // Interface guards

@@ -11,6 +11,13 @@ import (
 // Limits of the configuration.
 const (
 	MaxTTL = time.Second
+	// A copy older than these is not a stand-in anybody wants, and a
+	// follower or a hit-for-miss mark held longer is a resource held for
+	// nothing: a longer value is a typo (1h for 1s), refused.
+	MaxStale        = time.Hour
+	MaxStaleIfError = 24 * time.Hour
+	MaxMaxWait      = time.Hour
+	MaxHitForMiss   = time.Hour
 )
 
 // Config configures an Engine. Start from DefaultConfig: the zero value of a
@@ -105,7 +112,7 @@ func (c Config) Validate() error {
 	var errs []error
 	dur := func(name string, d time.Duration) {
 		if d < 0 {
-			errs = append(errs, fmt.Errorf("%s must not be negative (got %s)", name, d))
+			errs = append(errs, fmt.Errorf("%s must not be negative (got %s); write 0 or a positive duration", name, d))
 		}
 	}
 	dur("ttl", c.TTL)
@@ -116,8 +123,17 @@ func (c Config) Validate() error {
 	if c.TTL > MaxTTL {
 		errs = append(errs, fmt.Errorf("ttl must be at most %s: this is a micro-cache for bursts (got %s); use a real cache for longer lifetimes", MaxTTL, c.TTL))
 	}
-	if c.Stale > time.Hour || c.StaleIfError > 24*time.Hour {
-		errs = append(errs, fmt.Errorf("stale is limited to 1h and stale_if_error to 24h (got %s, %s)", c.Stale, c.StaleIfError))
+	if c.Stale > MaxStale {
+		errs = append(errs, fmt.Errorf("stale must be at most %s (got %s); write a shorter duration", MaxStale, c.Stale))
+	}
+	if c.StaleIfError > MaxStaleIfError {
+		errs = append(errs, fmt.Errorf("stale_if_error must be at most %s (got %s); write a shorter duration", MaxStaleIfError, c.StaleIfError))
+	}
+	if c.MaxWait > MaxMaxWait {
+		errs = append(errs, fmt.Errorf("max_wait must be at most %s (got %s); write a shorter bound, or 0 for no bound but the client's own", MaxMaxWait, c.MaxWait))
+	}
+	if c.HitForMiss > MaxHitForMiss {
+		errs = append(errs, fmt.Errorf("hit_for_miss must be at most %s (got %s); write a shorter duration (Varnish uses 2m)", MaxHitForMiss, c.HitForMiss))
 	}
 	if c.MaxBody <= 0 {
 		errs = append(errs, fmt.Errorf("max_body must be positive (got %d)", c.MaxBody))
@@ -133,7 +149,7 @@ func (c Config) Validate() error {
 	}
 	for _, h := range append(append([]string{}, c.KeyHeaders...), c.IdentityHeaders...) {
 		if !validFieldName(h) {
-			errs = append(errs, fmt.Errorf("%q is not a valid header field name", h))
+			errs = append(errs, fmt.Errorf("%q is not a valid header field name; write a header name such as X-Api-Key", h))
 		}
 	}
 	if err := c.Breaker.Validate(); err != nil {

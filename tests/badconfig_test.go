@@ -1,0 +1,98 @@
+package tests
+
+import (
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// Every value `caddy validate` must refuse, beyond the ones
+// TestWrongCaddyfileFailsWithTheLineAndAReason covers: the error names the
+// file and line, says what is wrong, and says what to write instead.
+func TestBadConfigFailsValidateWithTheLineAndWhatToDo(t *testing.T) {
+	for _, c := range []struct {
+		name      string
+		directive string // the coalesce line; default "coalesce {"
+		option    string // line 6, inside the coalesce block
+		proxy     string // line 9, inside the reverse_proxy block
+		line      string
+		says      []string // what is wrong: all must appear, case-insensitively
+		advice    []string // what to do instead: one must appear
+	}{
+		// Durations: negative, huge, over their limits.
+		{name: "negative stale", option: "stale -1s", line: "Caddyfile:6", says: []string{"stale", "negative"}, advice: []string{"write 0 or a positive duration"}},
+		{name: "negative max_wait", option: "max_wait -5s", line: "Caddyfile:6", says: []string{"max_wait", "negative"}, advice: []string{"write 0 or a positive duration"}},
+		{name: "negative hit_for_miss", option: "hit_for_miss -1ms", line: "Caddyfile:6", says: []string{"hit_for_miss", "negative"}, advice: []string{"write 0 or a positive duration"}},
+		{name: "duration that overflows", option: "max_wait 9999999999h", line: "Caddyfile:6", says: []string{"max_wait", "not a duration"}, advice: []string{"write e.g."}},
+		{name: "ttl of a day", option: "ttl 24h", line: "Caddyfile:6", says: []string{"ttl", "at most 1s"}, advice: []string{"use a real cache"}},
+		{name: "stale over its limit", option: "stale 2h", line: "Caddyfile:6", says: []string{"stale", "at most 1h"}, advice: []string{"write"}},
+		{name: "stale_if_error over its limit", option: "stale_if_error 48h", line: "Caddyfile:6", says: []string{"stale_if_error", "at most 24h"}, advice: []string{"write"}},
+		{name: "huge max_wait", option: "max_wait 100000h", line: "Caddyfile:6", says: []string{"max_wait", "at most 1h"}, advice: []string{"0 for no bound"}},
+		{name: "huge hit_for_miss", option: "hit_for_miss 8760h", line: "Caddyfile:6", says: []string{"hit_for_miss", "at most 1h"}, advice: []string{"write"}},
+		// Sizes.
+		{name: "negative max_body", option: "max_body -1", line: "Caddyfile:6", says: []string{"max_body", "-1"}, advice: []string{"write e.g."}},
+		{name: "max_memory with an unknown unit", option: "max_memory 64XB", line: "Caddyfile:6", says: []string{"max_memory", "64XB"}, advice: []string{"write e.g."}},
+		{name: "max_memory of two terabytes", option: "max_memory 2TiB", line: "Caddyfile:6", says: []string{"max_memory", "1TiB"}, advice: []string{"write e.g."}},
+		// Counts.
+		{name: "max_entries of 0", option: "max_entries 0", line: "Caddyfile:6", says: []string{"max_entries", `"0"`}, advice: []string{"must be a positive whole number"}},
+		{name: "negative max_flights", option: "max_flights -3", line: "Caddyfile:6", says: []string{"max_flights", `"-3"`}, advice: []string{"must be a positive whole number"}},
+		{name: "max_flights in scientific notation", option: "max_flights 1e3", line: "Caddyfile:6", says: []string{"max_flights", `"1e3"`}, advice: []string{"must be a positive whole number"}},
+		{name: "max_entries beyond any integer", option: "max_entries 99999999999999999999", line: "Caddyfile:6", says: []string{"max_entries"}, advice: []string{"must be a positive whole number"}},
+		// Arguments where none, one or some are expected.
+		{name: "argument on the directive line", directive: "coalesce extra {", line: "Caddyfile:5", says: []string{"extra"}, advice: []string{"put options in a block"}},
+		{name: "two durations", option: "ttl 1s 2s", line: "Caddyfile:6", says: []string{"ttl", `"2s"`}, advice: []string{"remove"}},
+		{name: "two sizes", option: "max_body 1MiB 2MiB", line: "Caddyfile:6", says: []string{"max_body", `"2MiB"`}, advice: []string{"remove"}},
+		{name: "two counts", option: "max_entries 5 6", line: "Caddyfile:6", says: []string{"max_entries", `"6"`}, advice: []string{"remove"}},
+		{name: "public with a value", option: "public yes", line: "Caddyfile:6", says: []string{"public", `"yes"`}, advice: []string{"write just `public`"}},
+		{name: "zone without a name", option: "zone", line: "Caddyfile:6", says: []string{"zone", "name"}, advice: []string{"e.g."}},
+		{name: "zone with two names", option: "zone a b", line: "Caddyfile:6", says: []string{"zone", `"b"`}, advice: []string{"one name"}},
+		{name: "key_headers without a field", option: "key_headers", line: "Caddyfile:6", says: []string{"key_headers", "at least one"}, advice: []string{"e.g."}},
+		{name: "identity_headers with a bad field name", option: `identity_headers "X Api Key"`, line: "Caddyfile:6", says: []string{"X Api Key", "not a valid header"}, advice: []string{"write a header name such as"}},
+		// Unknown options.
+		{name: "misspelt option", option: "ttll 50ms", line: "Caddyfile:6", says: []string{"ttll", "unrecognized"}, advice: []string{"ttl, stale"}},
+		{name: "option of another module", option: "lb_policy round_robin", line: "Caddyfile:6", says: []string{"lb_policy", "unrecognized"}, advice: []string{"ttl, stale"}},
+		// The breaker.
+		{name: "breaker status below 100", option: "breaker {\n\t\t\tstatus 99 502\n\t\t}", line: "Caddyfile:7", says: []string{"status", `"99"`}, advice: []string{"between 100 and 599"}},
+		{name: "breaker status above 599", option: "breaker {\n\t\t\tstatus 502 600\n\t\t}", line: "Caddyfile:7", says: []string{"status", `"600"`}, advice: []string{"between 100 and 599"}},
+		{name: "breaker ratio above 1", option: "breaker {\n\t\t\tratio 1.5\n\t\t}", line: "Caddyfile:7", says: []string{"ratio", `"1.5"`}, advice: []string{"e.g. 0.5"}},
+		{name: "negative breaker ratio", option: "breaker {\n\t\t\tratio -0.1\n\t\t}", line: "Caddyfile:7", says: []string{"ratio", `"-0.1"`}, advice: []string{"e.g. 0.5"}},
+		{name: "breaker ratio that is not a number", option: "breaker {\n\t\t\tratio half\n\t\t}", line: "Caddyfile:7", says: []string{"ratio", `"half"`}, advice: []string{"e.g. 0.5"}},
+		{name: "zero breaker failures", option: "breaker {\n\t\t\tfailures 0\n\t\t}", line: "Caddyfile:7", says: []string{"failures", `"0"`}, advice: []string{"must be a positive whole number"}},
+		// lb_policy breaker.
+		{name: "unknown inner lb_policy", option: "ttl 50ms", proxy: "lb_policy breaker round_robbin", line: "Caddyfile:9", says: []string{"round_robbin", "unknown"}, advice: []string{"round_robin"}},
+		{name: "breaker inside breaker", option: "ttl 50ms", proxy: "lb_policy breaker breaker", line: "Caddyfile:9", says: []string{"breaker", "cannot be breaker again"}, advice: []string{"e.g.", "lb_policy breaker round_robin"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			directive := c.directive
+			if directive == "" {
+				directive = "coalesce {"
+			}
+			// line 1 {, 2 admin off, 3 }, 4 :8081 {, 5 coalesce {, 6 option,
+			// 7 }, 8 reverse_proxy {, 9 proxy option (lines shift when the
+			// option spans several)
+			caddyfile := "{\n\tadmin off\n}\n:8081 {\n\t" + directive + "\n\t\t" + c.option + "\n\t}\n\treverse_proxy 127.0.0.1:9 127.0.0.1:10 {\n\t\t" + c.proxy + "\n\t}\n}\n"
+			err := adaptAndValidate(t, caddyfile)
+			if err == nil {
+				t.Fatalf("accepted:\n%s", caddyfile)
+			}
+			msg := err.Error()
+			t.Logf("%s", msg)
+			if !regexp.MustCompile(regexp.QuoteMeta(c.line) + `(\D|$)`).MatchString(msg) {
+				t.Errorf("the error does not name the line (%s): %s", c.line, msg)
+			}
+			lower := strings.ToLower(msg)
+			for _, want := range c.says {
+				if !strings.Contains(lower, strings.ToLower(want)) {
+					t.Errorf("the error does not say %q: %s", want, msg)
+				}
+			}
+			advised := false
+			for _, a := range c.advice {
+				advised = advised || strings.Contains(lower, strings.ToLower(a))
+			}
+			if !advised {
+				t.Errorf("the error does not say what to do (%q): %s", c.advice, msg)
+			}
+		})
+	}
+}

@@ -167,13 +167,10 @@ func (h *Handler) unmarshalBreaker(d *caddyfile.Dispenser) error {
 	}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
+		var err error
 		switch opt {
 		case "failures":
-			n, err := parseCount(d)
-			if err != nil {
-				return err
-			}
-			o.Failures = n
+			o.Failures, err = parseCount(d)
 		case "ratio":
 			if !d.NextArg() {
 				return d.Err("ratio needs a fraction between 0 and 1, e.g. ratio 0.5 min 20 window 30s")
@@ -208,20 +205,12 @@ func (h *Handler) unmarshalBreaker(d *caddyfile.Dispenser) error {
 				}
 			}
 		case "open":
-			dur, err := parseDuration(d)
-			if err != nil {
-				return err
+			o.Open, err = parseDuration(d)
+			if err == nil && o.Open == 0 {
+				err = d.Err("open must be a positive duration, e.g. open 10s")
 			}
-			if dur == 0 {
-				return d.Err("open must be a positive duration, e.g. open 10s")
-			}
-			o.Open = dur
 		case "probes":
-			n, err := parseCount(d)
-			if err != nil {
-				return err
-			}
-			o.Probes = n
+			o.Probes, err = parseCount(d)
 		case "status":
 			args := d.RemainingArgs()
 			if len(args) == 0 {
@@ -237,6 +226,9 @@ func (h *Handler) unmarshalBreaker(d *caddyfile.Dispenser) error {
 			}
 		default:
 			return d.Errf("unrecognized breaker option %q (want failures, ratio, open, probes or status)", opt)
+		}
+		if err != nil {
+			return err
 		}
 	}
 	return nil

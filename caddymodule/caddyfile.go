@@ -66,61 +66,26 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	for d.NextBlock(0) {
 		opt := d.Val()
+		var err error
 		switch opt {
 		case "ttl":
-			dur, err := parseDuration(d)
-			if err != nil {
-				return err
-			}
-			h.TTL = &dur
+			h.TTL, err = parseDurationSet(d)
 		case "stale":
-			dur, err := parseDuration(d)
-			if err != nil {
-				return err
-			}
-			h.Stale = dur
+			h.Stale, err = parseDuration(d)
 		case "stale_if_error":
-			dur, err := parseDuration(d)
-			if err != nil {
-				return err
-			}
-			h.StaleIfError = dur
+			h.StaleIfError, err = parseDuration(d)
 		case "max_wait":
-			dur, err := parseDuration(d)
-			if err != nil {
-				return err
-			}
-			h.MaxWait = &dur
+			h.MaxWait, err = parseDurationSet(d)
 		case "hit_for_miss":
-			dur, err := parseDuration(d)
-			if err != nil {
-				return err
-			}
-			h.HitForMiss = &dur
+			h.HitForMiss, err = parseDurationSet(d)
 		case "max_body":
-			n, err := parseSize(d)
-			if err != nil {
-				return err
-			}
-			h.MaxBody = n
+			h.MaxBody, err = parseSize(d)
 		case "max_memory":
-			n, err := parseSize(d)
-			if err != nil {
-				return err
-			}
-			h.MaxMemory = n
+			h.MaxMemory, err = parseSize(d)
 		case "max_entries":
-			n, err := parseCount(d)
-			if err != nil {
-				return err
-			}
-			h.MaxEntries = n
+			h.MaxEntries, err = parseCount(d)
 		case "max_flights":
-			n, err := parseCount(d)
-			if err != nil {
-				return err
-			}
-			h.MaxFlights = n
+			h.MaxFlights, err = parseCount(d)
 		case "key_headers":
 			fields := d.RemainingArgs()
 			if len(fields) == 0 {
@@ -147,9 +112,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("zone takes one name, got another argument %q; remove it", d.Val())
 			}
 		default:
-			if err := h.unmarshalExtra(d, opt); err != nil {
-				return err
-			}
+			err = h.unmarshalExtra(d, opt)
+		}
+		if err != nil {
+			return err
 		}
 		// Check the settings so far, so that a value that parses but
 		// cannot work (ttl 2s) is reported at its own line.
@@ -185,6 +151,13 @@ func parseDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
 		return 0, d.Errf("%s takes one duration, got another argument %q; remove it", opt, d.Val())
 	}
 	return caddy.Duration(dur), nil
+}
+
+// parseDurationSet is parseDuration for the options whose 0 means something
+// (ttl 0: collapse only), so that unset (nil) stands for the default.
+func parseDurationSet(d *caddyfile.Dispenser) (*caddy.Duration, error) {
+	dur, err := parseDuration(d)
+	return &dur, err
 }
 
 // parseSize reads one size such as 1MiB or 512KB.

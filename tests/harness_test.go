@@ -96,12 +96,15 @@ func startCaddy(t *testing.T, site string, ups ...*upstream) *caddytest.Tester {
 }
 
 // reloadCaddy loads a new site into the running Caddy through the admin
-// API, as `caddy reload` does; {up} placeholders as in startCaddy.
-func reloadCaddy(t *testing.T, site string, ups ...*upstream) {
+// API, as `caddy reload` does ({up} placeholders as in startCaddy), and
+// returns how long the reload took. The bound is generous: a reload under
+// load waits for the old servers to let go.
+func reloadCaddy(t *testing.T, site string, ups ...*upstream) time.Duration {
 	t.Helper()
+	start := time.Now()
 	req, _ := http.NewRequest("POST", fmt.Sprintf("http://127.0.0.1:%d/load", adminPort), strings.NewReader(globalOptions+withUpstreams(site, ups)))
 	req.Header.Set("Content-Type", "text/caddyfile")
-	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+	resp, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
 	if err != nil {
 		t.Fatalf("reload: %v", err)
 	}
@@ -110,6 +113,7 @@ func reloadCaddy(t *testing.T, site string, ups ...*upstream) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("reload: %d %s", resp.StatusCode, body)
 	}
+	return time.Since(start)
 }
 
 // withUpstreams replaces site's {up} placeholders by the addresses of ups,

@@ -10,7 +10,6 @@ import (
 	"net/http/httptrace"
 	"runtime"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -43,25 +42,6 @@ func reloadSite(variant int) string {
 	}
 }
 `, httpPort, options, policy)
-}
-
-// loadAdmin posts a Caddyfile to the admin API's /load, as `caddy reload`
-// does, and returns how long it took.
-func loadAdmin(t *testing.T, caddyfile string) time.Duration {
-	t.Helper()
-	start := time.Now()
-	req, _ := http.NewRequest("POST", fmt.Sprintf("http://localhost:%d/load", adminPort), strings.NewReader(caddyfile))
-	req.Header.Set("Content-Type", "text/caddyfile")
-	resp, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
-	if err != nil {
-		t.Fatalf("POST /load: %v", err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("POST /load: %d %s", resp.StatusCode, body)
-	}
-	return time.Since(start)
 }
 
 // processFigures are the goroutines and the live heap of the test process
@@ -151,10 +131,6 @@ func TestReloadUnderLoadLosesNoRequestAndLeaksNothing(t *testing.T) {
 		_, _ = io.WriteString(w, body)
 	}
 	upA, upB := newUpstream(t, handler), newUpstream(t, handler)
-	withUps := func(site string) string {
-		site = strings.Replace(site, "{up}", upA.addr, 1)
-		return strings.Replace(site, "{up}", upB.addr, 1)
-	}
 	startCaddy(t, reloadSite(0), upA, upB)
 	client := newClient(t)
 	prefix := pathFor(t, "/")
@@ -163,8 +139,8 @@ func TestReloadUnderLoadLosesNoRequestAndLeaksNothing(t *testing.T) {
 	// another, until stop is closed; it returns what they saw.
 	type loadResult struct {
 		sent, failed, dropped int64
-		slowest      time.Duration
-		failures     []string
+		slowest               time.Duration
+		failures              []string
 	}
 	load := func(stop <-chan struct{}) *loadResult {
 		res := &loadResult{}
@@ -231,7 +207,7 @@ func TestReloadUnderLoadLosesNoRequestAndLeaksNothing(t *testing.T) {
 	for i := 1; i <= reloads; i++ {
 		time.Sleep(250 * time.Millisecond)
 		// Variant 0 again at the end: the config before and after is the same.
-		reloadTimes = append(reloadTimes, loadAdmin(t, globalOptions+withUps(reloadSite(i%4))))
+		reloadTimes = append(reloadTimes, reloadCaddy(t, reloadSite(i%4), upA, upB))
 	}
 	time.Sleep(250 * time.Millisecond)
 	close(stop)

@@ -39,10 +39,7 @@ func trustingGlobalOptions(t *testing.T) string {
 // startTrustingCaddy is startCaddy with trustingGlobalOptions.
 func startTrustingCaddy(t *testing.T, site string, ups ...*upstream) {
 	t.Helper()
-	for _, u := range ups {
-		site = strings.Replace(site, "{up}", u.addr, 1)
-	}
-	caddytest.NewTester(t).InitServer(trustingGlobalOptions(t)+site, "caddyfile")
+	caddytest.NewTester(t).InitServer(trustingGlobalOptions(t)+withUpstreams(site, ups), "caddyfile")
 }
 
 // fingerprint is what the echoing upstream says it was asked: the request

@@ -378,6 +378,10 @@ func TestFaultTruncatedBodyUnderAHerdIsNeverPresentedComplete(t *testing.T) {
 			errs++
 		}
 	}
+	// The followers get 502 at once. The leader's client sees its
+	// connection aborted before any byte and net/http replays the GET on
+	// its other idle pooled connections, each replay a new truncated flight:
+	// hence about one upstream connection per pooled connection.
 	t.Logf("15 clients of a truncated body: %d saw an error status or a broken read; %d upstream connections", errs, up.Accepted())
 
 	before := up.Accepted()
@@ -467,6 +471,9 @@ func TestFaultPanicBelowCoalesceReleasesTheHerd(t *testing.T) {
 		switch {
 		case f.err == nil && f.status == http.StatusBadGateway:
 			gateway++
+			if f.took > 2*time.Second {
+				t.Errorf("client %d: 502 after %s; the handler panics at 200ms", i, f.took.Round(time.Millisecond))
+			}
 		case f.err != nil || f.status >= 500:
 			broken++ // the leader: its connection goes down with the panic
 		default:
@@ -477,7 +484,11 @@ func TestFaultPanicBelowCoalesceReleasesTheHerd(t *testing.T) {
 	if gateway < 15 {
 		t.Errorf("only %d of 20 clients got 502; want every follower to be released with 502", gateway)
 	}
-	if took > 5*time.Second {
+	// The leader's own connection dies with the panic; Go's client replays
+	// the GET on each of its other idle pooled connections (nothing was
+	// read), and every replay leads a new flight that panics 200 ms later.
+	// That is net/http's retry, bounded by the pool (20 connections here).
+	if took > 8*time.Second {
 		t.Errorf("the herd took %s to be released (the handler panics at 200ms)", took)
 	}
 
@@ -506,6 +517,16 @@ func TestFaultSlowReadersDoNotSlowTheHerd(t *testing.T) {
 	warm(t, fast, 20)
 	warm(t, slowClient, 5)
 	url := baseURL + pathFor(t, "")
+
+	// Baseline: the same herd of fast clients alone (under -race, copying
+	// 2 MiB to 20 clients costs its own time).
+	var baseline time.Duration
+	for i, f := range herd(fast, 20, "GET", baseURL+pathFor(t, "-alone")) {
+		if f.err != nil || f.status != 200 || len(f.body) != size {
+			t.Fatalf("baseline client %d: %d, %d bytes (err %v)", i, f.status, len(f.body), f.err)
+		}
+		baseline = max(baseline, f.took)
+	}
 
 	const slowN = 5
 	start := time.Now()
@@ -549,14 +570,14 @@ func TestFaultSlowReadersDoNotSlowTheHerd(t *testing.T) {
 			fastMax = max(fastMax, f.took)
 		}
 	}
-	t.Logf("fast clients all done in %s; slow readers took at least %s; upstream calls %d", fastMax.Round(time.Millisecond), slowMin.Round(time.Millisecond), up.Calls())
-	if fastMax > 2*time.Second {
-		t.Errorf("the slowest fast client took %s (the upstream answers in 300ms); slow readers held the herd back", fastMax)
+	t.Logf("fast clients all done in %s (alone: %s); slow readers took at least %s; upstream calls %d", fastMax.Round(time.Millisecond), baseline.Round(time.Millisecond), slowMin.Round(time.Millisecond), up.Calls())
+	if bound := max(2*time.Second, 2*baseline+500*time.Millisecond); fastMax > bound || fastMax > slowMin/2 {
+		t.Errorf("the slowest fast client took %s (alone %s, bound %s; slow readers %s): slow readers held the herd back", fastMax, baseline, bound, slowMin)
 	}
 	if slowMin < 4*time.Second {
 		t.Errorf("a slow reader finished in %s: it did not read slowly, the test proves nothing", slowMin)
 	}
-	if n := up.Calls(); n != 1 {
-		t.Errorf("upstream calls: %d, want 1", n)
+	if n := up.Calls(); n != 2 {
+		t.Errorf("upstream calls: %d, want 2 (one per herd)", n)
 	}
 }

@@ -32,6 +32,9 @@
 #   BENCH_OUT           output directory [bench/out/<UTC timestamp>]
 #   BENCH_PUBLISH       1: write bench/RESULTS.md and copy the raw output to bench/results/ [0]
 #   BENCH_INSTALL       0: never apt-get install [1]
+#   BENCH_QUIET         before each measurement, wait until other processes use
+#                       at most this % of the CPUs (0: do not wait) [20] ...
+#   BENCH_QUIET_WAIT    ... but no longer than this many seconds [30]
 #   CADDY_BIN           use this Caddy binary instead of building one with ./xcaddy.sh
 set -euo pipefail
 
@@ -59,6 +62,8 @@ PORT_BASE=${BENCH_PORT_BASE:-19000}
 OUT=${BENCH_OUT:-$BENCH_DIR/out/$(date -u +%Y%m%dT%H%M%SZ)}
 PUBLISH=${BENCH_PUBLISH:-0}
 INSTALL=${BENCH_INSTALL:-1}
+QUIET=${BENCH_QUIET:-20}
+QUIET_WAIT=${BENCH_QUIET_WAIT:-30}
 
 UP_PORT=$((PORT_BASE + 80))
 # keep-alive connections a proxy may keep idle to the upstream (NGINX and Caddy alike)
@@ -157,6 +162,43 @@ rss() {
 	echo "$hwm $cur $n"
 }
 
+# cpu_snapshot PID...: "<busy> <total> <ours>" in clock ticks: busy and total
+# CPU time of the machine (/proc/stat: user+nice+system+steal, and all), and
+# the CPU time of this shell and its reaped children plus that of the given
+# live processes (and their reaped children). busy - ours, over a measurement,
+# is CPU time taken by processes that are not part of the benchmark (other
+# users' work, or steal by the hypervisor): the interference the report shows.
+cpu_snapshot() {
+	local ours=0 p v
+	for p in "$$" "$@"; do
+		[[ -r /proc/$p/stat ]] || continue
+		# fields after "pid (comm) ": utime stime cutime cstime are the 12th to 15th
+		v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 + $14 + $15 }') || continue
+		ours=$((ours + ${v:-0}))
+	done
+	awk -v ours="$ours" '/^cpu / { busy = $2 + $3 + $4 + $9; total = 0; for (i = 2; i <= 9; i++) total += $i; print busy, total, ours; exit }' /proc/stat
+}
+
+# wait_quiet: on a shared machine, wait (at most QUIET_WAIT s) until the CPU
+# time used by others over one second is at most QUIET % (nothing of ours runs
+# between measurements but the idle upstream). Prints "<seconds waited> <busy %>".
+wait_quiet() {
+	local waited=0 a b pct
+	while :; do
+		a=$(cpu_snapshot)
+		sleep 1
+		b=$(cpu_snapshot)
+		pct=$(awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
+			t = y[2] - x[2]; o = (y[1] - x[1]) - (y[3] - x[3]); if (o < 0) o = 0
+			printf "%.0f", (t > 0 ? 100 * o / t : 0) }')
+		if ((QUIET <= 0 || pct <= QUIET || waited >= QUIET_WAIT)); then
+			echo "$waited $pct"
+			return 0
+		fi
+		waited=$((waited + 1))
+	done
+}
+
 # ---------------------------------------------------------------- prerequisites
 install_missing() {
 	local -a pkgs=()
@@ -201,8 +243,13 @@ else
 fi
 
 HAVE_COALESCE=0
-if "$CADDY" list-modules 2>/dev/null | grep -qx 'http.handlers.coalesce'; then
+# (not `caddy list-modules | grep -q`: grep -q exits at the first match, and with
+# pipefail the SIGPIPE caddy then gets fails the pipeline)
+modules=$("$CADDY" list-modules 2>/dev/null || true)
+if grep -qx 'http.handlers.coalesce' <<<"$modules"; then
 	HAVE_COALESCE=1
+elif [[ -z ${CADDY_BIN:-} ]]; then
+	die "$CADDY, built by ./xcaddy.sh, has no http.handlers.coalesce module (see $OUT/logs/xcaddy.log)"
 fi
 
 # ---------------------------------------------------------------- systems
@@ -479,6 +526,8 @@ cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 	echo "mem_connections=$MEM_CONNS"
 	echo "systems=${systems[*]}"
 	echo "workloads=$WORKLOADS"
+	echo "quiet=$QUIET"
+	echo "quiet_wait=$QUIET_WAIT"
 	for s in ${skipped[@]+"${skipped[@]}"}; do
 		echo "skipped=$s"
 	done
@@ -543,7 +592,11 @@ measure() {
 		echo "latency_ms=$lat"
 		echo "prefix=$prefix"
 	} >"$f"
-	log "round $round/$ROUNDS  $wl  $sys"
+	local q
+	q=$(wait_quiet)
+	echo "quiet_wait_s=${q% *}" >>"$f"
+	echo "other_cpu_before_pct=${q#* }" >>"$f"
+	log "round $round/$ROUNDS  $wl  $sys$( ((${q% *} > 0)) && echo "  (waited ${q% *} s for other work to calm down, now ${q#* } %)")"
 	if ! start_system "$sys" "$tag"; then
 		echo "failed=did not start (logs/$tag.log)" >>"$f"
 		FAILED=$((FAILED + 1))
@@ -556,13 +609,17 @@ measure() {
 		curl -s -D - -o /dev/null --max-time 5 "http://127.0.0.1:$SYS_PORT/probe/$tag/p" || true
 	} | tr -d '\r' | grep -iE '^(# probe|HTTP/|cache-status|x-cache|x-varnish|age:|via:|server:)' >>"$f" || true
 	up_reset
-	local rc=0
+	local rc=0 cpu0 cpu1
+	# shellcheck disable=SC2046
+	cpu0=$(cpu_snapshot "$UP_PID" $(tree_pids "$SYS_PID"))
 	# in the background, so that a signal is handled at once (the trap stops it)
 	run_load "$wl" "$sys" "$prefix" "$tmp" &
 	local load_pid=$!
 	PIDS+=("$load_pid")
 	wait "$load_pid" || rc=$?
 	forget_pid "$load_pid"
+	# shellcheck disable=SC2046
+	cpu1=$(cpu_snapshot "$UP_PID" $(tree_pids "$SYS_PID"))
 	local r
 	r=$(rss "$SYS_PID")
 	{
@@ -578,6 +635,15 @@ measure() {
 		echo "rss_hwm_kb=$hwm"
 		echo "rss_kb=$cur"
 		echo "rss_procs=$n"
+		# share of the machine's CPU time used, during the load, by the
+		# benchmark (client, upstream, proxy) and by anything else
+		read -r b0 t0 o0 <<<"$cpu0"
+		read -r b1 t1 o1 <<<"$cpu1"
+		awk -v b="$((b1 - b0))" -v t="$((t1 - t0))" -v o="$((o1 - o0))" 'BEGIN {
+			if (t <= 0) exit
+			other = b - o; if (other < 0) other = 0
+			printf "bench_cpu_pct=%.1f\nother_cpu_pct=%.1f\n", 100 * o / t, 100 * other / t
+		}'
 	} >>"$f"
 	rm -f "$tmp"
 	if [[ $rc != 0 ]]; then

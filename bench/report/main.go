@@ -123,6 +123,8 @@ type measurement struct {
 	DirectP50    float64 `json:"direct_p50_ms,omitempty"`
 	DirectP99    float64 `json:"direct_p99_ms,omitempty"`
 	Distinct     float64 `json:"distinct_bodies_per_round,omitempty"`
+	OtherCPU     float64 `json:"other_cpu_pct"`
+	BenchCPU     float64 `json:"bench_cpu_pct"`
 	HWMmb        float64 `json:"peak_rss_mb"`
 	RSSmb        float64 `json:"rss_end_mb"`
 	Procs        int     `json:"procs"`
@@ -180,6 +182,7 @@ func parseMeasurement(path string) (measurement, error) {
 		TTLms:  num(first(kv, "ttl_ms")), LatencyMs: num(first(kv, "latency_ms")),
 		RPS: nan(), P50: nan(), P99: nan(), Max: nan(), MinUpstream: nan(), Ratio: nan(),
 		CacheEntries: nan(), CacheBytes: nan(),
+		OtherCPU: num(first(kv, "other_cpu_pct")), BenchCPU: num(first(kv, "bench_cpu_pct")),
 		DirectP50: 0, DirectP99: 0, HWMmb: nan(), RSSmb: nan(), Upstream: -1,
 	}
 	m.Round, _ = strconv.Atoi(first(kv, "round"))
@@ -287,7 +290,7 @@ type agg struct {
 	n, failed                                   int
 	rps, p50, p99, max, up, min, ratio, hwm, rs float64
 	errs, non2xx, dirP50, dirP99, distinct      float64
-	upKeys, reqs, entries, cacheMB              float64
+	upKeys, reqs, entries, cacheMB, other       float64
 }
 
 func aggregate(ms []measurement) agg {
@@ -330,6 +333,7 @@ func aggregate(ms []measurement) agg {
 	a.upKeys = col(func(m measurement) float64 { return float64(m.UpDistinct) })
 	a.reqs = col(func(m measurement) float64 { return float64(m.Requests) })
 	a.entries = col(func(m measurement) float64 { return m.CacheEntries })
+	a.other = col(func(m measurement) float64 { return m.OtherCPU })
 	a.cacheMB = col(func(m measurement) float64 { return m.CacheBytes / (1 << 20) })
 	return a
 }
@@ -396,9 +400,11 @@ func (r *report) span(wl, sys string, f func(m measurement) float64, format func
 // perRound lists f(a) / f(b) for the rounds where both were measured.
 func (r *report) perRound(wl, a, b string, f func(m measurement) float64) string {
 	byRound := map[int]float64{}
+	otherB := map[int]float64{}
 	for _, m := range r.byKey[[2]string{wl, b}] {
 		if m.Failed == "" {
 			byRound[m.Round] = f(m)
+			otherB[m.Round] = m.OtherCPU
 		}
 	}
 	var parts []string
@@ -406,7 +412,11 @@ func (r *report) perRound(wl, a, b string, f func(m measurement) float64) string
 	sort.Slice(ms, func(i, j int) bool { return ms[i].Round < ms[j].Round })
 	for _, m := range ms {
 		if d, ok := byRound[m.Round]; ok && m.Failed == "" && d > 0 {
-			parts = append(parts, f2(f(m)/d))
+			mark := ""
+			if m.OtherCPU > disturbed || otherB[m.Round] > disturbed {
+				mark = "\\*"
+			}
+			parts = append(parts, f2(f(m)/d)+mark)
 		}
 	}
 	if len(parts) < 2 {
@@ -415,8 +425,50 @@ func (r *report) perRound(wl, a, b string, f func(m measurement) float64) string
 	return "; per round " + strings.Join(parts, ", ")
 }
 
+// disturbed is the share of the machine's CPU (percent) taken by processes
+// outside the benchmark above which a measurement is marked as disturbed.
+const disturbed = 25.0
+
 func rpsOf(m measurement) float64 { return m.RPS }
 func p99Of(m measurement) float64 { return m.P99 }
+
+// otherCell lists, round by round, the share of the machine's CPU that
+// processes outside the benchmark took during the measurement.
+func (r *report) otherCell(wl, sys string) string {
+	ms := slices.Clone(r.byKey[[2]string{wl, sys}])
+	sort.Slice(ms, func(i, j int) bool { return ms[i].Round < ms[j].Round })
+	var parts []string
+	for _, m := range ms {
+		if m.Failed != "" || math.IsNaN(m.OtherCPU) {
+			continue
+		}
+		parts = append(parts, f0(m.OtherCPU))
+	}
+	if len(parts) == 0 {
+		return "–"
+	}
+	return strings.Join(parts, ", ")
+}
+
+// interference summarizes other_cpu_pct over all measurements.
+func (r *report) interference() (med, max float64, n, over int) {
+	var xs []float64
+	for _, ms := range r.byKey {
+		for _, m := range ms {
+			if m.Failed == "" && !math.IsNaN(m.OtherCPU) {
+				xs = append(xs, m.OtherCPU)
+				if m.OtherCPU > disturbed {
+					over++
+				}
+			}
+		}
+	}
+	if len(xs) == 0 {
+		return nan(), nan(), 0, 0
+	}
+	slices.Sort(xs)
+	return median(xs), xs[len(xs)-1], len(xs), over
+}
 
 func (r *report) get(wl, sys string) (agg, bool) {
 	a, ok := r.aggs[[2]string{wl, sys}]
@@ -504,7 +556,7 @@ func jsonSafe(m measurement) measurement {
 		}
 	}
 	for _, p := range []*float64{&m.TTLms, &m.LatencyMs, &m.DurationS, &m.RPS, &m.P50, &m.P99, &m.Max,
-		&m.MinUpstream, &m.Ratio, &m.CacheEntries, &m.CacheBytes, &m.DirectP50, &m.DirectP99, &m.Distinct, &m.HWMmb, &m.RSSmb} {
+		&m.MinUpstream, &m.Ratio, &m.CacheEntries, &m.CacheBytes, &m.OtherCPU, &m.BenchCPU, &m.DirectP50, &m.DirectP99, &m.Distinct, &m.HWMmb, &m.RSSmb} {
 		fix(p)
 	}
 	return m
@@ -608,7 +660,11 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 	p("Produced by `bench/run.sh` on %s (rounds: %s; every figure is the median over the rounds; the systems were measured one after the other, in a rotated order in each round, each started afresh for each measurement).\n\n", r.m("date"), rounds)
 	p("**Command:** `%s`\n\n", r.m("command"))
 	p("**Machine:** %s; %s; %s; %s RAM. Client (wrk, herd), upstream and proxy share these CPUs, so absolute figures are those of a small shared box: compare the systems with each other, within this run.\n", r.m("cpu"), r.m("host"), r.m("os"), r.m("memory"))
-	p("Load average at the start %s, at the end %s (other work on the machine disturbs the figures).\n\n", r.m("loadavg_start"), r.m("loadavg_end"))
+	p("Load average at the start %s, at the end %s.", r.m("loadavg_start"), r.m("loadavg_end"))
+	if med, max, n, over := r.interference(); n > 0 {
+		p(" **Interference:** during the loads, processes outside the benchmark (or the hypervisor) took a median %s %% of the machine's CPU time (at most %s %%); %d of %d measurements had more than %.0f %% (the *other CPU %%* column, one figure per round; marked \\* in the per-round ratios). Where that share is high, the figures of that round say more about the machine than about the systems.", f0(med), f0(max), over, n, disturbed)
+	}
+	p("\n\n")
 	p("**Software:** %s; nginx %s; %s; %s; %s. Upstream: `bench/upstream`, 1 KiB JSON after %s ms.\n\n",
 		r.m("caddy"), r.m("nginx"), r.m("varnish"), r.m("wrk"), r.m("go"), r.m("latency_ms"))
 	p("**Settings:** wrk %s threads, %s connections, %s per run; cold herd %s clients × %s herds; Zipf s = %s over %s keys; memory test %s keys for %s. Raw output: [`results/`](results/) (one file per measurement in `results/raw/`, configurations in `results/conf/`).\n\n",
@@ -655,11 +711,11 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 		}
 		switch wl {
 		case "herd":
-			p("| system | client p50 ms | client p99 ms (range) | client max ms | upstream alone p50 / p99 ms | calls/herd | distinct bodies/herd | errors | peak RSS MB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+			p("| system | client p50 ms | client p99 ms (range) | client max ms | upstream alone p50 / p99 ms | calls/herd | distinct bodies/herd | errors | peak RSS MB | other CPU %% |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		case "mem":
-			p("| system | req/s | p99 ms | client requests (timed load) | upstream requests (fill + load) | upstream keys | cache entries at end | cache MB | RSS at end MB | peak RSS MB | peak RSS over plain Caddy MB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+			p("| system | req/s | p99 ms | client requests (timed load) | upstream requests (fill + load) | upstream keys | cache entries at end | cache MB | RSS at end MB | peak RSS MB | peak RSS over plain Caddy MB | other CPU %% |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		default:
-			p("| system | req/s (range) | p50 ms | p99 ms (range) | max ms | upstream requests | minimum | ratio | peak RSS MB | errors / non-2xx |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+			p("| system | req/s (range) | p50 ms | p99 ms (range) | max ms | upstream requests | minimum | ratio | peak RSS MB | errors / non-2xx | other CPU %% |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		}
 		base, _ := r.get("mem", "caddy-proxy")
 		for _, sys := range r.systems {
@@ -677,23 +733,23 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 			}
 			switch wl {
 			case "herd":
-				p("| %s | %s | %s%s | %s | %s / %s | %s | %s | %s | %s |\n", name, fms(a.p50), fms(a.p99), r.span(wl, sys, p99Of, fms), fms(a.max),
-					fms(a.dirP50), fms(a.dirP99), f2(a.ratio), f1(a.distinct), f0(a.errs+a.non2xx), f1(a.hwm))
+				p("| %s | %s | %s%s | %s | %s / %s | %s | %s | %s | %s | %s |\n", name, fms(a.p50), fms(a.p99), r.span(wl, sys, p99Of, fms), fms(a.max),
+					fms(a.dirP50), fms(a.dirP99), f2(a.ratio), f1(a.distinct), f0(a.errs+a.non2xx), f1(a.hwm), r.otherCell(wl, sys))
 			case "mem":
 				over := "–"
 				if sys != "caddy-proxy" && base.n > 0 {
 					over = f1(a.hwm - base.hwm)
 				}
-				p("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", name, f0(a.rps), fms(a.p99), f0(a.reqs), f0(a.up), f0(a.upKeys),
-					f0(a.entries), f1(a.cacheMB), f1(a.rs), f1(a.hwm), over)
+				p("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", name, f0(a.rps), fms(a.p99), f0(a.reqs), f0(a.up), f0(a.upKeys),
+					f0(a.entries), f1(a.cacheMB), f1(a.rs), f1(a.hwm), over, r.otherCell(wl, sys))
 			default:
 				up, mn, ratio := f0(a.up), f0(a.min), f2(a.ratio)
 				if sys == "caddy-respond" {
 					up, mn, ratio = "–", "–", "–"
 				}
-				p("| %s | %s%s | %s | %s%s | %s | %s | %s | %s | %s | %s / %s |\n", name, f0(a.rps), r.span(wl, sys, rpsOf, f0), fms(a.p50),
+				p("| %s | %s%s | %s | %s%s | %s | %s | %s | %s | %s | %s / %s | %s |\n", name, f0(a.rps), r.span(wl, sys, rpsOf, f0), fms(a.p50),
 					fms(a.p99), r.span(wl, sys, p99Of, fms), fms(a.max),
-					up, mn, ratio, f1(a.hwm), f0(a.errs), f0(a.non2xx))
+					up, mn, ratio, f1(a.hwm), f0(a.errs), f0(a.non2xx), r.otherCell(wl, sys))
 			}
 		}
 		p("\n")

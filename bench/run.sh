@@ -692,6 +692,9 @@ log "writing the report"
 "$OUT/bin/report" -dir "$OUT" -o "$OUT/RESULTS.md" -img plot.png
 if [[ $PUBLISH == 1 ]]; then
 	res=$BENCH_DIR/results
+	if [[ -s $res/notes.md ]]; then
+		log "note: bench/results/notes.md described the previous published run; it is removed with it (git has it)"
+	fi
 	rm -rf "$res"
 	mkdir -p "$res/raw" "$res/conf"
 	cp "$OUT/meta.env" "$OUT/results.jsonl" "$res/"

@@ -6,7 +6,8 @@
 //
 // It reads <dir>/meta.env and <dir>/raw/*.txt (one file per measurement, as
 // written by run.sh), writes <dir>/results.jsonl (one computed line per
-// measurement) and the report. Every figure in the tables is the median over
+// measurement) and the report. A <dir>/notes.md (hand-written notes about the
+// run) is appended to the report verbatim. Every figure in the tables is the median over
 // the rounds of that figure.
 package main
 
@@ -755,14 +756,17 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 		p("\n")
 	}
 
-	if notes, err := os.ReadFile(filepath.Join(r.dir, "notes.md")); err == nil {
-		p("## About this run\n\n%s\n", strings.TrimSpace(string(notes))+"\n")
-	}
 	p("## Notes\n\n")
 	p("- Peak RSS is VmHWM from `/proc/<pid>/status`, summed over the proxy's processes (NGINX master, workers, cache manager and loader; Varnish manager and child), so pages shared between processes count once per process.\n")
 	p("- wrk counts a non-2xx answer as an error (`non-2xx` column); `errors` are connect/read/write errors and timeouts.\n")
 	p("- Latency percentiles of wrk are those of its own histogram (`latency:percentile()` in `done()`); wrk measures from the moment it writes a request, so with all connections busy they are service times.\n")
 	p("- How to run and how to read each table: [`README.md`](README.md).\n")
+	// Hand-written notes about this run (what the figures mean, what is being
+	// done about them) live next to its raw output and are appended verbatim,
+	// so that regenerating the report keeps them.
+	if notes, err := os.ReadFile(filepath.Join(r.dir, "notes.md")); err == nil && len(strings.TrimSpace(string(notes))) > 0 {
+		p("\n%s", notes)
+	}
 }
 
 // systemColor keeps a system's colour the same from plot to plot.

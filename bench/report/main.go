@@ -821,7 +821,7 @@ func (r *report) plot(png string) error {
 	write := func(name string, wls []string, val func(a agg) float64) (string, error) {
 		path := filepath.Join(dir, base+"-"+name+".dat")
 		var b strings.Builder
-		b.WriteString("workload")
+		b.WriteString("# workload")
 		for _, s := range systems {
 			b.WriteString(" " + s)
 		}

@@ -686,6 +686,8 @@ echo "loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/meta.env"
 echo "failed=$FAILED" >>"$OUT/meta.env"
 
 cleanup
+# scratch state of the systems (NGINX cache files, Varnish work dirs): hundreds of MB
+rm -rf "$OUT/run"
 
 # ---------------------------------------------------------------- report
 log "writing the report"

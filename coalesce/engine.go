@@ -227,13 +227,18 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 
 	if !noCache {
 		lookup := key
+		var ent *entry
 		if r.Method == http.MethodHead {
 			// A HEAD is answered from the GET's entry when there is one.
-			if getKey := e.keys.derive(r, http.MethodGet); e.cache.get(getKey, now) != nil {
+			getKey := e.keys.derive(r, http.MethodGet)
+			if ent = e.cache.get(getKey, now); ent != nil {
 				lookup = getKey
 			}
 		}
-		if ent := e.cache.get(lookup, now); ent != nil && ent.resp.matchesVary(r) {
+		if ent == nil {
+			ent = e.cache.get(lookup, now)
+		}
+		if ent != nil && ent.resp.matchesVary(r) {
 			if now.Before(ent.fresh) {
 				left := ent.fresh.Sub(now)
 				ent.resp.write(w, r, fmt.Sprintf(`%s; hit; ttl=%d; detail="ttl-ms=%d"`, CacheName, int64(left/time.Second), left.Milliseconds()), now.Sub(ent.stored))

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 
@@ -241,7 +242,7 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 		if ent != nil && ent.resp.matchesVary(r) {
 			if now.Before(ent.fresh) {
 				left := ent.fresh.Sub(now)
-				ent.resp.write(w, r, fmt.Sprintf(`%s; hit; ttl=%d; detail="ttl-ms=%d"`, CacheName, int64(left/time.Second), left.Milliseconds()), now.Sub(ent.stored))
+				ent.resp.write(w, r, CacheName+"; hit; ttl="+strconv.FormatInt(int64(left/time.Second), 10)+`; detail="ttl-ms=`+strconv.FormatInt(left.Milliseconds(), 10)+`"`, now.Sub(ent.stored))
 				e.observe(r, Event{Outcome: OutcomeHit, Key: key})
 				return nil
 			}
@@ -331,7 +332,7 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 	case !res.resp.matchesVary(r):
 		return e.alone(w, r, next, key, OutcomeUncollapsible, "vary-mismatch", "vary-miss")
 	}
-	res.resp.write(w, r, fmt.Sprintf("%s; fwd=uri-miss; fwd-status=%d; collapsed", CacheName, res.resp.Status), 0)
+	res.resp.write(w, r, CacheName+"; fwd=uri-miss; fwd-status="+strconv.Itoa(res.resp.Status)+"; collapsed", 0)
 	e.observe(r, Event{Outcome: OutcomeCollapsed, Key: key, Wait: waited})
 	return nil
 }
@@ -428,7 +429,7 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 	}
 	ev.Stored = e.store(key, resp)
 	f.Publish(&result{resp: resp}, nil)
-	status := fmt.Sprintf("%s; fwd=uri-miss; fwd-status=%d", CacheName, resp.Status)
+	status := CacheName + "; fwd=uri-miss; fwd-status=" + strconv.Itoa(resp.Status)
 	if ev.Stored {
 		status += "; stored"
 	}

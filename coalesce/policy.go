@@ -1,7 +1,6 @@
 package coalesce
 
 import (
-	"mime"
 	"net/http"
 	"net/textproto"
 	"strconv"
@@ -198,12 +197,12 @@ func storable(status int, h http.Header) (ok bool, limit time.Duration, reason s
 // streamingResponse reports whether a response must be streamed to the
 // client as it arrives, never buffered.
 func streamingResponse(h http.Header) bool {
-	ct := h.Get("Content-Type")
-	if ct != "" {
-		mt, _, err := mime.ParseMediaType(ct)
-		if err != nil {
-			mt = strings.ToLower(strings.TrimSpace(strings.SplitN(ct, ";", 2)[0]))
-		}
+	if ct := h.Get("Content-Type"); ct != "" {
+		// Only the media type matters here, so the parameters are cut off
+		// rather than parsed (mime.ParseMediaType allocates a map for them
+		// on every response).
+		mt, _, _ := strings.Cut(ct, ";")
+		mt = strings.ToLower(strings.TrimSpace(mt))
 		switch {
 		case mt == "text/event-stream",
 			mt == "application/x-ndjson",

@@ -75,8 +75,11 @@ func (rec *recorder) writeHeader(status int) {
 	rec.status = status
 	rec.wroteHeader = true
 	rec.headerAt = time.Now()
-	cl, err := strconv.ParseInt(rec.header.Get("Content-Length"), 10, 64)
-	rec.knownLength = err == nil && cl >= 0
+	var cl int64
+	if v := rec.header.Get("Content-Length"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		cl, rec.knownLength = n, err == nil && n >= 0
+	}
 	switch {
 	case streamingResponse(rec.header):
 		rec.stream("stream")

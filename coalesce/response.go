@@ -21,6 +21,9 @@ type Response struct {
 	varyValues []string
 	// fromHead: the upstream answered a HEAD; the body is not the GET body.
 	fromHead bool
+	// upstreamAge is the upstream's own Age in seconds (0 when it sent none),
+	// parsed once rather than on every write.
+	upstreamAge int64
 }
 
 func newResponse(status int, h http.Header, body []byte, req *http.Request) *Response {
@@ -30,6 +33,17 @@ func newResponse(status int, h http.Header, body []byte, req *http.Request) *Res
 		body = bytes.Clone(body)
 	}
 	resp := &Response{Status: status, Header: h, Body: body, fromHead: req.Method == http.MethodHead}
+	if !resp.fromHead && bodyAllowed(status) {
+		// The body is complete: its length is known and sent as such, so the
+		// header every client gets a copy of already says it.
+		h["Content-Length"] = []string{strconv.Itoa(len(body))}
+		delete(h, "Transfer-Encoding")
+	}
+	if v := h.Get("Age"); v != "" {
+		if age, err := strconv.ParseInt(v, 10, 64); err == nil && age > 0 {
+			resp.upstreamAge = min(age, maxAge)
+		}
+	}
 	resp.varyFields = varyFields(h)
 	if len(resp.varyFields) > 0 {
 		resp.varyValues = make([]string, len(resp.varyFields))
@@ -77,18 +91,9 @@ func (resp *Response) write(w http.ResponseWriter, r *http.Request, cacheStatus 
 		dst.Del("Content-Length")
 		dst.Del("Content-Encoding")
 		dst.Del("Transfer-Encoding")
-	} else if !resp.fromHead && bodyAllowed(status) {
-		dst.Set("Content-Length", strconv.Itoa(len(resp.Body)))
-		dst.Del("Transfer-Encoding")
 	}
 	if age > 0 {
-		// RFC 9111 §1.2.2: a value that would overflow is sent as 2^31, so
-		// an upstream's huge Age never wraps around to a negative one.
-		const maxAge = 1 << 31
-		secs := min(int64(age/time.Second), maxAge)
-		if prev, err := strconv.ParseInt(resp.Header.Get("Age"), 10, 64); err == nil && prev > 0 {
-			secs += min(prev, maxAge)
-		}
+		secs := min(int64(age/time.Second), maxAge) + resp.upstreamAge
 		dst.Set("Age", strconv.FormatInt(min(secs, maxAge), 10))
 	}
 	if cacheStatus != "" {
@@ -99,6 +104,11 @@ func (resp *Response) write(w http.ResponseWriter, r *http.Request, cacheStatus 
 		_, _ = w.Write(resp.Body)
 	}
 }
+
+// maxAge is the largest Age sent: RFC 9111 §1.2.2 has a value that would
+// overflow sent as 2^31, so an upstream's huge Age never wraps around to a
+// negative one.
+const maxAge = 1 << 31
 
 func bodyAllowed(status int) bool {
 	return status >= 200 && status != http.StatusNoContent && status != http.StatusNotModified

@@ -30,36 +30,6 @@ func failingUpstream(t *testing.T, down bool) (up *upstream, bad *atomic.Bool) {
 	}), bad
 }
 
-// brokenListener accepts connections on 127.0.0.1 and closes them at once
-// (a dead process behind a port that still accepts): every request through
-// it is a transport error, and accepted counts the requests that reached it.
-type brokenListener struct {
-	ln       net.Listener
-	addr     string
-	accepted atomic.Int64
-}
-
-func newBrokenListener(t *testing.T) *brokenListener {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &brokenListener{ln: ln, addr: ln.Addr().String()}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			b.accepted.Add(1)
-			_ = c.Close()
-		}
-	}()
-	t.Cleanup(func() { _ = ln.Close() })
-	return b
-}
-
 // breakerSite is a site with `coalesce { <options> }` in front of
 // `reverse_proxy <upstreams> { <proxy> }`.
 func breakerSite(options, upstreams, proxy string) string {
@@ -195,8 +165,10 @@ func TestBreakerLetsOnlyProbesReachAHalfOpenUpstreamUnderAHerd(t *testing.T) {
 func TestBreakerPoolServesEveryRequestAroundADeadMember(t *testing.T) {
 	const open = 4 * time.Second
 	live := newUpstream(t, func(w http.ResponseWriter, r *http.Request) { _, _ = fmt.Fprint(w, "live") })
-	dead := newBrokenListener(t)
-	startCaddy(t, breakerSite("breaker {\nfailures 3\nopen 4s\n}", live.addr+" "+dead.addr, "lb_policy breaker round_robin\nlb_retries 2"))
+	// A dead process behind a port that still accepts: every connection is
+	// closed at once, a transport error for each request sent to it.
+	dead := newRawUpstream(t, func(net.Conn) {})
+	startCaddy(t, breakerSite("breaker {\nfailures 3\nopen 4s\n}", live.addr+" "+dead.addr(), "lb_policy breaker round_robin\nlb_retries 2"))
 	client := newClient(t)
 	warm(t, client, 50)
 
@@ -214,7 +186,7 @@ func TestBreakerPoolServesEveryRequestAroundADeadMember(t *testing.T) {
 	// One at a time until the breaker trips: every failed attempt on the
 	// dead member is retried on the live one.
 	var first []fetched
-	for i := 0; dead.accepted.Load() < 3 && i < 20; i++ {
+	for i := 0; dead.Accepted() < 3 && i < 20; i++ {
 		first = append(first, get(client, "GET", baseURL+pathFor(t, "/seq"+strconv.Itoa(i))))
 	}
 	tripped := time.Now()
@@ -222,7 +194,7 @@ func TestBreakerPoolServesEveryRequestAroundADeadMember(t *testing.T) {
 		first = append(first, get(client, "GET", baseURL+pathFor(t, "/more"+strconv.Itoa(i))))
 	}
 	check("before the trip", first)
-	if n := dead.accepted.Load(); n != 3 {
+	if n := dead.Accepted(); n != 3 {
 		t.Fatalf("the dead member got %d requests before its breaker tripped, want 3", n)
 	}
 	// While open: herds of different URLs never reach the dead member.
@@ -234,7 +206,7 @@ func TestBreakerPoolServesEveryRequestAroundADeadMember(t *testing.T) {
 	if time.Since(tripped) >= open {
 		t.Fatalf("the machine is too slow for this test: the open phase took %s", time.Since(tripped))
 	}
-	if n := dead.accepted.Load(); n != 3 {
+	if n := dead.Accepted(); n != 3 {
 		t.Errorf("the dead member got %d requests while its breaker was open, want none after the 3", n-3)
 	}
 	// After open: one probe, which fails (and is retried on the live
@@ -246,11 +218,11 @@ func TestBreakerPoolServesEveryRequestAroundADeadMember(t *testing.T) {
 			return get(client, "GET", baseURL+pathFor(t, fmt.Sprintf("/probe%d-%d", round, i)))
 		}))
 	}
-	if n := dead.accepted.Load(); n != 4 && time.Since(probing) < open {
+	if n := dead.Accepted(); n != 4 && time.Since(probing) < open {
 		t.Errorf("after open the dead member got %d requests, want exactly 1 probe", n-3)
 	}
 	t.Logf("pool of 2, one dead: %d client requests, %d failed; %d reached the dead member (3 to trip, 1 probe)",
-		requests, failed, dead.accepted.Load())
+		requests, failed, dead.Accepted())
 }
 
 func TestBreakerRatioDoesNotTripBelowMin(t *testing.T) {

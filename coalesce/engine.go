@@ -225,6 +225,9 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 	now := time.Now()
 	key := e.keys.derive(r, r.Method)
 	noCache := requestCacheControl(r.Header).noCache
+	// fwd says why the request goes upstream (RFC 9211): no usable copy, or
+	// one stored for a request that differs in a field the response varies on.
+	fwd := "uri-miss"
 
 	if !noCache {
 		lookup := key
@@ -239,16 +242,18 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 		if ent == nil {
 			ent = e.cache.get(lookup, now)
 		}
-		if ent != nil && ent.resp.matchesVary(r) {
+		if ent != nil && !ent.resp.matchesVary(r) && now.Before(ent.stale) {
+			fwd = "vary-miss"
+		} else if ent != nil && ent.resp.matchesVary(r) {
 			if now.Before(ent.fresh) {
 				left := ent.fresh.Sub(now)
-				ent.resp.write(w, r, CacheName+"; hit; ttl="+strconv.FormatInt(int64(left/time.Second), 10)+`; detail="ttl-ms=`+strconv.FormatInt(left.Milliseconds(), 10)+`"`, now.Sub(ent.stored))
+				ent.resp.write(w, r, CacheName+"; hit; ttl="+strconv.FormatInt(ttlSeconds(left), 10)+`; detail="ttl-ms=`+strconv.FormatInt(left.Milliseconds(), 10)+`"`, now.Sub(ent.stored))
 				e.observe(r, Event{Outcome: OutcomeHit, Key: key})
 				return nil
 			}
 			if now.Before(ent.stale) {
 				e.refresh(r, lookup, next)
-				ent.resp.write(w, r, fmt.Sprintf("%s; hit; ttl=%d; fwd=stale; detail=stale-while-revalidate", CacheName, -int64(now.Sub(ent.fresh)/time.Second)), now.Sub(ent.stored))
+				ent.resp.write(w, r, CacheName+"; hit; ttl="+strconv.FormatInt(ttlSeconds(ent.fresh.Sub(now)), 10)+"; fwd=stale; detail=stale-while-revalidate", now.Sub(ent.stored))
 				e.observe(r, Event{Outcome: OutcomeStale, Key: key, Detail: "stale-while-revalidate"})
 				return nil
 			}
@@ -264,7 +269,7 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 	case registry.Follower:
 		return e.follow(w, r, next, f, key)
 	case registry.Leader:
-		return e.lead(w, r, next, f, key)
+		return e.lead(w, r, next, f, key, fwd)
 	default:
 		return e.alone(w, r, next, key, OutcomeUncollapsible, "registry-full", "uri-miss")
 	}
@@ -339,7 +344,7 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 
 // lead calls next for the flight, shares the response with the followers,
 // stores it when allowed and writes it to its own client.
-func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key) (err error) {
+func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string) (err error) {
 	defer f.Leave()
 	defer func() {
 		if p := recover(); p != nil {
@@ -362,7 +367,7 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 			e.hfm.set(key, time.Now().Add(e.cfg.HitForMiss))
 		},
 		func(reason string) string {
-			return fmt.Sprintf("%s; fwd=uri-miss; detail=%s", CacheName, reason)
+			return CacheName + "; fwd=" + fwd + "; detail=" + reason
 		})
 	defer rec.finish() // also when next panics: no late flush after the handler
 	err = next(rec, ur)
@@ -410,7 +415,7 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 	}
 	if err != nil {
 		f.Publish(&result{err: err}, nil)
-		w.Header().Add("Cache-Status", CacheName+"; fwd=uri-miss; detail=upstream-error")
+		w.Header().Add("Cache-Status", CacheName+"; fwd="+fwd+"; detail=upstream-error")
 		ev.Detail = "upstream-error"
 		e.observe(r, ev)
 		return err
@@ -423,13 +428,13 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 		e.hfm.set(key, time.Now().Add(e.cfg.HitForMiss))
 		e.cache.remove(key)
 		ev.Detail = reason
-		resp.write(w, r, fmt.Sprintf("%s; fwd=uri-miss; fwd-status=%d; detail=%s", CacheName, resp.Status, reason), 0)
+		resp.write(w, r, CacheName+"; fwd="+fwd+"; fwd-status="+strconv.Itoa(resp.Status)+"; detail="+reason, 0)
 		e.observe(r, ev)
 		return nil
 	}
 	ev.Stored = e.store(key, resp)
 	f.Publish(&result{resp: resp}, nil)
-	status := CacheName + "; fwd=uri-miss; fwd-status=" + strconv.Itoa(resp.Status)
+	status := CacheName + "; fwd=" + fwd + "; fwd-status=" + strconv.Itoa(resp.Status)
 	if ev.Stored {
 		status += "; stored"
 	}
@@ -454,12 +459,23 @@ func (e *Engine) spare(key Key, r *http.Request) *entry {
 
 // writeStale writes an expired entry that stands in for a failed upstream.
 func (ent *entry) writeStale(w http.ResponseWriter, r *http.Request, collapsed string, now time.Time) {
-	ent.resp.write(w, r, fmt.Sprintf("%s; %sfwd=stale; ttl=%d; detail=stale-if-error", CacheName, collapsed, -int64(now.Sub(ent.fresh)/time.Second)), now.Sub(ent.stored))
+	ent.resp.write(w, r, CacheName+"; "+collapsed+"fwd=stale; ttl="+strconv.FormatInt(ttlSeconds(ent.fresh.Sub(now)), 10)+"; detail=stale-if-error", now.Sub(ent.stored))
+}
+
+// ttlSeconds is the Cache-Status ttl for a copy with left of its freshness
+// lifetime left: whole seconds rounded down, so that a copy 0.3 s past its
+// lifetime says -1 (stale), never 0 (RFC 9211 §2.5: negative when stale).
+func ttlSeconds(left time.Duration) int64 {
+	s := int64(left / time.Second)
+	if left < 0 && left%time.Second != 0 {
+		s--
+	}
+	return s
 }
 
 // store keeps resp under key when the origin and the configuration allow.
 func (e *Engine) store(key Key, resp *Response) bool {
-	if e.cfg.TTL <= 0 && e.cfg.StaleIfError <= 0 {
+	if e.cfg.TTL <= 0 && e.cfg.Stale <= 0 && e.cfg.StaleIfError <= 0 {
 		return false
 	}
 	ok, limit, _ := storable(resp.Status, resp.Header)

@@ -355,6 +355,24 @@ func TestTTLZeroCollapsesButStoresNothing(t *testing.T) {
 	}
 }
 
+// With ttl 0 and stale, the last answer is kept for stale alone: every later
+// request is answered from it at once while one refresh runs (Varnish's ttl
+// 0 with grace).
+func TestTTLZeroWithStaleServesTheLastAnswerWhileRefreshing(t *testing.T) {
+	o := numbered()
+	e := newEngine(t, func(c *Config) { c.TTL = 0; c.Stale = 5 * time.Second })
+	srv := newServer(t, e.Handler(o))
+	if r := get(t, srv, "/x"); r.body != "v1" || !strings.HasSuffix(r.cacheStatus(), "; stored") {
+		t.Fatalf("first: %q, Cache-Status %q; want v1 stored", r.body, r.cacheStatus())
+	}
+	r := get(t, srv, "/x")
+	if r.body != "v1" || !regexp.MustCompile(`^caddy-coalesce; hit; ttl=-[1-9]\d*; fwd=stale; detail=stale-while-revalidate$`).MatchString(r.cacheStatus()) {
+		t.Errorf("second: %q, Cache-Status %q; want the stored v1, marked stale", r.body, r.cacheStatus())
+	}
+	waitFor(t, "the refresh", func() bool { return o.calls.Load() == 2 })
+	waitFor(t, "the refreshed copy", func() bool { return get(t, srv, "/x").body == "v2" })
+}
+
 func TestOriginCacheControlPreventsStoring(t *testing.T) {
 	for _, cc := range []string{"no-store", "no-cache", "max-age=0", "s-maxage=0, max-age=60"} {
 		t.Run(cc, func(t *testing.T) {
@@ -468,6 +486,25 @@ func TestHitForMissExpires(t *testing.T) {
 	}
 	if r := get(t, srv, "/x"); r.body != "v3" || !hitStatus.MatchString(r.cacheStatus()) {
 		t.Errorf("then: %q %q, want a hit", r.body, r.cacheStatus())
+	}
+}
+
+// A stored copy for another value of a varied field is not used, and the
+// request that goes upstream instead says so (RFC 9211 fwd=vary-miss).
+func TestStoredCopyOfAnotherVariantIsAVaryMiss(t *testing.T) {
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		w.Header().Set("Vary", "Accept-Language")
+		fmt.Fprintf(w, "%s v%d", r.Header.Get("Accept-Language"), n)
+	})
+	e := newEngine(t, func(c *Config) { c.TTL = time.Second })
+	srv := newServer(t, e.Handler(o))
+	get(t, srv, "/x", "Accept-Language", "de")
+	r := get(t, srv, "/x", "Accept-Language", "en")
+	if r.body != "en v2" || !strings.HasPrefix(r.cacheStatus(), "caddy-coalesce; fwd=vary-miss; fwd-status=200") {
+		t.Errorf("other variant: %q, Cache-Status %q; want its own answer, fwd=vary-miss", r.body, r.cacheStatus())
+	}
+	if r := get(t, srv, "/x", "Accept-Language", "en"); r.body != "en v2" || !hitStatus.MatchString(r.cacheStatus()) {
+		t.Errorf("same variant again: %q, Cache-Status %q; want a hit", r.body, r.cacheStatus())
 	}
 }
 
@@ -1043,7 +1080,7 @@ func TestStaleWhileRevalidateServesAtOnceWithOneRefresh(t *testing.T) {
 		if r.status != 200 || r.body != "v1" {
 			t.Errorf("client %d got %d %q, want the stale v1", i, r.status, r.body)
 		}
-		if cs := r.cacheStatus(); !regexp.MustCompile(`^caddy-coalesce; hit; ttl=-?\d+; fwd=stale; detail=stale-while-revalidate$`).MatchString(cs) {
+		if cs := r.cacheStatus(); !regexp.MustCompile(`^caddy-coalesce; hit; ttl=-[1-9]\d*; fwd=stale; detail=stale-while-revalidate$`).MatchString(cs) {
 			t.Errorf("client %d: Cache-Status %q", i, cs)
 		}
 	}
@@ -1179,7 +1216,7 @@ func TestStaleIfErrorServesTheLastGoodCopy(t *testing.T) {
 				t.Errorf("got %d %q, want the last good copy", rec.Code, rec.Body.String())
 			}
 			cs := rec.Header().Get("Cache-Status")
-			if !regexp.MustCompile(`^caddy-coalesce; fwd=stale; ttl=-?\d+; detail=stale-if-error$`).MatchString(cs) {
+			if !regexp.MustCompile(`^caddy-coalesce; fwd=stale; ttl=-[1-9]\d*; detail=stale-if-error$`).MatchString(cs) {
 				t.Errorf("Cache-Status %q", cs)
 			}
 			if !integer.MatchString(rec.Header().Get("Age")) {
@@ -1558,6 +1595,20 @@ func TestWithHooksSharesStateNotHooks(t *testing.T) {
 }
 
 // ---- configuration ----
+
+func TestTTLSecondsRoundsDown(t *testing.T) {
+	for _, c := range []struct {
+		left time.Duration
+		want int64
+	}{
+		{1500 * time.Millisecond, 1}, {999 * time.Millisecond, 0}, {0, 0},
+		{-time.Millisecond, -1}, {-300 * time.Millisecond, -1}, {-time.Second, -1}, {-1001 * time.Millisecond, -2},
+	} {
+		if got := ttlSeconds(c.left); got != c.want {
+			t.Errorf("ttlSeconds(%s) = %d, want %d", c.left, got, c.want)
+		}
+	}
+}
 
 func TestNewRejectsAnInvalidConfig(t *testing.T) {
 	for name, change := range map[string]func(*Config){

@@ -148,9 +148,6 @@ func (o *BreakerOptions) config() coalesce.BreakerConfig {
 //	}
 func (h *Handler) unmarshalBreaker(d *caddyfile.Dispenser) error {
 	o := &BreakerOptions{}
-	if h.Breaker != nil {
-		return d.Err("breaker is already configured for this coalesce")
-	}
 	h.Breaker = o
 	if d.NextArg() {
 		if d.Val() != "off" {
@@ -165,8 +162,12 @@ func (h *Handler) unmarshalBreaker(d *caddyfile.Dispenser) error {
 		}
 		return nil
 	}
+	seen := map[string]int{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
+		if err := once(d, seen); err != nil {
+			return err
+		}
 		var err error
 		switch opt {
 		case "failures":
@@ -205,10 +206,7 @@ func (h *Handler) unmarshalBreaker(d *caddyfile.Dispenser) error {
 				}
 			}
 		case "open":
-			o.Open, err = parseDuration(d)
-			if err == nil && o.Open == 0 {
-				err = d.Err("open must be a positive duration, e.g. open 10s")
-			}
+			o.Open, err = parsePositiveDuration(d)
 		case "probes":
 			o.Probes, err = parseCount(d)
 		case "status":

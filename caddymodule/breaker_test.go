@@ -82,24 +82,52 @@ func TestCaddyfileBreakerBlock(t *testing.T) {
 	}
 }
 
+// An option given twice would silently lose its first value: it is an error
+// naming both lines, except for the field lists, which add up.
+func TestCaddyfileOptionGivenTwice(t *testing.T) {
+	for input, want := range map[string]string{
+		"ttl 50ms\nttl 100ms":         "ttl is given twice (first at line 2); keep one of them, at Testfile:3",
+		"public\nmax_wait 1s\npublic": "public is given twice (first at line 2)",
+		"zone a\nzone b":              "zone is given twice",
+	} {
+		if _, err := parseCoalesce(t, "coalesce {\n"+input+"\n}"); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: got %v, want an error saying %q", input, err, want)
+		}
+	}
+	h, err := parseCoalesce(t, "coalesce {\nkey_headers X-A\nkey_headers X-B X-C\nidentity_headers X-K\nidentity_headers X-L\n}")
+	if err != nil || strings.Join(h.KeyHeaders, " ") != "X-A X-B X-C" || strings.Join(h.IdentityHeaders, " ") != "X-K X-L" {
+		t.Errorf("repeated field lists: %v, key_headers %v, identity_headers %v; want them added up", err, h.KeyHeaders, h.IdentityHeaders)
+	}
+}
+
+// Errors found by validating a parsed value read like the parser's own: the
+// option, the reason, the advice and the line, with no package prefix.
+func TestCaddyfileValueErrorsCarryNoPrefix(t *testing.T) {
+	_, err := parseCoalesce(t, "coalesce {\nttl 2s\n}")
+	if err == nil || !strings.HasPrefix(err.Error(), "ttl must be at most 1s") || !strings.HasSuffix(err.Error(), "at Testfile:2") {
+		t.Errorf("ttl 2s: got %v", err)
+	}
+}
+
 func TestCaddyfileBreakerErrorsSayWhatIsWrong(t *testing.T) {
 	for input, want := range map[string]string{
-		"breaker {\n ratio 1.5\n}":              "not a fraction",
-		"breaker {\n ratio 0\n}":                "not a fraction",
-		"breaker {\n ratio 0.5 min 0\n}":        "positive whole number",
-		"breaker {\n ratio 0.5 every 3\n}":      "unexpected",
-		"breaker {\n ratio 0.5 window -1s\n}":   "not a positive duration",
-		"breaker {\n open -1s\n}":               "must not be negative",
-		"breaker {\n open 0s\n}":                "positive duration",
-		"breaker {\n probes 0\n}":               "positive whole number",
-		"breaker {\n failures -2\n}":            "positive whole number",
-		"breaker {\n status 502 700\n}":         `"700" is not an HTTP status code`,
-		"breaker {\n status teapot\n}":          "not an HTTP status code",
-		"breaker {\n status\n}":                 "at least one",
-		"breaker {\n trip 3\n}":                 `unrecognized breaker option "trip"`,
-		"breaker on":                            "takes a block, or `off`",
-		"breaker off {\n failures 3\n}":         "takes no block",
-		"breaker off\nbreaker {\nfailures 2\n}": "already configured",
+		"breaker {\n ratio 1.5\n}":               "not a fraction",
+		"breaker {\n ratio 0\n}":                 "not a fraction",
+		"breaker {\n ratio 0.5 min 0\n}":         "positive whole number",
+		"breaker {\n ratio 0.5 every 3\n}":       "unexpected",
+		"breaker {\n ratio 0.5 window -1s\n}":    "not a positive duration",
+		"breaker {\n open -1s\n}":                "open must be a positive duration (got -1s), e.g. open 10s",
+		"breaker {\n open 0s\n}":                 "positive duration",
+		"breaker {\n probes 0\n}":                "positive whole number",
+		"breaker {\n failures -2\n}":             "positive whole number",
+		"breaker {\n status 502 700\n}":          `"700" is not an HTTP status code`,
+		"breaker {\n status teapot\n}":           "not an HTTP status code",
+		"breaker {\n status\n}":                  "at least one",
+		"breaker {\n trip 3\n}":                  `unrecognized breaker option "trip"`,
+		"breaker on":                             "takes a block, or `off`",
+		"breaker off {\n failures 3\n}":          "takes no block",
+		"breaker off\nbreaker {\nfailures 2\n}":  "breaker is given twice (first at line 2); keep one of them",
+		"breaker {\n failures 2\n failures 3\n}": "failures is given twice (first at line 3)",
 	} {
 		_, err := parseCoalesce(t, "coalesce {\n"+input+"\n}")
 		if err == nil || !strings.Contains(err.Error(), want) {

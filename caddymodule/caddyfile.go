@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"strconv"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -64,8 +65,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.Errf("coalesce takes no arguments besides a matcher (got %q); put options in a block: coalesce { ttl 50ms }", d.Val())
 	}
+	seen := map[string]int{} // option -> line it was first given on
 	for d.NextBlock(0) {
 		opt := d.Val()
+		if err := once(d, seen); err != nil {
+			return err
+		}
 		var err error
 		switch opt {
 		case "ttl":
@@ -119,7 +124,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 		// Check the settings so far, so that a value that parses but
 		// cannot work (ttl 2s) is reported at its own line.
-		if err := h.Validate(); err != nil {
+		if err := h.config().Validate(); err != nil {
 			return d.Errf("%v", err)
 		}
 	}
@@ -134,18 +139,54 @@ func (h *Handler) unmarshalExtra(d *caddyfile.Dispenser, opt string) error {
 	return d.Errf("unrecognized coalesce option %q; the options are ttl, stale, stale_if_error, max_wait, max_body, max_entries, max_memory, key_headers, identity_headers, public, hit_for_miss, max_flights, zone and breaker (see the README)", opt)
 }
 
+// once fails when the option d is at was already given in this block (at
+// the line seen holds): a second value would silently replace the first.
+// Options that take a list of fields may be repeated; their lists add up.
+func once(d *caddyfile.Dispenser, seen map[string]int) error {
+	opt := d.Val()
+	switch opt {
+	case "key_headers", "identity_headers":
+		return nil
+	}
+	if line, ok := seen[opt]; ok {
+		return d.Errf("%s is given twice (first at line %d); keep one of them", opt, line)
+	}
+	seen[opt] = d.Line()
+	return nil
+}
+
+// durationExamples are sensible values of each duration option, for errors.
+var durationExamples = map[string]string{
+	"ttl": "50ms", "stale": "5s", "stale_if_error": "1m", "max_wait": "10s",
+	"hit_for_miss": "5s", "open": "10s",
+}
+
 // parseDuration reads exactly one duration argument, never negative.
 func parseDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
+	return parseDurationFrom(d, 0)
+}
+
+// parsePositiveDuration is parseDuration for options that 0 cannot be.
+func parsePositiveDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
+	return parseDurationFrom(d, 1)
+}
+
+// parseDurationFrom reads exactly one duration argument of at least least.
+func parseDurationFrom(d *caddyfile.Dispenser, least time.Duration) (caddy.Duration, error) {
 	opt := d.Val()
+	example := opt + " " + durationExamples[opt]
 	if !d.NextArg() {
-		return 0, d.Errf("%s needs a duration, e.g. %s 50ms", opt, opt)
+		return 0, d.Errf("%s needs a duration, e.g. %s", opt, example)
 	}
 	dur, err := caddy.ParseDuration(d.Val())
 	if err != nil {
 		return 0, d.Errf("%s: %q is not a duration (write e.g. 50ms, 2s): %v", opt, d.Val(), err)
 	}
-	if dur < 0 {
-		return 0, d.Errf("%s must not be negative (got %s); write 0 or a positive duration, e.g. %s 50ms", opt, d.Val(), opt)
+	if dur < least {
+		if least > 0 {
+			return 0, d.Errf("%s must be a positive duration (got %s), e.g. %s", opt, d.Val(), example)
+		}
+		return 0, d.Errf("%s must not be negative (got %s); write 0 or a positive duration, e.g. %s", opt, d.Val(), example)
 	}
 	if d.NextArg() {
 		return 0, d.Errf("%s takes one duration, got another argument %q; remove it", opt, d.Val())

@@ -172,7 +172,14 @@ func (s *BreakerSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	unm, err := caddyfile.UnmarshalModule(d, modID)
 	if err != nil {
-		return err
+		// The inner policy's own message says what is wrong but not what to
+		// write: keep it (without its location, which Errf adds again) and
+		// show the form.
+		msg := err.Error()
+		if i := strings.LastIndex(msg, ", at "); i > 0 {
+			msg = msg[:i]
+		}
+		return d.Errf("lb_policy breaker %s: %s; write the arguments of lb_policy %s after it, e.g. %s", name, msg, name, innerExample(name))
 	}
 	sel, ok := unm.(reverseproxy.Selector)
 	if !ok {
@@ -180,6 +187,23 @@ func (s *BreakerSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	s.InnerRaw = caddyconfig.JSONModuleObject(sel, "policy", name, nil)
 	return nil
+}
+
+// innerExample is a correct `lb_policy breaker <name> ...` line, for errors.
+func innerExample(name string) string {
+	switch name {
+	case "header":
+		return "lb_policy breaker header X-User-Id"
+	case "query":
+		return "lb_policy breaker query user"
+	case "cookie":
+		return "lb_policy breaker cookie lb"
+	case "random_choose":
+		return "lb_policy breaker random_choose 2"
+	case "weighted_round_robin":
+		return "lb_policy breaker weighted_round_robin 3 1 (one weight per upstream)"
+	}
+	return "lb_policy breaker " + name
 }
 
 // selectionPolicies names the selection policies this Caddy has, but

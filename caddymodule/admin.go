@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -205,12 +206,23 @@ func (a *adminAPI) handleBypass(w http.ResponseWriter, r *http.Request) error {
 		return writeJSON(w, currentBypass())
 	}
 	const usage = `the body must be a JSON object {"enabled": true} or {"enabled": false}`
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<10))
+	const maxBody = 1 << 10
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
+	if err != nil {
+		return apiError(http.StatusBadRequest, "reading the body: %v", err)
+	}
+	if len(body) > maxBody {
+		return apiError(http.StatusRequestEntityTooLarge, "%s: the body is over %d bytes", usage, maxBody)
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	var req bypassRequest
 	if err := dec.Decode(&req); err != nil {
 		var typeErr *json.UnmarshalTypeError
 		if errors.As(err, &typeErr) {
+			if typeErr.Field == "" {
+				return apiError(http.StatusBadRequest, "%s: got a JSON %s", usage, typeErr.Value)
+			}
 			return apiError(http.StatusBadRequest, "%s: %q must be true or false, not a JSON %s", usage, typeErr.Field, typeErr.Value)
 		}
 		return apiError(http.StatusBadRequest, "%s: %v", usage, err)

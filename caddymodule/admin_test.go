@@ -82,7 +82,9 @@ func TestAdminRefusesWhatItCannotDo(t *testing.T) {
 		{"bypass with a string", a.handleBypass, "POST", "/coalesce/bypass", `{"enabled": "true"}`, 400, ""},
 		{"bypass with an unknown field", a.handleBypass, "POST", "/coalesce/bypass", `{"enabled": true, "zone": "x"}`, 400, ""},
 		{"bypass with two objects", a.handleBypass, "POST", "/coalesce/bypass", `{"enabled": true}{}`, 400, ""},
-		{"bypass too large", a.handleBypass, "POST", "/coalesce/bypass", `{"enabled": true` + strings.Repeat(" ", 2000) + `}`, 400, ""},
+		{"bypass too large", a.handleBypass, "POST", "/coalesce/bypass", `{"enabled": true` + strings.Repeat(" ", 2000) + `}`, 413, ""},
+		{"bypass too large after the object", a.handleBypass, "POST", "/coalesce/bypass", `{"enabled": true}` + strings.Repeat(" ", 2000), 413, ""},
+		{"bypass with an array", a.handleBypass, "POST", "/coalesce/bypass", `[true]`, 400, ""},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -100,6 +102,24 @@ func TestAdminRefusesWhatItCannotDo(t *testing.T) {
 				t.Errorf("a refused request switched the kill switch on")
 			}
 		})
+	}
+}
+
+// The kill switch's refusals say what was wrong with the body.
+func TestAdminBypassErrorsSayWhatIsWrong(t *testing.T) {
+	a := &adminAPI{}
+	for body, want := range map[string]string{
+		`[true]`:                    `got a JSON array`,
+		`{"enabled": "yes"}`:        `"enabled" must be true or false, not a JSON string`,
+		`{}`:                        `"enabled" is missing`,
+		`{"enabled": true}{}`:       `unexpected data after the object`,
+		strings.Repeat(" ", 2000):   `the body is over 1024 bytes`,
+		`{"enabled": true, "x": 1}`: `unknown field "x"`,
+	} {
+		_, err := serveAdmin(a.handleBypass, "POST", "/coalesce/bypass", body)
+		if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), `{"enabled": true}`) {
+			t.Errorf("%.30q: got %v, want it to say %q and show the right body", body, err, want)
+		}
 	}
 }
 

@@ -240,9 +240,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 func (h *Handler) observe(r *http.Request, ev coalesce.Event) {
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 		repl.Set("http.coalesce.status", string(ev.Outcome))
+		keyHash := "" // a bypassed request has no key: empty, not unset (null in JSON logs)
 		if ev.Key != (coalesce.Key{}) {
-			repl.Set("http.coalesce.key_hash", ev.Key.String())
+			keyHash = ev.Key.String()
 		}
+		repl.Set("http.coalesce.key_hash", keyHash)
 		repl.Set("http.coalesce.waiters", strconv.Itoa(ev.Waiters))
 		repl.Set("http.coalesce.detail", ev.Detail)
 	}

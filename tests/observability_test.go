@@ -622,9 +622,10 @@ func TestObservabilityPlaceholdersInAccessLog(t *testing.T) {
 	url := baseURL + pathFor(t, "")
 	get(client, "GET", url, "Authorization: Bearer do-not-log-me")
 	get(client, "GET", url, "Authorization: Bearer do-not-log-me")
+	get(client, "POST", url)
 
 	var lines []map[string]any
-	eventually(t, "two access log lines", func() bool {
+	eventually(t, "three access log lines", func() bool {
 		raw, _ := os.ReadFile(logFile)
 		lines = nil
 		for _, l := range bytes.Split(bytes.TrimSpace(raw), []byte("\n")) {
@@ -633,7 +634,7 @@ func TestObservabilityPlaceholdersInAccessLog(t *testing.T) {
 				lines = append(lines, m)
 			}
 		}
-		return len(lines) >= 2
+		return len(lines) >= 3
 	})
 	if lines[0]["coalesce_status"] != "leader" || lines[1]["coalesce_status"] != "hit" {
 		t.Errorf("coalesce_status: %v then %v, want leader then hit", lines[0]["coalesce_status"], lines[1]["coalesce_status"])
@@ -641,6 +642,9 @@ func TestObservabilityPlaceholdersInAccessLog(t *testing.T) {
 	key, _ := lines[0]["coalesce_key"].(string)
 	if !regexp.MustCompile(`^[0-9a-f]{16}$`).MatchString(key) || lines[1]["coalesce_key"] != key {
 		t.Errorf("coalesce_key: %v then %v, want the same 16-hex-digit hash", lines[0]["coalesce_key"], lines[1]["coalesce_key"])
+	}
+	if lines[2]["coalesce_status"] != "bypass" || lines[2]["coalesce_key"] != "" {
+		t.Errorf("a POST logged coalesce_status %v, coalesce_key %#v; want bypass and an empty key", lines[2]["coalesce_status"], lines[2]["coalesce_key"])
 	}
 	if lines[0]["coalesce_waiters"] != "0" {
 		t.Errorf("coalesce_waiters of a lone leader: %v, want \"0\"", lines[0]["coalesce_waiters"])

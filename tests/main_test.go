@@ -15,8 +15,9 @@ import (
 // flight's context watch that outlived every request would show here.
 // caddytest runs `caddy run` in a goroutine that never returns, with its
 // signal traps and admin listener; those belong to the process, not to a
-// test. So does the rotation goroutine of Caddy's file log writer, which the
-// access-log test starts and Caddy never stops.
+// test. So do the rotation goroutine of Caddy's file log writer, which the
+// access-log test starts and Caddy never stops, and certmagic's storage-lock
+// refresher, which polls every 5 s and may not have seen its lock go yet.
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if code == 0 {
@@ -31,6 +32,7 @@ func TestMain(m *testing.M) {
 			goleak.IgnoreTopFunction("github.com/caddyserver/caddy/v2.trapSignalsPosix.func1"),
 			goleak.IgnoreAnyFunction("github.com/caddyserver/caddy/v2.replaceLocalAdminServer.func2"),
 			goleak.IgnoreTopFunction("github.com/DeRuina/timberjack.(*Logger).millRun"),
+			goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.keepLockfileFresh"),
 		); err != nil {
 			fmt.Fprintf(os.Stderr, "goroutines outlived the tests: %v\n", err)
 			code = 1

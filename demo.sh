@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Runs the demo: the demo API upstream (cmd/demo-upstream) behind Caddy with
-# Caddyfile.example. Caddy serves http://localhost:8080, its admin API is on
-# localhost:2019; stop with Ctrl-C. Build ./caddy first with ./xcaddy.sh.
+# Caddyfile.example. Caddy serves http://localhost:$PORT (default 8080), its
+# admin API is on $ADMIN (default localhost:2019); stop with Ctrl-C. Build
+# ./caddy first with ./xcaddy.sh.
 #
 #   ./demo.sh                         starts the demo upstream on 127.0.0.1:9000
+#                                     (DEMO_UPSTREAM_LISTEN=host:port moves it)
 #   UPSTREAM=10.0.0.5:8000 ./demo.sh  uses your own upstream instead
+#   PORT=8081 ADMIN=localhost:2020 ./demo.sh   other ports for Caddy
 #
-# Then, in another terminal:
+# Then, in another terminal (with the default ports):
 #   for i in $(seq 20); do curl -s -o /dev/null localhost:8080/api/sessions & done; wait
 #   curl -s localhost:9000/stats      # how many requests reached the upstream
 set -euo pipefail
@@ -29,7 +32,7 @@ cleanup() {
 trap cleanup EXIT
 
 if [[ -z ${UPSTREAM:-} ]]; then
-	UPSTREAM=127.0.0.1:9000
+	UPSTREAM=${DEMO_UPSTREAM_LISTEN:-127.0.0.1:9000}
 	# Build, then run the binary itself rather than `go run`: killing `go run`
 	# would leave its child (the server) running.
 	workdir=$(mktemp -d)
@@ -53,7 +56,11 @@ if [[ -z ${UPSTREAM:-} ]]; then
 		sleep 0.1
 	done
 fi
-export UPSTREAM
+# Caddyfile.example reads these ({$PORT:8080}, ...); set them here so that
+# the line below shows the real addresses.
+PORT=${PORT:-8080}
+ADMIN=${ADMIN:-localhost:2019}
+export UPSTREAM PORT ADMIN
 
-echo "demo.sh: caddy on http://localhost:8080 -> $UPSTREAM (try: curl -i localhost:8080/api/sessions)"
+echo "demo.sh: caddy on http://localhost:$PORT -> $UPSTREAM, admin API on $ADMIN (try: curl -i localhost:$PORT/api/sessions)"
 ./caddy run --config Caddyfile.example --adapter caddyfile

@@ -12,8 +12,8 @@ import (
 
 // Every metric has the label handler, the zone of the coalesce handler (one
 // per coalesce directive in a Caddyfile), so its cardinality is bounded by
-// the configuration; keys and paths never become labels. docs/OBSERVABILITY.md
-// describes each metric.
+// the configuration; keys and paths never become labels. The README's
+// Metrics section describes each metric.
 const (
 	metricsNamespace = "caddy"
 	metricsSubsystem = "coalesce"

@@ -201,6 +201,10 @@ func TestDocsAndDashboardMatchTheMetrics(t *testing.T) {
 		served[fqName.FindStringSubmatch(d.String())[1]] = true
 	}
 
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
 	doc, err := os.ReadFile("../docs/OBSERVABILITY.md")
 	if err != nil {
 		t.Fatal(err)
@@ -216,7 +220,7 @@ func TestDocsAndDashboardMatchTheMetrics(t *testing.T) {
 		t.Fatalf("docs/grafana-dashboard.json is not a dashboard: %v", err)
 	}
 	named := regexp.MustCompile(`caddy_coalesce_[a-z_]+`)
-	for file, text := range map[string][]byte{"OBSERVABILITY.md": doc, "grafana-dashboard.json": dash} {
+	for file, text := range map[string][]byte{"README.md": readme, "OBSERVABILITY.md": doc, "grafana-dashboard.json": dash} {
 		for _, m := range named.FindAllString(string(text), -1) {
 			name := m
 			for _, suffix := range []string{"_bucket", "_sum", "_count"} {
@@ -230,8 +234,8 @@ func TestDocsAndDashboardMatchTheMetrics(t *testing.T) {
 		}
 	}
 	for name := range served {
-		if !strings.Contains(string(doc), "| `"+name+"` |") {
-			t.Errorf("OBSERVABILITY.md has no table row for %s", name)
+		if !strings.Contains(string(readme), "| `"+name+"` |") {
+			t.Errorf("README.md has no table row for %s", name)
 		}
 	}
 }

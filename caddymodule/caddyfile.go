@@ -37,7 +37,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
 //	coalesce [<matcher>] {
-//		ttl             <duration>   # default 50ms; 0 = collapse only; max 1s
+//		ttl             <duration>   # default 50ms; 0 = collapse only (plus stale copies if set); max 1s
 //		stale           <duration>   # serve expired entries this long while one refresh runs
 //		stale_if_error  <duration>   # serve the last good entry this long when the upstream fails
 //		max_wait        <duration>   # longest a follower waits; default 10s

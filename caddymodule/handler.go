@@ -38,8 +38,9 @@ func init() {
 // header (RFC 9211).
 type Handler struct {
 	// How long a response stays fresh in the micro-cache. Default: 50ms.
-	// 0 collapses concurrent requests but stores nothing. At most 1s. An
-	// origin's smaller max-age / s-maxage wins.
+	// 0 collapses concurrent requests but nothing is ever fresh: a response
+	// is kept only for `stale` or `stale_if_error` when they are set. At
+	// most 1s. An origin's smaller max-age / s-maxage wins.
 	TTL *caddy.Duration `json:"ttl,omitempty"`
 
 	// Serve an expired entry for this long after `ttl` while exactly one

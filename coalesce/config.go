@@ -24,7 +24,8 @@ const (
 // field is a meaningful setting (for TTL: collapse only, no cache).
 type Config struct {
 	// TTL is how long a response stays fresh in the micro-cache. 0 means
-	// collapse concurrent requests only, store nothing. At most MaxTTL.
+	// collapse concurrent requests only: nothing is fresh, and a response is
+	// kept only for Stale or StaleIfError when they are set. At most MaxTTL.
 	TTL time.Duration
 	// Stale serves an expired entry for this long after TTL while one
 	// background request refreshes it (stale-while-revalidate).

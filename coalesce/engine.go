@@ -242,10 +242,13 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 		if ent == nil {
 			ent = e.cache.get(lookup, now)
 		}
-		if ent != nil && !ent.resp.matchesVary(r) && now.Before(ent.stale) {
+		varyOK := ent != nil && ent.resp.matchesVary(r)
+		if ent != nil && !varyOK && now.Before(ent.stale) {
 			fwd = "vary-miss"
-		} else if ent != nil && ent.resp.matchesVary(r) {
-			if now.Before(ent.fresh) {
+		} else if varyOK {
+			// fresh == stored (ttl 0, kept for stale alone) is never a fresh
+			// hit, even for a request that took its time before it looked.
+			if now.Before(ent.fresh) && ent.fresh.After(ent.stored) {
 				left := ent.fresh.Sub(now)
 				ent.resp.write(w, r, CacheName+"; hit; ttl="+strconv.FormatInt(ttlSeconds(left), 10)+`; detail="ttl-ms=`+strconv.FormatInt(left.Milliseconds(), 10)+`"`, now.Sub(ent.stored))
 				e.observe(r, Event{Outcome: OutcomeHit, Key: key})
@@ -253,7 +256,7 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 			}
 			if now.Before(ent.stale) {
 				e.refresh(r, lookup, next)
-				ent.resp.write(w, r, CacheName+"; hit; ttl="+strconv.FormatInt(ttlSeconds(ent.fresh.Sub(now)), 10)+"; fwd=stale; detail=stale-while-revalidate", now.Sub(ent.stored))
+				ent.resp.write(w, r, CacheName+"; hit; "+ent.ttlField(now)+"; fwd=stale; detail=stale-while-revalidate", now.Sub(ent.stored))
 				e.observe(r, Event{Outcome: OutcomeStale, Key: key, Detail: "stale-while-revalidate"})
 				return nil
 			}
@@ -337,7 +340,7 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 	case !res.resp.matchesVary(r):
 		return e.alone(w, r, next, key, OutcomeUncollapsible, "vary-mismatch", "vary-miss")
 	}
-	res.resp.write(w, r, CacheName+"; fwd=uri-miss; fwd-status="+strconv.Itoa(res.resp.Status)+"; collapsed", 0)
+	res.resp.write(w, r, forwarded("uri-miss", res.resp.Status)+"; collapsed", 0)
 	e.observe(r, Event{Outcome: OutcomeCollapsed, Key: key, Wait: waited})
 	return nil
 }
@@ -428,13 +431,13 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 		e.hfm.set(key, time.Now().Add(e.cfg.HitForMiss))
 		e.cache.remove(key)
 		ev.Detail = reason
-		resp.write(w, r, CacheName+"; fwd="+fwd+"; fwd-status="+strconv.Itoa(resp.Status)+"; detail="+reason, 0)
+		resp.write(w, r, forwarded(fwd, resp.Status)+"; detail="+reason, 0)
 		e.observe(r, ev)
 		return nil
 	}
 	ev.Stored = e.store(key, resp)
 	f.Publish(&result{resp: resp}, nil)
-	status := CacheName + "; fwd=" + fwd + "; fwd-status=" + strconv.Itoa(resp.Status)
+	status := forwarded(fwd, resp.Status)
 	if ev.Stored {
 		status += "; stored"
 	}
@@ -459,12 +462,22 @@ func (e *Engine) spare(key Key, r *http.Request) *entry {
 
 // writeStale writes an expired entry that stands in for a failed upstream.
 func (ent *entry) writeStale(w http.ResponseWriter, r *http.Request, collapsed string, now time.Time) {
-	ent.resp.write(w, r, CacheName+"; "+collapsed+"fwd=stale; ttl="+strconv.FormatInt(ttlSeconds(ent.fresh.Sub(now)), 10)+"; detail=stale-if-error", now.Sub(ent.stored))
+	ent.resp.write(w, r, CacheName+"; "+collapsed+"fwd=stale; "+ent.ttlField(now)+"; detail=stale-if-error", now.Sub(ent.stored))
+}
+
+// ttlField is the Cache-Status ttl parameter for the entry at now. An entry
+// at or past its freshness lifetime is stale: its ttl is at most -1.
+func (ent *entry) ttlField(now time.Time) string {
+	ttl := ttlSeconds(ent.fresh.Sub(now))
+	if !now.Before(ent.fresh) {
+		ttl = min(ttl, -1)
+	}
+	return "ttl=" + strconv.FormatInt(ttl, 10)
 }
 
 // ttlSeconds is the Cache-Status ttl for a copy with left of its freshness
 // lifetime left: whole seconds rounded down, so that a copy 0.3 s past its
-// lifetime says -1 (stale), never 0 (RFC 9211 §2.5: negative when stale).
+// lifetime says -1 (stale), not 0 (RFC 9211 §2.5: negative when stale).
 func ttlSeconds(left time.Duration) int64 {
 	s := int64(left / time.Second)
 	if left < 0 && left%time.Second != 0 {
@@ -473,12 +486,24 @@ func ttlSeconds(left time.Duration) int64 {
 	return s
 }
 
+// forwarded is the Cache-Status of a response fetched from the upstream.
+func forwarded(fwd string, status int) string {
+	return CacheName + "; fwd=" + fwd + "; fwd-status=" + strconv.Itoa(status)
+}
+
 // store keeps resp under key when the origin and the configuration allow.
 func (e *Engine) store(key Key, resp *Response) bool {
 	if e.cfg.TTL <= 0 && e.cfg.Stale <= 0 && e.cfg.StaleIfError <= 0 {
 		return false
 	}
-	ok, limit, _ := storable(resp.Status, resp.Header)
+	cc := parseCacheControl(resp.Header)
+	ok, limit, _ := storableCC(resp.Status, cc)
+	// RFC 9111 §5.2.2.2, .8 and .10: a shared cache never serves such a
+	// response stale, whatever stale and stale_if_error allow.
+	staleAllowed := !cc.mustRevalidate
+	if ok && e.cfg.TTL <= 0 && !staleAllowed {
+		ok = false // kept only to be served stale, which it may not be
+	}
 	if !ok {
 		e.cache.remove(key)
 		return false
@@ -489,8 +514,11 @@ func (e *Engine) store(key Key, resp *Response) bool {
 		ttl = limit
 	}
 	ent := &entry{resp: resp, stored: now, fresh: now.Add(ttl), size: resp.size()}
-	ent.stale = ent.fresh.Add(e.cfg.Stale)
-	ent.spare = ent.fresh.Add(e.cfg.StaleIfError)
+	ent.stale, ent.spare = ent.fresh, ent.fresh
+	if staleAllowed {
+		ent.stale = ent.fresh.Add(e.cfg.Stale)
+		ent.spare = ent.fresh.Add(e.cfg.StaleIfError)
+	}
 	e.hfm.clear(key)
 	return e.cache.put(key, ent)
 }

@@ -70,6 +70,9 @@ func headerHasToken(h http.Header, name, token string) bool {
 type cacheControl struct {
 	noStore, noCache, private, public bool
 	maxAge, sMaxAge                   int // -1 when absent
+	// mustRevalidate: must-revalidate, proxy-revalidate or s-maxage (which
+	// implies proxy-revalidate for a shared cache): never served stale.
+	mustRevalidate bool
 }
 
 // parseCacheControl reads every Cache-Control field line. Unknown directives
@@ -98,6 +101,9 @@ func parseCacheControl(h http.Header) cacheControl {
 				cc.maxAge = shorterLifetime(cc.maxAge, parseDeltaSeconds(value))
 			case "s-maxage":
 				cc.sMaxAge = shorterLifetime(cc.sMaxAge, parseDeltaSeconds(value))
+				cc.mustRevalidate = true
+			case "must-revalidate", "proxy-revalidate":
+				cc.mustRevalidate = true
 			}
 		}
 	}
@@ -169,10 +175,14 @@ var storableStatuses = map[int]bool{
 // storable reports whether a shareable response may be kept in the
 // micro-cache, and the freshness it allows (0 = as configured).
 func storable(status int, h http.Header) (ok bool, limit time.Duration, reason string) {
+	return storableCC(status, parseCacheControl(h))
+}
+
+// storableCC is storable for an already parsed Cache-Control.
+func storableCC(status int, cc cacheControl) (ok bool, limit time.Duration, reason string) {
 	if !storableStatuses[status] {
 		return false, 0, "status"
 	}
-	cc := parseCacheControl(h)
 	switch {
 	case cc.noStore:
 		return false, 0, "no-store"

@@ -214,6 +214,12 @@ func (a *adminAPI) handleBypass(w http.ResponseWriter, r *http.Request) error {
 	if len(body) > maxBody {
 		return apiError(http.StatusRequestEntityTooLarge, "%s: the body is over %d bytes", usage, maxBody)
 	}
+	switch string(bytes.TrimSpace(body)) {
+	case "":
+		return apiError(http.StatusBadRequest, "%s: the body is empty", usage)
+	case "null":
+		return apiError(http.StatusBadRequest, "%s: got a JSON null", usage)
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	var req bypassRequest

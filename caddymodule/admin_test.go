@@ -110,6 +110,8 @@ func TestAdminBypassErrorsSayWhatIsWrong(t *testing.T) {
 	a := &adminAPI{}
 	for body, want := range map[string]string{
 		`[true]`:                    `got a JSON array`,
+		``:                          `the body is empty`,
+		` null `:                    `got a JSON null`,
 		`{"enabled": "yes"}`:        `"enabled" must be true or false, not a JSON string`,
 		`{}`:                        `"enabled" is missing`,
 		`{"enabled": true}{}`:       `unexpected data after the object`,

@@ -162,7 +162,7 @@ func (h *Handler) unmarshalBreaker(d *caddyfile.Dispenser) error {
 		}
 		return nil
 	}
-	seen := map[string]int{}
+	seen := map[string]string{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
 		if err := once(d, seen); err != nil {

@@ -86,8 +86,8 @@ func TestCaddyfileBreakerBlock(t *testing.T) {
 // naming both lines, except for the field lists, which add up.
 func TestCaddyfileOptionGivenTwice(t *testing.T) {
 	for input, want := range map[string]string{
-		"ttl 50ms\nttl 100ms":         "ttl is given twice (first at line 2); keep one of them, at Testfile:3",
-		"public\nmax_wait 1s\npublic": "public is given twice (first at line 2)",
+		"ttl 50ms\nttl 100ms":         "ttl is given twice (first at Testfile:2); keep one of them, at Testfile:3",
+		"public\nmax_wait 1s\npublic": "public is given twice (first at Testfile:2)",
 		"zone a\nzone b":              "zone is given twice",
 	} {
 		if _, err := parseCoalesce(t, "coalesce {\n"+input+"\n}"); err == nil || !strings.Contains(err.Error(), want) {
@@ -126,8 +126,8 @@ func TestCaddyfileBreakerErrorsSayWhatIsWrong(t *testing.T) {
 		"breaker {\n trip 3\n}":                  `unrecognized breaker option "trip"`,
 		"breaker on":                             "takes a block, or `off`",
 		"breaker off {\n failures 3\n}":          "takes no block",
-		"breaker off\nbreaker {\nfailures 2\n}":  "breaker is given twice (first at line 2); keep one of them",
-		"breaker {\n failures 2\n failures 3\n}": "failures is given twice (first at line 3)",
+		"breaker off\nbreaker {\nfailures 2\n}":  "breaker is given twice (first at Testfile:2); keep one of them",
+		"breaker {\n failures 2\n failures 3\n}": "failures is given twice (first at Testfile:3)",
 	} {
 		_, err := parseCoalesce(t, "coalesce {\n"+input+"\n}")
 		if err == nil || !strings.Contains(err.Error(), want) {

@@ -65,7 +65,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.Errf("coalesce takes no arguments besides a matcher (got %q); put options in a block: coalesce { ttl 50ms }", d.Val())
 	}
-	seen := map[string]int{} // option -> line it was first given on
+	seen := map[string]string{} // option -> file:line it was first given at
 	for d.NextBlock(0) {
 		opt := d.Val()
 		if err := once(d, seen); err != nil {
@@ -140,18 +140,18 @@ func (h *Handler) unmarshalExtra(d *caddyfile.Dispenser, opt string) error {
 }
 
 // once fails when the option d is at was already given in this block (at
-// the line seen holds): a second value would silently replace the first.
+// the file:line seen holds): a second value would silently replace the first.
 // Options that take a list of fields may be repeated; their lists add up.
-func once(d *caddyfile.Dispenser, seen map[string]int) error {
+func once(d *caddyfile.Dispenser, seen map[string]string) error {
 	opt := d.Val()
 	switch opt {
 	case "key_headers", "identity_headers":
 		return nil
 	}
-	if line, ok := seen[opt]; ok {
-		return d.Errf("%s is given twice (first at line %d); keep one of them", opt, line)
+	if first, ok := seen[opt]; ok {
+		return d.Errf("%s is given twice (first at %s); keep one of them", opt, first)
 	}
-	seen[opt] = d.Line()
+	seen[opt] = d.File() + ":" + strconv.Itoa(d.Line())
 	return nil
 }
 
@@ -174,7 +174,10 @@ func parsePositiveDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
 // parseDurationFrom reads exactly one duration argument of at least least.
 func parseDurationFrom(d *caddyfile.Dispenser, least time.Duration) (caddy.Duration, error) {
 	opt := d.Val()
-	example := opt + " " + durationExamples[opt]
+	example := opt + " 50ms"
+	if v, ok := durationExamples[opt]; ok {
+		example = opt + " " + v
+	}
 	if !d.NextArg() {
 		return 0, d.Errf("%s needs a duration, e.g. %s", opt, example)
 	}

@@ -172,14 +172,14 @@ func (s *BreakerSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	unm, err := caddyfile.UnmarshalModule(d, modID)
 	if err != nil {
-		// The inner policy's own message says what is wrong but not what to
-		// write: keep it (without its location, which Errf adds again) and
-		// show the form.
-		msg := err.Error()
+		// The inner policy's own message says what is wrong and where (its
+		// block may span lines), but not what to write: the form goes before
+		// its location.
+		msg, at := err.Error(), ""
 		if i := strings.LastIndex(msg, ", at "); i > 0 {
-			msg = msg[:i]
+			msg, at = msg[:i], msg[i:]
 		}
-		return d.Errf("lb_policy breaker %s: %s; write the arguments of lb_policy %s after it, e.g. %s", name, msg, name, innerExample(name))
+		return fmt.Errorf("lb_policy breaker %s: %s; the form is e.g. %s%s", name, msg, innerExample(name), at)
 	}
 	sel, ok := unm.(reverseproxy.Selector)
 	if !ok {

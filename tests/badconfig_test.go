@@ -63,8 +63,9 @@ func TestBadConfigFailsValidateWithTheLineAndWhatToDo(t *testing.T) {
 		{name: "breaker inside breaker", option: "ttl 50ms", proxy: "lb_policy breaker breaker", line: "Caddyfile:9", says: []string{"breaker", "cannot be breaker again"}, advice: []string{"e.g.", "lb_policy breaker round_robin"}},
 		{name: "inner lb_policy missing its argument", option: "ttl 50ms", proxy: "lb_policy breaker header", line: "Caddyfile:9", says: []string{"lb_policy breaker header", "wrong argument count"}, advice: []string{"e.g. lb_policy breaker header X-User-Id"}},
 		{name: "inner lb_policy with an extra argument", option: "ttl 50ms", proxy: "lb_policy breaker round_robin extra", line: "Caddyfile:9", says: []string{"lb_policy breaker round_robin", "extra"}, advice: []string{"e.g. lb_policy breaker round_robin"}},
+		{name: "inner lb_policy with a bad fallback", option: "ttl 50ms", proxy: "lb_policy breaker header X-Up {\n\t\t\tfallback nonsense\n\t\t}", line: "Caddyfile:10", says: []string{"lb_policy breaker header", "nonsense"}, advice: []string{"the form is e.g."}},
 		// Options given twice.
-		{name: "ttl given twice", option: "ttl 50ms\n\t\tttl 100ms", line: "Caddyfile:7", says: []string{"ttl", "given twice", "line 6"}, advice: []string{"keep one of them"}},
+		{name: "ttl given twice", option: "ttl 50ms\n\t\tttl 100ms", line: "Caddyfile:7", says: []string{"ttl", "given twice", "Caddyfile:6"}, advice: []string{"keep one of them"}},
 		{name: "breaker open of 0", option: "breaker {\n\t\t\topen 0s\n\t\t}", line: "Caddyfile:7", says: []string{"open", "positive duration"}, advice: []string{"e.g. open 10s"}},
 		{name: "negative breaker open", option: "breaker {\n\t\t\topen -1s\n\t\t}", line: "Caddyfile:7", says: []string{"open", "positive duration", "-1s"}, advice: []string{"e.g. open 10s"}},
 	} {

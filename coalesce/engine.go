@@ -526,7 +526,9 @@ func (e *Engine) store(key Key, resp *Response) bool {
 // refresh starts one background request for key unless one is running. It
 // is detached from every client and bounded by its own timeout.
 func (e *Engine) refresh(r *http.Request, key Key, next Next) {
-	if e.stop.Err() != nil {
+	if e.stop.Err() != nil || e.reg.Running(string(key[:])) {
+		// On a hot key every stale answer asks for a refresh while one runs:
+		// no timer, context or detached request for those.
 		return
 	}
 	timeout := e.cfg.MaxWait

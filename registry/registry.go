@@ -188,6 +188,17 @@ func (r *Registry[V]) Lead(ctx context.Context, key, note string) (*Flight[V], b
 	return f, true
 }
 
+// Running reports whether a flight for key is in flight now. By the time the
+// caller acts the answer may be stale; it only lets a caller skip work that
+// Lead would refuse anyway.
+func (r *Registry[V]) Running(key string) bool {
+	s := r.shardFor(key)
+	s.mu.Lock()
+	_, ok := s.flights[key]
+	s.mu.Unlock()
+	return ok
+}
+
 // newFlight creates a flight with its leader counted and puts it in s; the
 // flight's context is a child of parent. Called under s.mu.
 func (r *Registry[V]) newFlight(parent context.Context, s *shard[V], key, note string) *Flight[V] {

@@ -410,6 +410,9 @@ func TestLeadStartsAFlightOnlyWhenNoneRuns(t *testing.T) {
 	if f, ok := r.Lead(context.Background(), "k", "refresh"); ok || f != nil {
 		t.Fatalf("second Lead while the first runs = (%v, %v), want (nil, false)", f, ok)
 	}
+	if !r.Running("k") || r.Running("idle") {
+		t.Errorf("Running: k %v, idle %v; want true, false", r.Running("k"), r.Running("idle"))
+	}
 	// A client arriving during the refresh waits for it.
 	follower := mustJoin(t, r, context.Background(), "k", registry.Follower)
 
@@ -433,6 +436,9 @@ func TestLeadStartsAFlightOnlyWhenNoneRuns(t *testing.T) {
 	}
 	again.Leave()
 	waitDone(t, again.Context(), "refresh flight after Leave")
+	if r.Running("k") {
+		t.Error("Running(k) after its flight left")
+	}
 	checkIdle(t, r)
 }
 

@@ -229,12 +229,16 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 	// one stored for a request that differs in a field the response varies on.
 	fwd := "uri-miss"
 
+	var getKey Key // a HEAD's GET: its entry and its flight answer the HEAD too
+	if r.Method == http.MethodHead {
+		getKey = e.keys.derive(r, http.MethodGet)
+	}
+
 	if !noCache {
 		lookup := key
 		var ent *entry
 		if r.Method == http.MethodHead {
 			// A HEAD is answered from the GET's entry when there is one.
-			getKey := e.keys.derive(r, http.MethodGet)
 			if ent = e.cache.get(getKey, now); ent != nil {
 				lookup = getKey
 			}
@@ -263,6 +267,13 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 		}
 	}
 
+	if r.Method == http.MethodHead {
+		// A GET in flight answers a HEAD as well as a HEAD of its own would;
+		// it never leads one, so no GET waits for a body-less answer.
+		if f, ok := e.reg.Follow(string(getKey[:])); ok {
+			return e.follow(w, r, next, f, getKey)
+		}
+	}
 	if e.hfm.has(key, now) {
 		return e.alone(w, r, next, key, OutcomeUncollapsible, "uncollapsible", "uri-miss")
 	}

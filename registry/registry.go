@@ -169,6 +169,25 @@ func (r *Registry[V]) Join(ctx context.Context, key, note string) (*Flight[V], R
 	return f, Leader
 }
 
+// Follow makes the caller a follower of the flight running for key, as Join
+// would; when none runs (or it takes no more followers) it returns nil and
+// false and the caller is not counted anywhere. It lets a request that
+// another kind of request can answer (a HEAD, by a GET) wait for one that is
+// already in flight, without starting one of its own.
+func (r *Registry[V]) Follow(key string) (*Flight[V], bool) {
+	s := r.shardFor(key)
+	s.mu.Lock()
+	f, ok := s.flights[key]
+	if !ok || !f.addFollower(r.opts.MaxFollowers) {
+		s.mu.Unlock()
+		return nil, false
+	}
+	s.mu.Unlock()
+	r.followers.Add(1)
+	r.collapsed.Add(1)
+	return f, true
+}
+
 // Lead makes the caller the leader of a new flight for key if none is
 // running; otherwise it returns nil and false and the caller is not counted
 // anywhere. It suits work done on nobody's behalf, such as a background

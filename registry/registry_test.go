@@ -442,6 +442,30 @@ func TestLeadStartsAFlightOnlyWhenNoneRuns(t *testing.T) {
 	checkIdle(t, r)
 }
 
+func TestFollowJoinsOnlyARunningFlight(t *testing.T) {
+	r := registry.New[string](registry.Options{})
+	if f, ok := r.Follow("k"); ok || f != nil {
+		t.Fatalf("Follow with nothing in flight = (%v, %v), want (nil, false)", f, ok)
+	}
+	if s := r.Stats(); s.Flights != 0 || s.Collapsed != 0 {
+		t.Errorf("a refused Follow was counted: %+v", s)
+	}
+	leader := mustJoin(t, r, context.Background(), "k", registry.Leader)
+	f, ok := r.Follow("k")
+	if !ok || f != leader {
+		t.Fatalf("Follow while k runs = (%v, %v), want its flight", f, ok)
+	}
+	leader.Publish("v", nil)
+	leader.Leave()
+	if v, err := f.Wait(context.Background(), 0); v != "v" || err != nil {
+		t.Fatalf("follower got (%q, %v)", v, err)
+	}
+	if s := r.Stats(); s.Collapsed != 1 {
+		t.Errorf("Collapsed = %d, want 1", s.Collapsed)
+	}
+	checkIdle(t, r)
+}
+
 // Lead's work is done on nobody's behalf: its context is the bound of the
 // work, and followers that join it do not extend it.
 func TestLeadFlightEndsWithItsContextEvenWithFollowers(t *testing.T) {

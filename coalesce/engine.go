@@ -271,7 +271,7 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 		// A GET in flight answers a HEAD as well as a HEAD of its own would;
 		// it never leads one, so no GET waits for a body-less answer.
 		if f, ok := e.reg.Follow(string(getKey[:])); ok {
-			return e.follow(w, r, next, f, getKey)
+			return e.follow(w, r, next, f, getKey, fwd)
 		}
 	}
 	if e.hfm.has(key, now) {
@@ -281,7 +281,7 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 	f, role := e.reg.Join(r.Context(), string(key[:]), r.Method+" "+r.URL.Path)
 	switch role {
 	case registry.Follower:
-		return e.follow(w, r, next, f, key)
+		return e.follow(w, r, next, f, key, fwd)
 	case registry.Leader:
 		return e.lead(w, r, next, f, key, fwd)
 	default:
@@ -314,13 +314,13 @@ func (e *Engine) alone(w http.ResponseWriter, r *http.Request, next Next, key Ke
 
 // follow waits for the leader and writes its response, or goes upstream
 // alone when the response cannot be used for this request.
-func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key) error {
+func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string) error {
 	start := time.Now()
 	res, err := f.Wait(r.Context(), e.cfg.MaxWait)
 	waited := time.Since(start)
 	switch {
 	case errors.Is(err, registry.ErrWaitTimeout):
-		w.Header().Add("Cache-Status", CacheName+"; fwd=uri-miss; collapsed; detail=wait-timeout")
+		w.Header().Add("Cache-Status", CacheName+"; fwd="+fwd+"; collapsed; detail=wait-timeout")
 		e.observe(r, Event{Outcome: OutcomeTimeout, Key: key, Wait: waited})
 		return &StatusError{Status: http.StatusGatewayTimeout, Err: ErrWaitTimeout}
 	case err != nil && r.Context().Err() != nil:
@@ -329,11 +329,11 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 		return r.Context().Err()
 	case err != nil:
 		// The leader left without publishing (it panicked or was aborted).
-		w.Header().Add("Cache-Status", CacheName+"; fwd=uri-miss; collapsed; detail=leader-failed")
+		w.Header().Add("Cache-Status", CacheName+"; fwd="+fwd+"; collapsed; detail=leader-failed")
 		e.observe(r, Event{Outcome: OutcomeError, Key: key, Wait: waited})
 		return &StatusError{Status: http.StatusBadGateway, Err: ErrLeaderFailed}
 	case res.err != nil:
-		w.Header().Add("Cache-Status", CacheName+"; fwd=uri-miss; collapsed; detail=upstream-error")
+		w.Header().Add("Cache-Status", CacheName+"; fwd="+fwd+"; collapsed; detail=upstream-error")
 		e.observe(r, Event{Outcome: OutcomeError, Key: key, Wait: waited})
 		return res.err
 	case res.stale != nil && res.stale.resp.matchesVary(r):
@@ -351,7 +351,7 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 	case !res.resp.matchesVary(r):
 		return e.alone(w, r, next, key, OutcomeUncollapsible, "vary-mismatch", "vary-miss")
 	}
-	res.resp.write(w, r, forwarded("uri-miss", res.resp.Status)+"; collapsed", 0)
+	res.resp.write(w, r, forwarded(fwd, res.resp.Status)+"; collapsed", 0)
 	e.observe(r, Event{Outcome: OutcomeCollapsed, Key: key, Wait: waited})
 	return nil
 }

@@ -562,6 +562,33 @@ func TestStoredCopyOfAnotherVariantIsAVaryMiss(t *testing.T) {
 	}
 }
 
+// The followers of such a request say so too: they found the same copy.
+func TestFollowersOfAVaryMissSayVaryMiss(t *testing.T) {
+	g := newGate(t)
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		if n == 2 {
+			g.wait(r)
+		}
+		w.Header().Set("Vary", "Accept-Language")
+		fmt.Fprintf(w, "%s v%d", r.Header.Get("Accept-Language"), n)
+	})
+	e := newEngine(t, func(c *Config) { c.TTL = time.Second })
+	srv := newServer(t, e.Handler(o))
+	get(t, srv, "/x", "Accept-Language", "de")
+	// herd sees one call already (de) and sends everyone at once; whoever
+	// leads is call 2, held by the gate until the other three wait.
+	replies := herd(t, e, o, g, 4, func(int) reply { return get(t, srv, "/x", "Accept-Language", "en") })
+	for i, r := range replies {
+		want := "caddy-coalesce; fwd=vary-miss; fwd-status=200"
+		if r.body != "en v2" || !strings.HasPrefix(r.cacheStatus(), want) {
+			t.Errorf("client %d: %q, Cache-Status %q; want en v2, %s...", i, r.body, r.cacheStatus(), want)
+		}
+	}
+	if n := o.calls.Load(); n != 2 {
+		t.Errorf("upstream calls = %d, want 2 (de, then one for the en herd)", n)
+	}
+}
+
 func TestVaryMismatchFollowersGoAlone(t *testing.T) {
 	g := newGate(t)
 	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {

@@ -436,7 +436,7 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 	}
 
 	resp := newResponse(rec.status, rec.header, rec.buf.Bytes(), r)
-	ok, reason := shareable(resp.Status, resp.Header)
+	ok, reason := shareable(resp.Status, resp.Header, resp.cc)
 	if !ok {
 		f.Publish(&result{reason: reason}, nil)
 		e.hfm.set(key, time.Now().Add(e.cfg.HitForMiss))
@@ -507,11 +507,10 @@ func (e *Engine) store(key Key, resp *Response) bool {
 	if e.cfg.TTL <= 0 && e.cfg.Stale <= 0 && e.cfg.StaleIfError <= 0 {
 		return false
 	}
-	cc := parseCacheControl(resp.Header)
-	ok, limit, _ := storableCC(resp.Status, cc)
+	ok, limit, _ := storable(resp.Status, resp.cc)
 	// RFC 9111 §5.2.2.2, .8 and .10: a shared cache never serves such a
 	// response stale, whatever stale and stale_if_error allow.
-	staleAllowed := !cc.mustRevalidate
+	staleAllowed := !resp.cc.mustRevalidate
 	if ok && e.cfg.TTL <= 0 && !staleAllowed {
 		ok = false // kept only to be served stale, which it may not be
 	}
@@ -621,7 +620,7 @@ func (e *Engine) refresh(r *http.Request, key Key, next Next) {
 			rec.WriteHeader(http.StatusOK)
 		}
 		resp := newResponse(rec.status, rec.header, rec.buf.Bytes(), br)
-		if ok, reason := shareable(resp.Status, resp.Header); !ok {
+		if ok, reason := shareable(resp.Status, resp.Header, resp.cc); !ok {
 			e.cache.remove(key)
 			f.Publish(&result{reason: reason}, nil)
 			return

@@ -145,11 +145,10 @@ func shorterLifetime(prev, n int) int {
 // shareable reports whether a response may be handed to other clients that
 // sent the same request (collapsed followers, later cache hits). RFC 9111 §4
 // lets a cache collapse only requests the response may be reused for.
-func shareable(status int, h http.Header) (ok bool, reason string) {
+func shareable(status int, h http.Header, cc cacheControl) (ok bool, reason string) {
 	if len(h.Values("Set-Cookie")) > 0 {
 		return false, "set-cookie"
 	}
-	cc := parseCacheControl(h)
 	if cc.private {
 		return false, "private"
 	}
@@ -174,12 +173,7 @@ var storableStatuses = map[int]bool{
 
 // storable reports whether a shareable response may be kept in the
 // micro-cache, and the freshness it allows (0 = as configured).
-func storable(status int, h http.Header) (ok bool, limit time.Duration, reason string) {
-	return storableCC(status, parseCacheControl(h))
-}
-
-// storableCC is storable for an already parsed Cache-Control.
-func storableCC(status int, cc cacheControl) (ok bool, limit time.Duration, reason string) {
+func storable(status int, cc cacheControl) (ok bool, limit time.Duration, reason string) {
 	if !storableStatuses[status] {
 		return false, 0, "status"
 	}

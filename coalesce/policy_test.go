@@ -108,7 +108,7 @@ func TestShareable(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			ok, reason := shareable(c.status, c.header)
+			ok, reason := shareable(c.status, c.header, parseCacheControl(c.header))
 			if ok != c.ok || reason != c.reason {
 				t.Errorf("shareable(%d, %v) = (%v, %q), want (%v, %q)", c.status, c.header, ok, reason, c.ok, c.reason)
 			}
@@ -120,7 +120,7 @@ func TestShareable(t *testing.T) {
 func TestStorableStatuses(t *testing.T) {
 	want := []int{200, 203, 204, 300, 301, 308, 404, 405, 410, 414}
 	for status := 100; status < 600; status++ {
-		ok, _, _ := storable(status, http.Header{})
+		ok, _, _ := storable(status, parseCacheControl(http.Header{}))
 		if ok != slices.Contains(want, status) {
 			t.Errorf("storable(%d) = %v", status, ok)
 		}
@@ -158,7 +158,7 @@ func TestStorableHonoursTheOrigin(t *testing.T) {
 	}
 	for _, c := range cases {
 		h := http.Header{"Cache-Control": c.cc}
-		ok, limit, reason := storable(200, h)
+		ok, limit, reason := storable(200, parseCacheControl(h))
 		if ok != c.ok || limit != c.limit || reason != c.reason {
 			t.Errorf("storable(200, Cache-Control %q) = (%v, %v, %q), want (%v, %v, %q)", c.cc, ok, limit, reason, c.ok, c.limit, c.reason)
 		}

@@ -24,6 +24,9 @@ type Response struct {
 	// upstreamAge is the upstream's own Age in seconds (0 when it sent none),
 	// parsed once rather than on every write.
 	upstreamAge int64
+	// cc is the response's Cache-Control, parsed once for the sharing and
+	// the storing decision.
+	cc cacheControl
 }
 
 func newResponse(status int, h http.Header, body []byte, req *http.Request) *Response {
@@ -32,7 +35,7 @@ func newResponse(status int, h http.Header, body []byte, req *http.Request) *Res
 		// buffer grown for a HEAD's Content-Length or doubled by a chunked body.
 		body = bytes.Clone(body)
 	}
-	resp := &Response{Status: status, Header: h, Body: body, fromHead: req.Method == http.MethodHead}
+	resp := &Response{Status: status, Header: h, Body: body, fromHead: req.Method == http.MethodHead, cc: parseCacheControl(h)}
 	if !resp.fromHead && bodyAllowed(status) {
 		// The body is complete: its length is known and sent as such, so the
 		// header every client gets a copy of already says it.

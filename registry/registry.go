@@ -143,10 +143,8 @@ func (r *Registry[V]) Join(ctx context.Context, key, note string) (*Flight[V], R
 	s := r.shardFor(key)
 	s.mu.Lock()
 	if f, ok := s.flights[key]; ok {
-		if f.addFollower(r.opts.MaxFollowers) {
+		if r.follow(f) {
 			s.mu.Unlock()
-			r.followers.Add(1)
-			r.collapsed.Add(1)
 			return f, Follower
 		}
 		if f.clients.Load() > 0 {
@@ -178,14 +176,24 @@ func (r *Registry[V]) Follow(key string) (*Flight[V], bool) {
 	s := r.shardFor(key)
 	s.mu.Lock()
 	f, ok := s.flights[key]
-	if !ok || !f.addFollower(r.opts.MaxFollowers) {
-		s.mu.Unlock()
+	ok = ok && r.follow(f)
+	s.mu.Unlock()
+	if !ok {
 		return nil, false
 	}
-	s.mu.Unlock()
+	return f, true
+}
+
+// follow counts the caller as a follower of f, unless f takes no more (its
+// followers are at MaxFollowers, or every client has gone). Called under the
+// lock of f's shard.
+func (r *Registry[V]) follow(f *Flight[V]) bool {
+	if !f.addFollower(r.opts.MaxFollowers) {
+		return false
+	}
 	r.followers.Add(1)
 	r.collapsed.Add(1)
-	return f, true
+	return true
 }
 
 // Lead makes the caller the leader of a new flight for key if none is

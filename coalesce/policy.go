@@ -193,7 +193,8 @@ func storable(status int, cc cacheControl) (ok bool, limit time.Duration, reason
 		secs = cc.maxAge
 	}
 	if secs > 0 {
-		limit = time.Duration(secs) * time.Second
+		// RFC 9111 §1.2.2: a lifetime beyond 2^31 seconds counts as 2^31.
+		limit = time.Duration(min(secs, 1<<31)) * time.Second
 	}
 	return true, limit, ""
 }

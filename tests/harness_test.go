@@ -11,6 +11,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,24 +25,34 @@ import (
 	_ "github.com/edge-coalesce/caddy-coalesce/caddymodule"
 )
 
-// Ports of the in-process Caddy.
-const (
-	httpPort  = 9080
-	adminPort = 2999
-	baseURL   = "http://localhost:9080"
+// Ports of the in-process Caddy: admin 2999, HTTP 9080, HTTPS 9443, or,
+// with COALESCE_TEST_PORT_BASE=N, N, N+1 and N+2, so that two checkouts can
+// run the suite on one machine at once.
+var (
+	adminPort, httpPort, httpsPort = testPorts()
+
+	baseURL  = fmt.Sprintf("http://localhost:%d", httpPort)
+	adminURL = fmt.Sprintf("http://localhost:%d", adminPort)
 )
 
-var adminURL = fmt.Sprintf("http://localhost:%d", adminPort)
+func testPorts() (admin, http, https int) {
+	base, err := strconv.Atoi(os.Getenv("COALESCE_TEST_PORT_BASE"))
+	if err != nil || base <= 0 || base > 65000 {
+		return 2999, 9080, 9443
+	}
+	caddytest.Default.AdminPort = base
+	return base, base + 1, base + 2
+}
 
 // globalOptions is the global block every in-process config starts with.
 var globalOptions = fmt.Sprintf(`{
 	admin localhost:%d
 	http_port %d
-	https_port 9443
+	https_port %d
 	grace_period 1ns
 	skip_install_trust
 }
-`, adminPort, httpPort)
+`, adminPort, httpPort, httpsPort)
 
 // upstream is a real HTTP server on 127.0.0.1 that counts its requests.
 type upstream struct {

@@ -343,7 +343,7 @@ func (t *isolationTally) check(id identity, method, path string, public bool, va
 	if public {
 		wantFP = "public " + path
 	} else {
-		req := &http.Request{Method: method, Host: "localhost:9080", Header: http.Header{}}
+		req := &http.Request{Method: method, Host: fmt.Sprintf("localhost:%d", httpPort), Header: http.Header{}}
 		req.URL, _ = url.Parse(path)
 		if len(auth) > 0 {
 			req.Header["Authorization"] = auth

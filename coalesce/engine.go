@@ -545,7 +545,18 @@ func (e *Engine) refresh(r *http.Request, key Key, next Next) {
 	if timeout <= 0 {
 		timeout = 30 * time.Second
 	}
-	ctx, cancelCtx := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
+	// The refresh request is built first and the flight's context derived
+	// from its context, not the client's: the values a host server keeps
+	// in the context (Caddy's replacer and vars) must be the refresh's own,
+	// or the refresh writes into maps the client's request still reads.
+	var br *http.Request
+	if e.hooks.Detach != nil {
+		br = e.hooks.Detach(r, context.WithoutCancel(r.Context()))
+	} else {
+		br = r.Clone(context.WithoutCancel(r.Context()))
+	}
+	br.Method = http.MethodGet
+	ctx, cancelCtx := context.WithTimeout(br.Context(), timeout)
 	f, ok := e.reg.Lead(ctx, string(key[:]), "refresh "+r.Method+" "+r.URL.Path)
 	if !ok {
 		cancelCtx()
@@ -567,13 +578,6 @@ func (e *Engine) refresh(r *http.Request, key Key, next Next) {
 		cancelCtx()
 		e.refreshes.Done()
 	}
-	var br *http.Request
-	if e.hooks.Detach != nil {
-		br = e.hooks.Detach(r, ctx)
-	} else {
-		br = r.Clone(ctx)
-	}
-	br.Method = http.MethodGet
 	ur, pass, until := e.admit(upstreamRequest(br, f.Context()))
 	if !until.IsZero() {
 		// The breaker is open: no refresh. Whoever joined this flight gets

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"net/http"
 	"net/textproto"
+	"slices"
 	"strings"
 	"sync"
 )
@@ -126,13 +127,18 @@ func (k *keyDeriver) hasIdentity(r *http.Request) bool {
 
 // encodingClass reduces Accept-Encoding to the set of content codings an
 // upstream may choose from, so that clients listing the same codings in a
-// different order or with different weights share one response.
+// different order or with different weights share one response. Only the
+// codings named in encodingClasses are reduced to a class; any other coding
+// (compress, exi, the wildcard *) is kept by its own lower-cased name after
+// them, so that two clients share only if every coding they name is the
+// same: a client never receives a coding it did not name.
 func encodingClass(h http.Header) string {
 	vs := h.Values("Accept-Encoding")
 	if len(vs) == 0 {
 		return ""
 	}
 	var class int
+	var others []string
 	for _, v := range vs {
 		for part := range strings.SplitSeq(v, ",") {
 			name, params, _ := strings.Cut(part, ";")
@@ -150,18 +156,26 @@ func encodingClass(h http.Header) string {
 				class |= 1 << 2
 			case strings.EqualFold(name, "zstd"):
 				class |= 1 << 3
+			case strings.EqualFold(name, "compress") || strings.EqualFold(name, "x-compress"):
+				// RFC 9110 §8.4.1.1: x-compress is compress.
+				others = append(others, "compress")
 			default:
-				class |= 1 << 4
+				others = append(others, strings.ToLower(name))
 			}
 		}
 	}
-	return encodingClasses[class]
+	if len(others) == 0 {
+		return encodingClasses[class]
+	}
+	slices.Sort(others)
+	others = slices.Compact(others)
+	return encodingClasses[class] + "; " + strings.Join(others, " ")
 }
 
-// encodingClasses names every set of codings once, so that computing a
-// class on the hot path allocates nothing.
-var encodingClasses = func() (names [32]string) {
-	codings := [5]string{"br", "deflate", "gzip", "zstd", "*"}
+// encodingClasses names every set of known codings once, so that computing
+// a class on the hot path allocates nothing.
+var encodingClasses = func() (names [16]string) {
+	codings := [4]string{"br", "deflate", "gzip", "zstd"}
 	for class := range names {
 		for bit, name := range codings {
 			if class&(1<<bit) != 0 {

@@ -178,8 +178,18 @@ func TestEncodingClass(t *testing.T) {
 		"br;q=0, gzip":              "gzip ",
 		"br;q=0.0, gzip;q=0.001":    "gzip ",
 		"zstd, deflate, br, gzip":   "br deflate gzip zstd ",
-		"gzip, compress":            "gzip * ",
 		" gzip ;q=0.8 , br ; q=0.9": "br gzip ",
+		// Codings this package does not know key by their own names,
+		// lower-cased, sorted, once each, after the known ones.
+		"gzip, compress":             "gzip ; compress",
+		"x-compress, GZIP":           "gzip ; compress",
+		"compress":                   "; compress",
+		"*":                          "; *",
+		"exi, compress, Exi;q=0.5":   "; compress exi",
+		"exi;q=0, gzip":              "gzip ",
+		"identity, *;q=0":            "",
+		"br, *":                      "br ; *",
+		"compress, gzip, *, exi, br": "br gzip ; * compress exi",
 	}
 	for in, want := range cases {
 		h := http.Header{}
@@ -189,5 +199,32 @@ func TestEncodingClass(t *testing.T) {
 		if got := encodingClass(h); got != want {
 			t.Errorf("encodingClass(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// A client can decode only the codings it names: requests naming different
+// codings this package does not know never share a key or a Vary match, or
+// one would receive a coding it cannot decode.
+func TestUnknownCodingsNeverShareAKeyOrAVaryMatch(t *testing.T) {
+	d := newKeyDeriver(nil, false, nil)
+	distinct := []string{"compress", "*", "exi", "compress, exi", "gzip, compress", "gzip, *", "gzip"}
+	keys := map[Key]string{}
+	for _, v := range distinct {
+		r := getReq("http://a/x", "Accept-Encoding", v)
+		k := keyOf(d, r)
+		if other, ok := keys[k]; ok {
+			t.Errorf("Accept-Encoding %q shares its key with %q", v, other)
+		}
+		keys[k] = v
+	}
+	stored := newResponse(200, http.Header{"Vary": {"Accept-Encoding"}, "Content-Encoding": {"compress"}}, []byte("x"),
+		getReq("http://a/x", "Accept-Encoding", "compress"))
+	for _, v := range []string{"*", "exi", "gzip, exi"} {
+		if stored.matchesVary(getReq("http://a/x", "Accept-Encoding", v)) {
+			t.Errorf("a response for Accept-Encoding: compress matches the Vary of Accept-Encoding: %s", v)
+		}
+	}
+	if !stored.matchesVary(getReq("http://a/x", "Accept-Encoding", "x-compress;q=0.5")) {
+		t.Error("x-compress does not match compress (RFC 9110 §8.4.1.1: equivalent)")
 	}
 }

@@ -110,9 +110,16 @@ func parseCacheControl(h http.Header) cacheControl {
 	return cc
 }
 
+// requestCacheControl reads a request's Cache-Control. noCache is set for
+// what asks for a response no stored copy can give: no-cache, the HTTP/1.0
+// Pragma: no-cache, and max-age=0 (what browsers send on a reload: no copy
+// is zero seconds old, RFC 9111 §5.2.1.1).
 func requestCacheControl(h http.Header) cacheControl {
 	cc := parseCacheControl(h)
 	if !cc.noCache && h.Get("Cache-Control") == "" && headerHasToken(h, "Pragma", "no-cache") {
+		cc.noCache = true
+	}
+	if cc.maxAge == 0 {
 		cc.noCache = true
 	}
 	return cc

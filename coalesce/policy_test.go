@@ -204,6 +204,21 @@ func TestRequestPragmaNoCache(t *testing.T) {
 	}
 }
 
+// A browser's reload (Cache-Control: max-age=0) asks for what no stored
+// copy can be: it is treated as no-cache.
+func TestRequestMaxAgeZeroIsNoCache(t *testing.T) {
+	for _, v := range []string{"max-age=0", "Max-Age=0", "max-age=00", "max-age=5, max-age=0", "max-age=soon"} {
+		if !requestCacheControl(http.Header{"Cache-Control": {v}}).noCache {
+			t.Errorf("request Cache-Control %q is not no-cache", v)
+		}
+	}
+	for _, v := range []string{"max-age=1", "max-stale=0", "min-fresh=0", "s-maxage=0"} {
+		if requestCacheControl(http.Header{"Cache-Control": {v}}).noCache {
+			t.Errorf("request Cache-Control %q is no-cache", v)
+		}
+	}
+}
+
 func TestStreamingResponseTypes(t *testing.T) {
 	cases := map[string]bool{
 		"text/event-stream":                       true,

@@ -65,7 +65,8 @@ const (
 type zoneStats struct {
 	// Engines is how many states (registries and caches) the zone has now:
 	// 1, or more while a reload that changed its settings lets old requests
-	// finish, or when JSON handlers share a zone with different settings.
+	// finish, or when handlers share a zone with different settings. Under
+	// "default", one per handler without a zone.
 	Engines int `json:"engines"`
 	coalesce.Stats
 	CacheBudget cacheBudget `json:"cache_budget"`

@@ -16,20 +16,10 @@ func init() {
 	httpcaddyfile.RegisterDirectiveOrder("coalesce", httpcaddyfile.Before, "reverse_proxy")
 }
 
-// zoneCounterKey numbers the coalesce directives of one Caddyfile, in file
-// order, so that each gets state of its own and a reload of the same file
-// finds it again.
-const zoneCounterKey = "coalesce.zone_counter"
-
 func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	handler := new(Handler)
 	if err := handler.UnmarshalCaddyfile(h.Dispenser); err != nil {
 		return nil, err
-	}
-	if handler.Zone == "" {
-		n, _ := h.State[zoneCounterKey].(int)
-		h.State[zoneCounterKey] = n + 1
-		handler.Zone = "caddyfile-" + strconv.Itoa(n)
 	}
 	return handler, nil
 }
@@ -49,7 +39,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		public                       # leave identity out of the key (public endpoints only)
 //		hit_for_miss    <duration>   # how long an unshareable key skips collapsing; default 5s
 //		max_flights     <n>          # keys in flight at once; default 100000
-//		zone            <name>       # name of the state (registry, cache) this handler uses
+//		zone            <name>       # share state with the handlers of this zone; default: its own
 //		breaker {                    # per-upstream circuit breaker; `breaker off` turns it off
 //			failures <n>             # consecutive failures that trip it; default 5
 //			ratio    <0..1> [min <n>] [window <duration>]  # or a failure ratio; default min 20, window 30s

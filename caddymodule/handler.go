@@ -5,8 +5,6 @@ package caddymodule
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -100,15 +98,25 @@ type Handler struct {
 	// defaults of its fields; `{"off": true}` turns it off.
 	Breaker *BreakerOptions `json:"breaker,omitempty"`
 
-	// Names the state (registry and micro-cache) this handler uses. Handlers
-	// with the same zone and the same settings share state, and a reload
-	// that keeps both keeps the state. The Caddyfile gives each `coalesce`
-	// its own zone; in JSON, give handlers in front of different upstreams
-	// different zones. Default: derived from the settings.
+	// Names the state (registry of flights, micro-cache, hit-for-miss marks)
+	// this handler uses, and labels its metrics and admin API entries.
+	// Handlers with the same zone and the same settings share one state,
+	// also across routes: give the same zone only to handlers in front of
+	// the same API. A reload keeps a zone's state while the new config has
+	// a handler with that zone and those settings.
+	//
+	// Default: none. A handler without a zone never shares state with
+	// another handler. A reload keeps its state only while its top-level
+	// route (the server's route that holds it, with every matcher, handler
+	// and upstream nested in it: in the Caddyfile, its site block) and the
+	// server's listen addresses are unchanged; any change there starts it
+	// afresh, so that no reload hands one route's entries to another.
+	// Handlers without a zone report together under the label "default".
 	Zone string `json:"zone,omitempty"`
 
 	engine  *coalesce.Engine
 	poolKey string
+	rank    *routeRank
 	logger  *zap.Logger
 	metrics *zoneMetrics
 	listed  bool // in zones, for the metrics collector and the admin API
@@ -178,8 +186,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	sum := sha256.Sum256(settings)
-	h.poolKey = h.Zone + "/" + hex.EncodeToString(sum[:8])
+	h.poolKey, h.rank = poolKey(ctx, h.Zone, settings)
 	val, _, err := engines.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
 		e, err := coalesce.New(cfg)
 		if err != nil {
@@ -215,6 +222,7 @@ func (h *Handler) Cleanup() error {
 	if h.listed {
 		unlistEngine(h.poolKey)
 	}
+	h.rank.release()
 	_, err := engines.Delete(h.poolKey)
 	return err
 }

@@ -33,8 +33,10 @@ type zoneEngine struct {
 	holders    int
 }
 
-// defaultZone names the zone of handlers configured without one (JSON
-// configs; the Caddyfile always sets one).
+// defaultZone is the label of every handler configured without a zone
+// (Caddyfile or JSON): their states are their own, but they report
+// together, so that the labels stay bounded by the zone names the operator
+// wrote however often the config changes.
 const defaultZone = "default"
 
 // zoneName is the zone a handler reports under: its zone, or defaultZone.

@@ -132,6 +132,20 @@ func TestHandlersInDifferentRoutesNeverShareState(t *testing.T) {
 	if internal.Calls() != 1 || public.Calls() != 1 {
 		t.Errorf("upstream requests: internal %d, public %d; want 1 each", internal.Calls(), public.Calls())
 	}
+
+	// Both report under the label of handlers without a zone, as two states.
+	var stats struct {
+		Zones map[string]struct {
+			Engines int `json:"engines"`
+			Cache   struct {
+				Entries int64 `json:"entries"`
+			} `json:"cache"`
+		} `json:"zones"`
+	}
+	adminJSON(t, client, "GET", "/coalesce/stats", "", &stats)
+	if z := stats.Zones["default"]; z.Engines != 2 || z.Cache.Entries != 2 || len(stats.Zones) != 1 {
+		t.Errorf("GET /coalesce/stats zones: %+v; want only \"default\", with 2 engines holding 2 entries", stats.Zones)
+	}
 }
 
 func TestHandlersWithTheSameZoneShareState(t *testing.T) {

@@ -432,6 +432,10 @@ type FlightInfo struct {
 	Note    string
 	Started time.Time
 	Waiters int
+	// Clients is how many clients the flight still answers: the leader's,
+	// until it goes away, and the waiting followers. When it reaches 0 the
+	// flight is cancelled.
+	Clients int
 }
 
 // Inflight calls fn for up to limit flights in progress (limit <= 0: all).
@@ -446,7 +450,7 @@ func (r *Registry[V]) Inflight(limit int, fn func(FlightInfo)) {
 				s.mu.Unlock()
 				return
 			}
-			fn(FlightInfo{Key: f.key, Note: f.note, Started: f.started, Waiters: f.Waiters()})
+			fn(FlightInfo{Key: f.key, Note: f.note, Started: f.started, Waiters: f.Waiters(), Clients: int(f.clients.Load())})
 			n++
 		}
 		s.mu.Unlock()

@@ -58,6 +58,31 @@ func wait(f *registry.Flight[string], ctx context.Context, maxWait time.Duration
 	return ch
 }
 
+// clientsOf is how many clients the flight for key answers now, as Inflight
+// reports them (-1: no such flight).
+func clientsOf(r *registry.Registry[string], key string) int {
+	n := -1
+	r.Inflight(0, func(fi registry.FlightInfo) {
+		if fi.Key == key {
+			n = fi.Clients
+		}
+	})
+	return n
+}
+
+// waitClients fails the test unless the flight for key comes to answer n
+// clients within bound.
+func waitClients(t *testing.T, r *registry.Registry[string], key string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(bound)
+	for clientsOf(r, key) != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("flight %q answers %d clients after %v, want %d", key, clientsOf(r, key), bound, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 func mustJoin(t *testing.T, r *registry.Registry[string], ctx context.Context, key string, want registry.Role) *registry.Flight[string] {
 	t.Helper()
 	f, role := r.Join(ctx, key, "note "+key)
@@ -179,11 +204,13 @@ func TestFollowerSurvivesLeaderCancel(t *testing.T) {
 	leader := mustJoin(t, r, leaderCtx, "k", registry.Leader)
 	follower := mustJoin(t, r, context.Background(), "k", registry.Follower)
 	got := wait(follower, context.Background(), 0)
+	waitClients(t, r, "k", 2)
 
 	cancelLeader()
 	// The leader's client is gone but its follower is not: the work goes on.
-	// No event marks "the watch on the leader ran", so give it time to.
-	time.Sleep(50 * time.Millisecond)
+	// Once the flight no longer counts the leader's client, the watch on it
+	// has run.
+	waitClients(t, r, "k", 1)
 	if err := leader.Context().Err(); err != nil {
 		t.Fatalf("flight context cancelled with a follower still waiting: %v", err)
 	}
@@ -591,8 +618,8 @@ func TestInflightListsFlights(t *testing.T) {
 		if key == "b" {
 			wantWaiters = 2
 		}
-		if fi.Note != "GET /"+key || fi.Waiters != wantWaiters || fi.Started.Before(before) {
-			t.Errorf("flight %q: %+v, want note %q, %d waiters, started after %v", key, fi, "GET /"+key, wantWaiters, before)
+		if fi.Note != "GET /"+key || fi.Waiters != wantWaiters || fi.Clients != wantWaiters+1 || fi.Started.Before(before) {
+			t.Errorf("flight %q: %+v, want note %q, %d waiters, %d clients, started after %v", key, fi, "GET /"+key, wantWaiters, wantWaiters+1, before)
 		}
 	}
 	for _, limit := range []int{1, 2, 3, 10, -1} {

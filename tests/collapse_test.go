@@ -23,9 +23,8 @@ func slow(delay time.Duration, body string) http.HandlerFunc {
 }
 
 func TestHundredConcurrentGETsMakeOneUpstreamCall(t *testing.T) {
-	// The upstream takes long enough for all 100 to arrive while it works,
-	// even on a loaded machine.
-	up := newUpstream(t, slow(500*time.Millisecond, "the one answer"))
+	// The upstream answers once all 100 clients wait.
+	up := newUpstream(t, newHerdGate(t, 100).wrap(slow(0, "the one answer")))
 	startCaddy(t, site("ttl 1s"), up)
 	client := newClient(t)
 	warm(t, client, 100)
@@ -55,15 +54,15 @@ func TestHundredConcurrentGETsMakeOneUpstreamCall(t *testing.T) {
 }
 
 func TestTwentyKeysAtOnceNeverMix(t *testing.T) {
-	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
-		time.Sleep(200 * time.Millisecond)
+	const paths, perPath = 20, 10
+	// Each path's upstream request is answered once its 10 clients wait.
+	up := newUpstream(t, newHerdGate(t, perPath).wrap(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = fmt.Fprint(w, "path="+r.URL.Path)
-	})
+	}))
 	startCaddy(t, site("ttl 500ms"), up)
 	client := newClient(t)
 	warm(t, client, 200)
 
-	const paths, perPath = 20, 10
 	got := together(paths*perPath, func(i int) fetched {
 		return get(client, "GET", baseURL+pathFor(t, "/"+strconv.Itoa(i%paths)))
 	})
@@ -125,7 +124,8 @@ func TestGETWithinTTLIsAHitAndAfterItAMiss(t *testing.T) {
 }
 
 func TestPOSTIsNeverCollapsed(t *testing.T) {
-	up := newUpstream(t, slow(200*time.Millisecond, "posted"))
+	// The upstream answers once all 10 POSTs are at it at once.
+	up := newUpstream(t, newHerdGate(t, 10).wrap(slow(0, "posted")))
 	startCaddy(t, site("ttl 500ms"), up)
 	client := newClient(t)
 	warm(t, client, 10)
@@ -144,7 +144,7 @@ func TestPOSTIsNeverCollapsed(t *testing.T) {
 }
 
 func TestBareCoalesceWorksWithDefaults(t *testing.T) {
-	up := newUpstream(t, slow(300*time.Millisecond, "defaults"))
+	up := newUpstream(t, newHerdGate(t, 20).wrap(slow(0, "defaults")))
 	startCaddy(t, site(""), up)
 	client := newClient(t)
 	warm(t, client, 20)

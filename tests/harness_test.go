@@ -337,14 +337,32 @@ func freePort(t testing.TB) int {
 // they act on a herd (cancel its leader, reload) instead of sleeping.
 func followersWaiting(t testing.TB, client *http.Client, path string) int {
 	t.Helper()
+	n, err := followersWaitingNow(client, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// followersWaitingNow is followersWaiting for a goroutine other than the
+// test's: it returns what went wrong instead of failing the test.
+func followersWaitingNow(client *http.Client, path string) (int, error) {
+	resp, err := client.Get(adminURL + "/coalesce/inflight?limit=1000")
+	if err != nil {
+		return 0, fmt.Errorf("GET /coalesce/inflight: %v", err)
+	}
+	defer resp.Body.Close()
 	var inflight struct {
 		Flights []struct {
 			Path    string `json:"path"`
 			Waiters int    `json:"waiters"`
 		} `json:"flights"`
 	}
-	if st := adminJSON(t, client, "GET", "/coalesce/inflight?limit=1000", "", &inflight); st != http.StatusOK {
-		t.Fatalf("GET /coalesce/inflight: status %d", st)
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("GET /coalesce/inflight: status %d", resp.StatusCode)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&inflight); err != nil {
+		return 0, fmt.Errorf("GET /coalesce/inflight: %v", err)
 	}
 	n := 0
 	for _, f := range inflight.Flights {
@@ -352,5 +370,109 @@ func followersWaiting(t testing.TB, client *http.Client, path string) int {
 			n += f.Waiters
 		}
 	}
-	return n
+	return n, nil
+}
+
+// gatherBound is how long a herdGate holds a herd's requests for the rest
+// of the herd to arrive. A herd that collapses gathers in milliseconds; the
+// bound only ends a test whose herd never gathers.
+const gatherBound = 10 * time.Second
+
+// herdGate holds an upstream's requests for a path until the whole herd of
+// clients for that path is waiting: each one either a follower registered in
+// a flight (as /coalesce/inflight reports it) or a request held here. Then
+// it lets them all go, and from then on holds nothing for that path. Tests
+// use it so that a herd is whole before its leader is answered, instead of
+// hoping that an upstream delay is long enough for it to arrive. A herd
+// that does not gather within gatherBound fails the test.
+type herdGate struct {
+	t     *testing.T
+	size  int
+	admin *http.Client
+	stop  chan struct{}
+	wg    sync.WaitGroup
+
+	mu    sync.Mutex
+	paths map[string]*gathering
+}
+
+// gathering is one path's herd.
+type gathering struct {
+	held int           // requests held at the upstream now
+	open chan struct{} // closed when the herd is whole
+}
+
+// newHerdGate returns a gate for herds of size clients per path.
+func newHerdGate(t *testing.T, size int) *herdGate {
+	g := &herdGate{t: t, size: size, admin: newClient(t), stop: make(chan struct{}), paths: map[string]*gathering{}}
+	t.Cleanup(func() {
+		close(g.stop)
+		g.wg.Wait()
+	})
+	return g
+}
+
+// wrap holds each request to handler at the gate.
+func (g *herdGate) wrap(handler http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if g.hold(r.Context(), r.URL.Path) {
+			handler(w, r)
+		}
+	}
+}
+
+// hold waits until the herd for path is whole (true), or until ctx ends or
+// the test does (false).
+func (g *herdGate) hold(ctx context.Context, path string) bool {
+	g.mu.Lock()
+	p, ok := g.paths[path]
+	if !ok {
+		p = &gathering{open: make(chan struct{})}
+		g.paths[path] = p
+		g.wg.Add(1)
+		go g.watch(path, p)
+	}
+	p.held++
+	g.mu.Unlock()
+	defer func() {
+		g.mu.Lock()
+		p.held--
+		g.mu.Unlock()
+	}()
+	select {
+	case <-p.open:
+		return true
+	case <-ctx.Done():
+	case <-g.stop:
+	}
+	return false
+}
+
+// watch opens path's gate once the herd is whole, or at gatherBound with
+// an error.
+func (g *herdGate) watch(path string, p *gathering) {
+	defer g.wg.Done()
+	defer close(p.open)
+	deadline := time.Now().Add(gatherBound)
+	for {
+		followers, err := followersWaitingNow(g.admin, path)
+		g.mu.Lock()
+		held := p.held
+		g.mu.Unlock()
+		switch {
+		case err != nil:
+			g.t.Errorf("herd for %s: %v", path, err)
+			return
+		case followers+held >= g.size:
+			return
+		case time.Now().After(deadline):
+			g.t.Errorf("herd for %s did not gather within %s: %d followers waiting and %d requests at the upstream, want %d clients in all", path, gatherBound, followers, held, g.size)
+			return
+		}
+		select {
+		case <-g.stop:
+			return
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
 }

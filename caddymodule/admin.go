@@ -179,16 +179,10 @@ func (a *adminAPI) handleInflight(w http.ResponseWriter, r *http.Request) error 
 	return writeJSON(w, resp)
 }
 
-// viewFlight splits the engine's description of a flight ("GET /path", or
-// "refresh GET /path" for a background refresh).
+// viewFlight is the admin API's view of a flight of zone.
 func viewFlight(zone string, f coalesce.FlightInfo) flightView {
-	v := flightView{Zone: zone, Key: f.Key, AgeNS: int64(f.Age), Age: f.Age.Round(time.Microsecond).String(), Waiters: f.Waiters}
-	note := f.Request
-	if rest, ok := strings.CutPrefix(note, "refresh "); ok {
-		v.Refresh, note = true, rest
-	}
-	v.Method, v.Path, _ = strings.Cut(note, " ")
-	return v
+	return flightView{Zone: zone, Key: f.Key, Method: f.Method, Path: f.Path, Refresh: f.Refresh,
+		AgeNS: int64(f.Age), Age: f.Age.Round(time.Microsecond).String(), Waiters: f.Waiters}
 }
 
 // bypassRequest is the body of POST /coalesce/bypass.

@@ -197,18 +197,15 @@ func TestAdminStatsAndInflightReadListedEngines(t *testing.T) {
 	}
 }
 
-func TestViewFlightSplitsTheEnginesDescription(t *testing.T) {
-	for _, c := range []struct {
-		note, method, path string
-		refresh            bool
-	}{
-		{"GET /api/x", "GET", "/api/x", false},
-		{"refresh GET /api/x", "GET", "/api/x", true},
-		{"HEAD /a b", "HEAD", "/a b", false},
+func TestViewFlightShowsTheEnginesDescription(t *testing.T) {
+	for _, f := range []coalesce.FlightInfo{
+		{Key: "k", Method: "GET", Path: "/api/x", Age: 1500 * time.Microsecond, Waiters: 3},
+		{Key: "k", Method: "GET", Path: "/api/x", Refresh: true, Age: 1500 * time.Microsecond, Waiters: 3},
+		{Key: "k", Method: "HEAD", Path: "/a b", Age: 1500 * time.Microsecond, Waiters: 3},
 	} {
-		v := viewFlight("z", coalesce.FlightInfo{Key: "k", Request: c.note, Age: 1500 * time.Microsecond, Waiters: 3})
-		if v.Method != c.method || v.Path != c.path || v.Refresh != c.refresh || v.AgeNS != 1_500_000 || v.Age != "1.5ms" || v.Waiters != 3 {
-			t.Errorf("%q: %+v", c.note, v)
+		v := viewFlight("z", f)
+		if v.Method != f.Method || v.Path != f.Path || v.Refresh != f.Refresh || v.AgeNS != 1_500_000 || v.Age != "1.5ms" || v.Waiters != 3 {
+			t.Errorf("%+v: %+v", f, v)
 		}
 	}
 }

@@ -240,7 +240,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return caddyhttp.Error(se.Status, se)
 	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
 		// The client went away while it waited, as reverse_proxy reports it.
-		return caddyhttp.Error(statusClientClosedRequest, err)
+		return caddyhttp.Error(coalesce.StatusClientClosed, err)
 	}
 	return err
 }
@@ -272,7 +272,7 @@ func (h *Handler) observe(r *http.Request, ev coalesce.Event) {
 		h.logger.Warn("follower gave up waiting for its leader",
 			zap.String("key_hash", ev.Key.String()), zap.Duration("wait", ev.Wait))
 	}
-	if ev.Outcome == coalesce.OutcomeLeader && ev.Detail == detailAbandoned {
+	if ev.Abandoned {
 		h.logger.Warn("flight abandoned: every client waiting for it went away, upstream request cancelled",
 			zap.String("zone", zoneName(h.Zone)), zap.String("key_hash", ev.Key.String()), zap.Duration("flight", ev.Flight))
 	}
@@ -304,10 +304,6 @@ func detach(r *http.Request, ctx context.Context) *http.Request {
 	}
 	return br
 }
-
-// statusClientClosedRequest is the status reverse_proxy logs for a client
-// that went away (nginx's 499).
-const statusClientClosedRequest = 499
 
 // Interface guards
 var (

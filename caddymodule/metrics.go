@@ -141,14 +141,10 @@ func (m *zoneMetrics) observe(ev coalesce.Event) {
 	if ev.Flight > 0 {
 		m.flightTime.Observe(ev.Flight.Seconds())
 	}
-	if ev.Outcome == coalesce.OutcomeLeader && ev.Detail == detailAbandoned {
+	if ev.Abandoned {
 		m.abandoned.Inc()
 	}
 }
-
-// detailAbandoned is the Event.Detail of a leader whose flight every client
-// left.
-const detailAbandoned = "abandoned"
 
 // countBreakerChange counts one state change of a breaker. Like
 // logBreakerChange it runs under that breaker's lock.

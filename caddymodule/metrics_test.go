@@ -144,7 +144,7 @@ func TestZoneMetricsCountOutcomesWaitsAndAbandonedFlights(t *testing.T) {
 		before[c] = valueOf(t, c)
 	}
 	m.observe(coalesce.Event{Outcome: coalesce.OutcomeCollapsed, Wait: 3 * time.Millisecond})
-	m.observe(coalesce.Event{Outcome: coalesce.OutcomeLeader, Detail: detailAbandoned, Flight: time.Second})
+	m.observe(coalesce.Event{Outcome: coalesce.OutcomeLeader, Detail: "abandoned", Abandoned: true, Flight: time.Second})
 	m.observe(coalesce.Event{Outcome: "something-new"})
 	for _, c := range []struct {
 		metric prometheus.Metric
@@ -173,7 +173,7 @@ func TestObserveLogsWarningsAndNeverTheKey(t *testing.T) {
 
 	h.observe(r, coalesce.Event{Outcome: coalesce.OutcomeHit, Key: key})
 	h.observe(r, coalesce.Event{Outcome: coalesce.OutcomeTimeout, Key: key, Wait: 10 * time.Second})
-	h.observe(r, coalesce.Event{Outcome: coalesce.OutcomeLeader, Key: key, Detail: detailAbandoned, Flight: time.Second})
+	h.observe(r, coalesce.Event{Outcome: coalesce.OutcomeLeader, Key: key, Detail: "abandoned", Abandoned: true, Flight: time.Second})
 
 	if n := logs.FilterLevelExact(zapcore.DebugLevel).FilterMessage("coalesce decision").Len(); n != 3 {
 		t.Errorf("%d debug decision lines, want one per request (3)", n)

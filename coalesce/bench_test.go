@@ -72,7 +72,7 @@ func storeFor(e *Engine, r *http.Request) {
 	h := http.Header{"Content-Type": {"application/json"}, "Etag": {`"v1"`}, "Vary": {"Accept-Encoding"}}
 	resp := newResponse(http.StatusOK, h, benchBody, r)
 	e.cache.put(e.keys.derive(r, http.MethodGet), &entry{
-		resp: resp, stored: now, fresh: now.Add(time.Hour), stale: now.Add(time.Hour), spare: now.Add(time.Hour), size: resp.size(),
+		resp: resp, stored: now, fresh: now.Add(time.Hour), stale: now.Add(time.Hour), staleIfError: now.Add(time.Hour), size: resp.size(),
 	})
 }
 

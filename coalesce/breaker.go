@@ -1,11 +1,9 @@
 package coalesce
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"math"
-	"net/http"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -443,100 +441,4 @@ func (s *Breakers) Snapshot() []BreakerStatus {
 		return out[i].Settings < out[j].Settings
 	})
 	return out
-}
-
-// Pick is one request's slot for a load-balancing policy that knows the
-// breakers: the engine puts it in the context of the request it sends
-// upstream, the policy chooses a member whose breaker lets the request
-// through (taking a probe slot when half-open), and the engine reports the
-// outcome to that member's breaker when the request is done. Its methods are
-// called from the request's goroutine only.
-type Pick struct {
-	set      *Breakers
-	cfg      BreakerConfig
-	settings string
-
-	used   bool
-	req    *http.Request // of the last selection, to tell a retry from another proxy
-	chosen *Breaker
-	done   ticket
-	tried  []string
-	// none is set when the last selection found every member refusing: when
-	// the first of them lets requests through again.
-	none time.Time
-}
-
-type pickKey struct{}
-
-// PickFrom returns the request's slot, or nil when no engine with breakers
-// sent the request.
-func PickFrom(ctx context.Context) *Pick {
-	p, _ := ctx.Value(pickKey{}).(*Pick)
-	return p
-}
-
-// Begin starts a selection for req. A policy that selects again for the
-// same req does so because the member it chose failed (reverse_proxy
-// retries only after an error), so that member's breaker is told; a
-// selection for another request (a second proxy in the same chain) leaves
-// the first one uncounted.
-func (p *Pick) Begin(req *http.Request) {
-	if p.done != nil {
-		if req == p.req {
-			p.done.report(failure)
-		} else {
-			p.done.report(excluded)
-		}
-		p.done = nil
-	}
-	if req != p.req {
-		p.tried = p.tried[:0]
-	}
-	p.used, p.req, p.chosen, p.none = true, req, nil, time.Time{}
-}
-
-// Ready reports whether upstream's breaker would let this request through.
-func (p *Pick) Ready(upstream string) bool {
-	return p.set.get(upstream, p.settings, p.cfg).ready()
-}
-
-// Tried reports whether this request already went to upstream (and failed
-// there) in this selection's retries.
-func (p *Pick) Tried(upstream string) bool {
-	for _, u := range p.tried {
-		if u == upstream {
-			return true
-		}
-	}
-	return false
-}
-
-// Take asks upstream's breaker to let this request through; false means it
-// refused (it opened meanwhile, or its probe slots are taken) and the policy
-// should choose another member.
-func (p *Pick) Take(upstream string) bool {
-	b := p.set.get(upstream, p.settings, p.cfg)
-	done, _, ok := b.allow(time.Now())
-	if !ok {
-		return false
-	}
-	p.chosen, p.done = b, done
-	p.tried = append(p.tried, upstream)
-	return true
-}
-
-// NoneReady records that no member of upstreams could take the request.
-func (p *Pick) NoneReady(upstreams []string) {
-	now := time.Now()
-	var first time.Time
-	for _, u := range upstreams {
-		at := p.set.get(u, p.settings, p.cfg).retryAt(now)
-		if first.IsZero() || at.Before(first) {
-			first = at
-		}
-	}
-	if first.IsZero() {
-		first = now.Add(time.Second)
-	}
-	p.none = first
 }

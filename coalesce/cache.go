@@ -11,12 +11,12 @@ import (
 // entry is a stored response with its timing. Entries are immutable once
 // stored; a refresh stores a new entry.
 type entry struct {
-	resp   *Response
-	stored time.Time
-	fresh  time.Time // served as a hit until then
-	stale  time.Time // then served while one refresh runs, until then
-	spare  time.Time // kept as a stale_if_error fallback until then
-	size   int64
+	resp         *Response
+	stored       time.Time
+	fresh        time.Time // served as a hit until then
+	stale        time.Time // then served while one refresh runs, until then
+	staleIfError time.Time // kept as a stale_if_error stand-in until then
+	size         int64
 }
 
 // cacheShards spreads the LRU lock; each shard in use has an equal share of the
@@ -74,7 +74,7 @@ func (c *microCache) get(k Key, now time.Time) *entry {
 	s := c.shard(k)
 	s.mu.Lock()
 	e, ok := s.lru.Get(k)
-	if ok && !now.Before(e.spare) && !now.Before(e.stale) {
+	if ok && !now.Before(e.staleIfError) && !now.Before(e.stale) {
 		s.lru.Remove(k)
 		e, ok = nil, false
 	}

@@ -17,7 +17,7 @@ func keyN(n int) Key {
 // entryFor builds an entry with a body of n bytes, fresh for ttl from now.
 func entryFor(n int, now time.Time, ttl time.Duration) *entry {
 	resp := &Response{Status: 200, Header: http.Header{}, Body: make([]byte, n)}
-	return &entry{resp: resp, stored: now, fresh: now.Add(ttl), stale: now.Add(ttl), spare: now.Add(ttl), size: resp.size()}
+	return &entry{resp: resp, stored: now, fresh: now.Add(ttl), stale: now.Add(ttl), staleIfError: now.Add(ttl), size: resp.size()}
 }
 
 func TestCacheHitsUntilItsLifetimeEnds(t *testing.T) {
@@ -41,7 +41,7 @@ func TestCacheKeepsStaleAndSpareEntries(t *testing.T) {
 	now := time.Now()
 	e := entryFor(10, now, 10*time.Millisecond)
 	e.stale = now.Add(20 * time.Millisecond)
-	e.spare = now.Add(time.Second)
+	e.staleIfError = now.Add(time.Second)
 	k := keyN(1)
 	c.put(k, e)
 	if c.get(k, now.Add(15*time.Millisecond)) == nil {

@@ -369,7 +369,7 @@ func TestTTLZeroWithStaleServesTheLastAnswerWhileRefreshing(t *testing.T) {
 		t.Fatalf("first: %q, Cache-Status %q; want v1 stored", r.body, r.cacheStatus())
 	}
 	r := get(t, srv, "/x")
-	if r.body != "v1" || !regexp.MustCompile(`^caddy-coalesce; hit; ttl=-[1-9]\d*; fwd=stale; detail=stale-while-revalidate$`).MatchString(r.cacheStatus()) {
+	if r.body != "v1" || !regexp.MustCompile(`^caddy-coalesce; hit; fwd=stale; ttl=-[1-9]\d*; detail=stale-while-revalidate$`).MatchString(r.cacheStatus()) {
 		t.Errorf("second: %q, Cache-Status %q; want the stored v1, marked stale", r.body, r.cacheStatus())
 	}
 	waitFor(t, "the refresh", func() bool { return o.calls.Load() >= 2 })
@@ -1216,7 +1216,7 @@ func TestStaleWhileRevalidateServesAtOnceWithOneRefresh(t *testing.T) {
 		if r.status != 200 || r.body != "v1" {
 			t.Errorf("client %d got %d %q, want the stale v1", i, r.status, r.body)
 		}
-		if cs := r.cacheStatus(); !regexp.MustCompile(`^caddy-coalesce; hit; ttl=-[1-9]\d*; fwd=stale; detail=stale-while-revalidate$`).MatchString(cs) {
+		if cs := r.cacheStatus(); !regexp.MustCompile(`^caddy-coalesce; hit; fwd=stale; ttl=-[1-9]\d*; detail=stale-while-revalidate$`).MatchString(cs) {
 			t.Errorf("client %d: Cache-Status %q", i, cs)
 		}
 	}
@@ -1762,5 +1762,64 @@ func TestNewRejectsAnInvalidConfig(t *testing.T) {
 	}
 	if _, err := New(DefaultConfig()); err != nil {
 		t.Errorf("DefaultConfig: %v", err)
+	}
+}
+
+// A refresh that meets a healthy response it cannot buffer (grown past
+// max_body, or a stream) must not keep serving the old copy: the copy is
+// dropped, the upstream's breaker counts a success, and the key is sent
+// upstream without collapsing (hit-for-miss), so the next request streams
+// from the upstream like any other.
+func TestRefreshMeetingAnUnbufferableResponseDropsTheCopy(t *testing.T) {
+	for _, tc := range []struct {
+		name, detail string
+		serve        func(w http.ResponseWriter)
+	}{
+		{"too large", "too-large", func(w http.ResponseWriter) { io.WriteString(w, strings.Repeat("b", 4096)) }},
+		{"stream", "stream", func(w http.ResponseWriter) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			io.WriteString(w, "data: one\n\n")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "data: two\n\n")
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+				if n == 1 {
+					io.WriteString(w, "small")
+					return
+				}
+				tc.serve(w)
+			})
+			set := NewBreakers(nil)
+			e := newEngine(t, func(c *Config) {
+				c.TTL = 10 * time.Millisecond
+				c.Stale = time.Hour
+				c.MaxBody = 1024
+				c.Breakers = set
+			})
+			srv := newServer(t, e.Handler(o))
+			get(t, srv, "/x")
+			time.Sleep(20 * time.Millisecond) // past ttl
+			if r := get(t, srv, "/x"); r.body != "small" {
+				t.Fatalf("within stale: %q (%q), want the stale copy", r.body, r.cacheStatus())
+			}
+			waitFor(t, "the refresh", func() bool { return o.calls.Load() == 2 && e.Stats().Registry.ActiveKeys == 0 })
+			r := get(t, srv, "/x")
+			if r.body == "small" || o.calls.Load() != 3 || strings.Contains(r.cacheStatus(), "stale") {
+				t.Errorf("after the refresh: %q (%q), %d upstream calls; want the upstream's answer, 3 calls", r.body, r.cacheStatus(), o.calls.Load())
+			}
+			if !strings.Contains(r.cacheStatus(), "detail=uncollapsible") {
+				t.Errorf("after the refresh: Cache-Status %q, want the key marked hit-for-miss (detail=uncollapsible)", r.cacheStatus())
+			}
+			if st := e.Stats(); st.Cache.Entries != 0 || st.Uncollapsible != 1 {
+				t.Errorf("cache %+v, %d hit-for-miss keys; want the copy dropped and the key marked", st.Cache, st.Uncollapsible)
+			}
+			for _, b := range set.Snapshot() {
+				if b.Counts.Failures != 0 || b.Counts.Successes < 2 {
+					t.Errorf("breaker of %s: %+v, want the refresh counted as a success", b.Upstream, b.Counts)
+				}
+			}
+		})
 	}
 }

@@ -306,7 +306,7 @@ func FuzzConditional(f *testing.F) {
 		resp := newResponse(status, hdr, body, fuzzRequest("h", "/", ""))
 		age := time.Duration(ageSecs%(1<<40)) * time.Second
 		w := httptest.NewRecorder()
-		resp.write(w, req, "caddy-coalesce; hit", age)
+		resp.write(w, req, cacheStatus{hit: true}, age)
 		got := w.Result()
 
 		nm := notModified(req.Header, hdr)

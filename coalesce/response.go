@@ -82,8 +82,8 @@ func (resp *Response) matchesVary(r *http.Request) bool {
 
 // write sends the response to one client: headers copied (never the shared
 // map), the client's own conditional headers evaluated, no body for HEAD.
-// age > 0 adds an Age header; cacheStatus is appended to Cache-Status.
-func (resp *Response) write(w http.ResponseWriter, r *http.Request, cacheStatus string, age time.Duration) {
+// age > 0 adds an Age header; member is appended to Cache-Status.
+func (resp *Response) write(w http.ResponseWriter, r *http.Request, member cacheStatus, age time.Duration) {
 	dst := w.Header()
 	copyHeader(dst, resp.Header)
 	status := resp.Status
@@ -99,9 +99,7 @@ func (resp *Response) write(w http.ResponseWriter, r *http.Request, cacheStatus 
 		secs := min(int64(age/time.Second), maxAge) + resp.upstreamAge
 		dst.Set("Age", strconv.FormatInt(min(secs, maxAge), 10))
 	}
-	if cacheStatus != "" {
-		dst.Add("Cache-Status", cacheStatus)
-	}
+	dst.Add("Cache-Status", member.String())
 	w.WriteHeader(status)
 	if r.Method != http.MethodHead && status != http.StatusNotModified && bodyAllowed(status) && len(resp.Body) > 0 {
 		_, _ = w.Write(resp.Body)

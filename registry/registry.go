@@ -108,7 +108,7 @@ func New[V any](opts Options) *Registry[V] {
 // Flight is one request in flight under a key.
 type Flight[V any] struct {
 	key     string
-	note    string
+	note    any
 	reg     *Registry[V]
 	shard   *shard[V]
 	started time.Time
@@ -138,8 +138,9 @@ type Flight[V any] struct {
 // A leader must call Publish once and Leave once; a follower must call Wait
 // once. A Rejected caller gets a nil flight.
 //
-// note describes the flight for inspection (Inflight), e.g. "GET /api/x".
-func (r *Registry[V]) Join(ctx context.Context, key, note string) (*Flight[V], Role) {
+// note describes the flight for inspection (Inflight), e.g. the method and
+// path of the request; the registry keeps it and never looks at it.
+func (r *Registry[V]) Join(ctx context.Context, key string, note any) (*Flight[V], Role) {
 	s := r.shardFor(key)
 	s.mu.Lock()
 	if f, ok := s.flights[key]; ok {
@@ -202,7 +203,7 @@ func (r *Registry[V]) follow(f *Flight[V]) bool {
 // refresh that must not run twice. Its Context ends when ctx does, also
 // while followers wait: ctx is the bound of the work, and followers that
 // keep joining must not keep it running past that.
-func (r *Registry[V]) Lead(ctx context.Context, key, note string) (*Flight[V], bool) {
+func (r *Registry[V]) Lead(ctx context.Context, key string, note any) (*Flight[V], bool) {
 	s := r.shardFor(key)
 	s.mu.Lock()
 	if _, ok := s.flights[key]; ok || !r.reserveFlight() {
@@ -228,7 +229,7 @@ func (r *Registry[V]) Running(key string) bool {
 
 // newFlight creates a flight with its leader counted and puts it in s; the
 // flight's context is a child of parent. Called under s.mu.
-func (r *Registry[V]) newFlight(parent context.Context, s *shard[V], key, note string) *Flight[V] {
+func (r *Registry[V]) newFlight(parent context.Context, s *shard[V], key string, note any) *Flight[V] {
 	f := &Flight[V]{key: key, note: note, reg: r, shard: s, started: r.now(), done: make(chan struct{})}
 	f.ctx, f.cancel = context.WithCancel(parent)
 	f.clients.Store(1)
@@ -429,7 +430,7 @@ func (r *Registry[V]) Stats() Stats {
 // FlightInfo describes one flight for inspection.
 type FlightInfo struct {
 	Key     string
-	Note    string
+	Note    any // as given to Join or Lead
 	Started time.Time
 	Waiters int
 	// Clients is how many clients the flight still answers: the leader's,

@@ -1,18 +1,18 @@
 package coalesce
 
+// The pool-steering protocol: which breaker guards a request before it goes
+// upstream (admit), where its outcome is counted afterwards (settle), and the
+// slot a load-balancing policy that knows the breakers uses to choose among
+// a pool's members (Pick).
+
 import (
 	"context"
 	"errors"
-	"fmt"
-	"io"
 	"net/http"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/edge-coalesce/caddy-coalesce/registry"
 )
 
 // How an engine decides, before a request goes upstream, which breaker
@@ -59,10 +59,6 @@ const (
 // defaultUpstream names the one upstream of an engine without
 // Hooks.Upstream.
 const defaultUpstream = "default"
-
-// statusClientClosed is the status reverse proxies (NGINX, Caddy) log when
-// the client went away before the answer.
-const statusClientClosed = 499
 
 // guard is the breaker side of an engine, shared by engines made with
 // WithHooks.
@@ -292,7 +288,7 @@ func (e *Engine) verdict(r *http.Request, err error, status int) verdict {
 		}
 		return failure
 	}
-	if status == statusClientClosed {
+	if status == StatusClientClosed {
 		return excluded
 	}
 	if slices.Contains(e.guard.cfg.Statuses, status) {
@@ -301,123 +297,98 @@ func (e *Engine) verdict(r *http.Request, err error, status int) verdict {
 	return success
 }
 
-// forward sends r upstream on its own (bypassed, or not collapsible) under
-// the breaker. cacheStatus is its Cache-Status member; key is zero for a
-// bypassed request (no stored copy can stand in for it).
-func (e *Engine) forward(w http.ResponseWriter, r *http.Request, next Next, key Key, cacheStatus string, ev Event) error {
-	ur, pass, until := e.admit(r)
-	if !until.IsZero() {
-		return e.refuse(w, r, key, until)
-	}
-	sw := &statusWriter{ResponseWriter: w, cacheStatus: cacheStatus}
-	if pass == nil {
-		e.observe(r, ev)
-		err := next(sw, r)
-		sw.tag()
-		return err
-	}
-	defer pass.release()
-	err := next(sw, ur)
-	if until := pass.settle(ur, err, sw.status); !until.IsZero() && err != nil && sw.status == 0 {
-		return e.refuse(w, r, key, until)
-	}
-	sw.tag()
-	e.observe(r, ev)
-	return err
+// Pick is one request's slot for a load-balancing policy that knows the
+// breakers: the engine puts it in the context of the request it sends
+// upstream, the policy chooses a member whose breaker lets the request
+// through (taking a probe slot when half-open), and the engine reports the
+// outcome to that member's breaker when the request is done. Its methods are
+// called from the request's goroutine only.
+type Pick struct {
+	set      *Breakers
+	cfg      BreakerConfig
+	settings string
+
+	used   bool
+	req    *http.Request // of the last selection, to tell a retry from another proxy
+	chosen *Breaker
+	done   ticket
+	tried  []string
+	// none is set when the last selection found every member refusing: when
+	// the first of them lets requests through again.
+	none time.Time
 }
 
-// refuse answers for an upstream whose breaker is open: the last good copy
-// when stale_if_error allows, else 503 with Retry-After.
-func (e *Engine) refuse(w http.ResponseWriter, r *http.Request, key Key, until time.Time) error {
-	if key != (Key{}) {
-		if ent := e.spare(key, r); ent != nil {
-			ent.writeStale(w, r, "", time.Now())
-			e.observe(r, Event{Outcome: OutcomeStale, Key: key, Detail: detailBreakerOpen})
-			return nil
+type pickKey struct{}
+
+// PickFrom returns the request's slot, or nil when no engine with breakers
+// sent the request.
+func PickFrom(ctx context.Context) *Pick {
+	p, _ := ctx.Value(pickKey{}).(*Pick)
+	return p
+}
+
+// Begin starts a selection for req. A policy that selects again for the
+// same req does so because the member it chose failed (reverse_proxy
+// retries only after an error), so that member's breaker is told; a
+// selection for another request (a second proxy in the same chain) leaves
+// the first one uncounted.
+func (p *Pick) Begin(req *http.Request) {
+	if p.done != nil {
+		if req == p.req {
+			p.done.report(failure)
+		} else {
+			p.done.report(excluded)
+		}
+		p.done = nil
+	}
+	if req != p.req {
+		p.tried = p.tried[:0]
+	}
+	p.used, p.req, p.chosen, p.none = true, req, nil, time.Time{}
+}
+
+// Ready reports whether upstream's breaker would let this request through.
+func (p *Pick) Ready(upstream string) bool {
+	return p.set.get(upstream, p.settings, p.cfg).ready()
+}
+
+// Tried reports whether this request already went to upstream (and failed
+// there) in this selection's retries.
+func (p *Pick) Tried(upstream string) bool {
+	for _, u := range p.tried {
+		if u == upstream {
+			return true
 		}
 	}
-	writeOpen(w, r, "", until)
-	e.observe(r, Event{Outcome: OutcomeBreakerOpen, Key: key, Detail: detailBreakerOpen})
-	return nil
+	return false
 }
 
-// refuseFlight is refuse for a leader: its followers get the same answer.
-func (e *Engine) refuseFlight(w http.ResponseWriter, r *http.Request, f *registry.Flight[*result], key Key, until time.Time) error {
-	ev := Event{Outcome: OutcomeBreakerOpen, Key: key, Detail: detailBreakerOpen, Waiters: f.Waiters()}
-	if ent := e.spare(key, r); ent != nil {
-		f.Publish(&result{stale: ent}, nil)
-		ent.writeStale(w, r, "", time.Now())
-		ev.Outcome = OutcomeStale
-		e.observe(r, ev)
-		return nil
+// Take asks upstream's breaker to let this request through; false means it
+// refused (it opened meanwhile, or its probe slots are taken) and the policy
+// should choose another member.
+func (p *Pick) Take(upstream string) bool {
+	b := p.set.get(upstream, p.settings, p.cfg)
+	done, _, ok := b.allow(time.Now())
+	if !ok {
+		return false
 	}
-	f.Publish(&result{openUntil: until}, nil)
-	writeOpen(w, r, "", until)
-	e.observe(r, ev)
-	return nil
+	p.chosen, p.done = b, done
+	p.tried = append(p.tried, upstream)
+	return true
 }
 
-const detailBreakerOpen = "breaker-open"
-
-// writeOpen answers 503 for an open breaker; collapsed is "collapsed; " for
-// a follower.
-func writeOpen(w http.ResponseWriter, r *http.Request, collapsed string, until time.Time) {
-	h := w.Header()
-	h.Set("Retry-After", strconv.FormatInt(RetryAfter(until, time.Now()), 10))
-	h.Set("Cache-Control", "no-store")
-	h.Set("Content-Type", "text/plain; charset=utf-8")
-	h.Set("X-Content-Type-Options", "nosniff")
-	h.Add("Cache-Status", fmt.Sprintf("%s; fwd=bypass; %sdetail=%s", CacheName, collapsed, detailBreakerOpen))
-	w.WriteHeader(http.StatusServiceUnavailable)
-	if r.Method != http.MethodHead {
-		_, _ = io.WriteString(w, "503 Service Unavailable: the upstream is failing; retry later\n")
+// NoneReady records that no member of upstreams could take the request.
+func (p *Pick) NoneReady(upstreams []string) {
+	now := time.Now()
+	var first time.Time
+	for _, u := range upstreams {
+		at := p.set.get(u, p.settings, p.cfg).retryAt(now)
+		if first.IsZero() || at.Before(first) {
+			first = at
+		}
 	}
-}
-
-// statusWriter notes the status of a response that goes straight to the
-// client, for the breaker. http.ResponseController reaches the writer
-// beneath (flushes, hijacking for WebSocket, deadlines) through Unwrap.
-//
-// It appends cacheStatus to Cache-Status when the header goes out (or, if
-// nothing was written, when next returns, for the error response): after
-// the members of caches behind it, which reverse_proxy adds to the header
-// map while it copies the upstream's header (RFC 9211: each cache appends).
-type statusWriter struct {
-	http.ResponseWriter
-	status      int
-	cacheStatus string
-	tagged      bool
-}
-
-func (w *statusWriter) tag() {
-	if !w.tagged {
-		w.tagged = true
-		w.ResponseWriter.Header().Add("Cache-Status", w.cacheStatus)
+	if first.IsZero() {
+		first = now.Add(time.Second)
 	}
+	p.none = first
 }
-
-func (w *statusWriter) WriteHeader(code int) {
-	if w.status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
-		w.status = code
-		w.tag()
-	}
-	w.ResponseWriter.WriteHeader(code)
-}
-
-func (w *statusWriter) Write(p []byte) (int, error) {
-	if w.status == 0 {
-		w.status = http.StatusOK
-		w.tag()
-	}
-	return w.ResponseWriter.Write(p)
-}
-
-func (w *statusWriter) Flush() {
-	if w.status == 0 {
-		w.status = http.StatusOK
-		w.tag()
-	}
-	_ = http.NewResponseController(w.ResponseWriter).Flush()
-}
-
-func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

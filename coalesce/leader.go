@@ -1,0 +1,267 @@
+package coalesce
+
+import (
+	"context"
+	"net/http"
+	"time"
+
+	"github.com/edge-coalesce/caddy-coalesce/registry"
+)
+
+// The leader pipeline: a flight's one upstream request, sent, classified,
+// published to the followers and stored. A client's leader (lead) and a
+// background refresh (refresh.go) both run it (fly); only what they do
+// with its answer differs.
+
+// result is what a leader publishes to its followers.
+type result struct {
+	resp *Response // nil when not shareable or on error
+	// stale is set instead of resp when the upstream failed (or its breaker
+	// is open) and the stale-if-error copy answers.
+	stale  *entry
+	err    error
+	reason string // why followers cannot use resp
+	// openUntil: the upstream's breaker is open until then; followers are
+	// answered 503 with Retry-After.
+	openUntil time.Time
+}
+
+// answer is what a flight came to, for whoever leads it: the one response
+// its leader's client gets (a refresh has no client and drops it).
+type answer struct {
+	// resp is the upstream's complete response; stored when it went into
+	// the micro-cache.
+	resp   *Response
+	stored bool
+	// detail says why resp was not shared (its followers went upstream on
+	// their own), why the response was streamed, or why the flight failed.
+	detail string
+	// streamed: the response went to the leader's client as it arrived.
+	streamed bool
+	// stale is the stale-if-error copy that answers instead of a failed
+	// upstream or an open breaker.
+	stale *entry
+	// refused: the upstream's breaker refused the request; it lets requests
+	// through again at this time.
+	refused time.Time
+	// abandoned: the flight's context ended before its upstream answered
+	// (every client of a client's flight went away; a refresh's timeout).
+	abandoned bool
+	err       error
+	// waiters are the followers that waited for the flight; flight is how
+	// long it ran until the upstream answered or failed.
+	waiters int
+	flight  time.Duration
+}
+
+// lead runs the flight for its client and writes the answer to it.
+func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string) error {
+	defer f.Leave()
+	a := e.fly(w, r, next, f, key, fwd)
+	if !a.refused.IsZero() {
+		ev := Event{Outcome: OutcomeBreakerOpen, Key: key, Detail: detailBreakerOpen, Waiters: a.waiters}
+		if a.stale != nil {
+			a.stale.writeStale(w, r, false, time.Now())
+			ev.Outcome = OutcomeStale
+		} else {
+			writeOpen(w, r, false, a.refused)
+		}
+		e.observe(r, ev)
+		return nil
+	}
+	ev := Event{Outcome: OutcomeLeader, Key: key, Upstream: true, Waiters: a.waiters, Flight: a.flight, Detail: a.detail, Abandoned: a.abandoned}
+	defer func() { e.observe(r, ev) }()
+	switch {
+	case a.streamed, a.abandoned:
+		return a.err
+	case a.stale != nil:
+		a.stale.writeStale(w, r, false, time.Now())
+		ev.Outcome, ev.Detail = OutcomeStale, detailStaleIfError
+		return nil
+	case a.err != nil:
+		w.Header().Add("Cache-Status", cacheStatus{fwd: fwd, detail: a.detail}.String())
+		return a.err
+	}
+	ev.Stored = a.stored
+	a.resp.write(w, r, cacheStatus{fwd: fwd, fwdStatus: a.resp.Status, stored: a.stored, detail: a.detail}, 0)
+	return nil
+}
+
+// fly sends the flight's request upstream under the breaker, records the
+// response, classifies it, publishes the result to the followers and
+// stores the response when allowed. w is the leader's client (the response
+// streams to it when it cannot be buffered); r is the request the flight
+// was started for, which for a refresh is already detached from the client
+// that asked. fly publishes on every path, also when next panics (the panic
+// goes on); the caller leaves the flight.
+func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string) answer {
+	defer func() {
+		if p := recover(); p != nil {
+			// Release the followers with an error before the panic goes on
+			// (http.ErrAbortHandler, for one, is how reverse_proxy aborts a
+			// response whose upstream broke mid-body).
+			f.Publish(&result{err: &StatusError{Status: http.StatusBadGateway, Err: ErrLeaderFailed}}, nil)
+			panic(p)
+		}
+	}()
+
+	ur, pass, until := e.admit(upstreamRequest(r, f.Context()))
+	if !until.IsZero() {
+		return e.refuseFlight(f, key, r, until)
+	}
+	defer pass.release()
+	rec := newRecorder(w, e.cfg.MaxBody,
+		func(reason string) {
+			// A response that cannot be buffered is healthy but cannot be
+			// shared or stored: the followers go on their own, the copy it
+			// replaces goes, and so do the next requests for a while.
+			f.Publish(&result{reason: reason}, nil)
+			e.markHitForMiss(key)
+		},
+		func(reason string) string {
+			return cacheStatus{fwd: fwd, detail: reason}.String()
+		})
+	defer rec.finish() // also when next panics: no late flush after the handler
+	err := next(rec, ur)
+	rec.finish()
+	a := answer{waiters: f.Waiters(), flight: time.Since(f.Started())}
+
+	if rec.streaming {
+		pass.settle(ur, err, rec.status)
+		a.streamed, a.detail, a.err = true, rec.streamReason, err
+		return a
+	}
+	if err == nil && !rec.wroteHeader {
+		rec.WriteHeader(http.StatusOK)
+	}
+	if err == nil && r.Method != http.MethodHead && bodyAllowed(rec.status) && !rec.complete() {
+		err = &StatusError{Status: http.StatusBadGateway, Err: errIncomplete}
+	}
+	if until := pass.settle(ur, err, rec.status); !until.IsZero() && err != nil {
+		// A load-balancing policy found every member's breaker open.
+		return e.refuseFlight(f, key, r, until)
+	}
+	if f.Context().Err() != nil {
+		// The flight's context ends before Leave only when every client of a
+		// client's flight has gone (nobody is left to answer), or at a
+		// refresh's own timeout. A handler that returned no error after the
+		// cancel (a plain http.Handler) may have written nothing or a part:
+		// not stored. The followers of a refresh that timed out get the
+		// stale-if-error copy, or 504.
+		if ent := e.staleIfErrorCopy(key, r); ent != nil {
+			f.Publish(&result{stale: ent}, nil)
+		} else {
+			f.Publish(&result{err: &StatusError{Status: http.StatusGatewayTimeout, Err: ErrWaitTimeout}}, nil)
+		}
+		if err == nil {
+			err = f.Context().Err()
+		}
+		a.abandoned, a.detail, a.err = true, detailAbandoned, err
+		return a
+	}
+	if err != nil || rec.status >= 500 {
+		// A failed answer leaves the stored copy alone: the stale-if-error
+		// copy answers everybody, now or for a later failure.
+		if ent := e.staleIfErrorCopy(key, r); ent != nil {
+			f.Publish(&result{stale: ent}, nil)
+			a.stale = ent
+			return a
+		}
+	}
+	if err != nil {
+		f.Publish(&result{err: err}, nil)
+		a.detail, a.err = detailUpstreamError, err
+		return a
+	}
+
+	a.resp = newResponse(rec.status, rec.header, rec.buf.Bytes(), r)
+	if ok, reason := shareable(a.resp.Status, a.resp.Header, a.resp.cc); !ok {
+		f.Publish(&result{reason: reason}, nil)
+		e.markHitForMiss(key)
+		a.detail = reason
+		return a
+	}
+	if a.resp.Status < 500 {
+		a.stored = e.store(key, a.resp)
+	}
+	f.Publish(&result{resp: a.resp}, nil)
+	return a
+}
+
+// refuseFlight answers a flight whose upstream's breaker refused it: its
+// followers get the stale-if-error copy, or 503 until then.
+func (e *Engine) refuseFlight(f *registry.Flight[*result], key Key, r *http.Request, until time.Time) answer {
+	a := answer{refused: until, waiters: f.Waiters()}
+	if ent := e.staleIfErrorCopy(key, r); ent != nil {
+		f.Publish(&result{stale: ent}, nil)
+		a.stale = ent
+		return a
+	}
+	f.Publish(&result{openUntil: until}, nil)
+	return a
+}
+
+// upstreamRequest is the request a flight sends: r with the flight's
+// context and without the client's own validators, so that the response is
+// complete and can answer every follower.
+func upstreamRequest(r *http.Request, ctx context.Context) *http.Request {
+	ur := r.WithContext(ctx)
+	if r.Header.Get("If-None-Match") != "" || r.Header.Get("If-Modified-Since") != "" {
+		ur.Header = r.Header.Clone()
+		ur.Header.Del("If-None-Match")
+		ur.Header.Del("If-Modified-Since")
+	}
+	return ur
+}
+
+// markHitForMiss sends key's next requests upstream on their own for
+// HitForMiss (its response could not be shared) and drops its stored copy.
+func (e *Engine) markHitForMiss(key Key) {
+	e.hitForMiss.set(key, time.Now().Add(e.cfg.HitForMiss))
+	e.cache.remove(key)
+}
+
+// staleIfErrorCopy returns the entry for key that may stand in for a failed
+// upstream response (stale_if_error), or nil.
+func (e *Engine) staleIfErrorCopy(key Key, r *http.Request) *entry {
+	if e.cfg.StaleIfError <= 0 {
+		return nil
+	}
+	now := time.Now()
+	ent := e.cache.get(key, now)
+	if ent == nil || !now.Before(ent.staleIfError) || !ent.resp.matchesVary(r) {
+		return nil
+	}
+	return ent
+}
+
+// store keeps resp under key when the origin and the configuration allow.
+func (e *Engine) store(key Key, resp *Response) bool {
+	if e.cfg.TTL <= 0 && e.cfg.Stale <= 0 && e.cfg.StaleIfError <= 0 {
+		return false
+	}
+	ok, limit, _ := storable(resp.Status, resp.cc)
+	// RFC 9111 §5.2.2.2, .8 and .10: a shared cache never serves such a
+	// response stale, whatever stale and stale_if_error allow.
+	staleAllowed := !resp.cc.mustRevalidate
+	if ok && e.cfg.TTL <= 0 && !staleAllowed {
+		ok = false // kept only to be served stale, which it may not be
+	}
+	if !ok {
+		e.cache.remove(key)
+		return false
+	}
+	now := time.Now()
+	ttl := e.cfg.TTL
+	if limit > 0 && limit < ttl {
+		ttl = limit
+	}
+	ent := &entry{resp: resp, stored: now, fresh: now.Add(ttl), size: resp.size()}
+	ent.stale, ent.staleIfError = ent.fresh, ent.fresh
+	if staleAllowed {
+		ent.stale = ent.fresh.Add(e.cfg.Stale)
+		ent.staleIfError = ent.fresh.Add(e.cfg.StaleIfError)
+	}
+	e.hitForMiss.clear(key)
+	return e.cache.put(key, ent)
+}

@@ -1,0 +1,128 @@
+package coalesce
+
+import (
+	"errors"
+	"net/http"
+	"time"
+
+	"github.com/edge-coalesce/caddy-coalesce/registry"
+)
+
+// Serve handles one request: from the micro-cache, as a follower of an
+// identical request in flight, or as the leader that calls next.
+func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error {
+	if e.hooks.Disabled != nil && e.hooks.Disabled() {
+		return e.bypass(w, r, next, "disabled", fwdBypass)
+	}
+	if detail, fwd := bypassReason(r); detail != "" {
+		return e.bypass(w, r, next, detail, fwd)
+	}
+	now := time.Now()
+	key := e.keys.derive(r, r.Method)
+	noCache := requestCacheControl(r.Header).noCache
+	// fwd says why the request goes upstream (RFC 9211): no usable copy, or
+	// one stored for a request that differs in a field the response varies on.
+	fwd := fwdURIMiss
+
+	var getKey Key // a HEAD's GET: its entry and its flight answer the HEAD too
+	if r.Method == http.MethodHead {
+		getKey = e.keys.derive(r, http.MethodGet)
+	}
+
+	if !noCache {
+		lookup := key
+		var ent *entry
+		if r.Method == http.MethodHead {
+			// A HEAD is answered from the GET's entry when there is one.
+			if ent = e.cache.get(getKey, now); ent != nil {
+				lookup = getKey
+			}
+		}
+		if ent == nil {
+			ent = e.cache.get(lookup, now)
+		}
+		varyOK := ent != nil && ent.resp.matchesVary(r)
+		if ent != nil && !varyOK && now.Before(ent.stale) {
+			fwd = fwdVaryMiss
+		} else if varyOK {
+			// fresh == stored (ttl 0, kept for stale alone) is never a fresh
+			// hit, even for a request that took its time before it looked.
+			if now.Before(ent.fresh) && ent.fresh.After(ent.stored) {
+				ent.resp.write(w, r, cacheStatus{hit: true, ttl: ent.fresh.Sub(now), withTTL: true, detailTTL: true}, now.Sub(ent.stored))
+				e.observe(r, Event{Outcome: OutcomeHit, Key: key})
+				return nil
+			}
+			if now.Before(ent.stale) {
+				e.refresh(r, lookup, next)
+				ent.resp.write(w, r, cacheStatus{hit: true, fwd: fwdStale, ttl: ent.ttlLeft(now), withTTL: true, detail: detailStaleWhileRevalidate}, now.Sub(ent.stored))
+				e.observe(r, Event{Outcome: OutcomeStale, Key: key, Detail: detailStaleWhileRevalidate})
+				return nil
+			}
+		}
+	}
+
+	if r.Method == http.MethodHead {
+		// A GET in flight answers a HEAD as well as a HEAD of its own would;
+		// it never leads one, so no GET waits for a body-less answer.
+		if f, ok := e.reg.Follow(string(getKey[:])); ok {
+			return e.follow(w, r, next, f, getKey, fwd)
+		}
+	}
+	if e.hitForMiss.has(key, now) {
+		return e.uncollapsible(w, r, next, key, detailUncollapsible, fwdURIMiss)
+	}
+
+	f, role := e.reg.Join(r.Context(), string(key[:]), flightNote{method: r.Method, path: r.URL.Path})
+	switch role {
+	case registry.Follower:
+		return e.follow(w, r, next, f, key, fwd)
+	case registry.Leader:
+		return e.lead(w, r, next, f, key, fwd)
+	default:
+		return e.uncollapsible(w, r, next, key, "registry-full", fwdURIMiss)
+	}
+}
+
+// follow waits for the leader and writes its response, or goes upstream
+// alone when the response cannot be used for this request.
+func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string) error {
+	start := time.Now()
+	res, err := f.Wait(r.Context(), e.cfg.MaxWait)
+	waited := time.Since(start)
+	switch {
+	case errors.Is(err, registry.ErrWaitTimeout):
+		w.Header().Add("Cache-Status", cacheStatus{fwd: fwd, collapsed: true, detail: "wait-timeout"}.String())
+		e.observe(r, Event{Outcome: OutcomeTimeout, Key: key, Wait: waited})
+		return &StatusError{Status: http.StatusGatewayTimeout, Err: ErrWaitTimeout}
+	case err != nil && r.Context().Err() != nil:
+		// This client went away; nobody is left to answer.
+		e.observe(r, Event{Outcome: OutcomeCollapsed, Key: key, Wait: waited, Detail: "client-gone"})
+		return r.Context().Err()
+	case err != nil:
+		// The leader left without publishing (it panicked or was aborted).
+		w.Header().Add("Cache-Status", cacheStatus{fwd: fwd, collapsed: true, detail: "leader-failed"}.String())
+		e.observe(r, Event{Outcome: OutcomeError, Key: key, Wait: waited})
+		return &StatusError{Status: http.StatusBadGateway, Err: ErrLeaderFailed}
+	case res.err != nil:
+		w.Header().Add("Cache-Status", cacheStatus{fwd: fwd, collapsed: true, detail: detailUpstreamError}.String())
+		e.observe(r, Event{Outcome: OutcomeError, Key: key, Wait: waited})
+		return res.err
+	case res.stale != nil && res.stale.resp.matchesVary(r):
+		res.stale.writeStale(w, r, true, time.Now())
+		e.observe(r, Event{Outcome: OutcomeStale, Key: key, Wait: waited, Detail: detailStaleIfError})
+		return nil
+	case res.stale != nil:
+		return e.uncollapsible(w, r, next, key, detailVaryMismatch, fwdVaryMiss)
+	case !res.openUntil.IsZero():
+		writeOpen(w, r, true, res.openUntil)
+		e.observe(r, Event{Outcome: OutcomeBreakerOpen, Key: key, Wait: waited, Detail: detailBreakerOpen})
+		return nil
+	case res.resp == nil:
+		return e.uncollapsible(w, r, next, key, res.reason, fwdURIMiss)
+	case !res.resp.matchesVary(r):
+		return e.uncollapsible(w, r, next, key, detailVaryMismatch, fwdVaryMiss)
+	}
+	res.resp.write(w, r, cacheStatus{fwd: fwd, fwdStatus: res.resp.Status, collapsed: true}, 0)
+	e.observe(r, Event{Outcome: OutcomeCollapsed, Key: key, Wait: waited})
+	return nil
+}

@@ -24,17 +24,17 @@ func TestDifferentCookiesNeverReceiveEachOthersResponse(t *testing.T) {
 }
 
 // expectIdentitiesKeptApart sends a herd of 40 clients, taking turns at the
-// identities in header, to an upstream that answers "for <identity>". Each
-// client must get its own identity's answer, from one upstream call per
-// identity, and within the TTL each identity its own stored copy. It returns
-// the client and URL for the caller's further checks.
+// identities in header, to an upstream that answers "for <identity>" once
+// all 40 wait. Each client must get its own identity's answer, from one
+// upstream call per identity, and within the TTL each identity its own
+// stored copy. It returns the client and URL for the caller's further
+// checks.
 func expectIdentitiesKeptApart(t *testing.T, header string, identities ...string) (*http.Client, string) {
 	t.Helper()
-	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
-		time.Sleep(300 * time.Millisecond)
+	up := newUpstream(t, newHerdGate(t, 40).wrap(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = fmt.Fprint(w, "for "+r.Header.Get(header))
-	})
-	startCaddy(t, site("ttl 500ms"), up)
+	}))
+	startCaddy(t, site("ttl 1s"), up)
 	client := newClient(t)
 	warm(t, client, 40)
 	url := baseURL + pathFor(t, "")
@@ -51,23 +51,29 @@ func expectIdentitiesKeptApart(t *testing.T, header string, identities ...string
 		t.Errorf("upstream calls: %d, want %d (one per identity)", n, len(identities))
 	}
 
-	// Within the TTL each identity gets its own stored copy.
+	// Within the TTL each identity gets its own stored copy: a hit, without
+	// another upstream call.
 	for _, id := range identities {
-		if f := get(client, "GET", url, header+": "+id); f.body != "for "+id {
-			t.Errorf("hit for %s: got %q", id, f.body)
+		if f := get(client, "GET", url, header+": "+id); f.status != 200 || f.body != "for "+id || !strings.Contains(f.cacheStatus(), "hit") {
+			t.Errorf("GET for %s within the TTL: %d %q, Cache-Status %q; want its own stored copy, a hit", id, f.status, f.body, f.cacheStatus())
 		}
+	}
+	if n := up.Calls(); n != int64(len(identities)) {
+		t.Errorf("upstream calls after the hits: %d, want still %d", n, len(identities))
 	}
 	return client, url
 }
 
 func TestConcurrentSetCookieResponsesAreEachClientsOwn(t *testing.T) {
 	var seq atomic.Int64
-	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+	// The leader is answered once the herd of 10 waits; every answer takes
+	// 300ms, so followers that queued would take 3s in all.
+	up := newUpstream(t, newHerdGate(t, 10).wrap(func(w http.ResponseWriter, r *http.Request) {
 		n := seq.Add(1)
 		time.Sleep(300 * time.Millisecond)
 		w.Header().Set("Set-Cookie", fmt.Sprintf("session=s%d; Path=/; HttpOnly", n))
 		_, _ = fmt.Fprintf(w, "hello s%d", n)
-	})
+	}))
 	startCaddy(t, site("ttl 500ms"), up)
 	client := newClient(t)
 	warm(t, client, 10)
@@ -111,12 +117,11 @@ func TestConcurrentSetCookieResponsesAreEachClientsOwn(t *testing.T) {
 
 func TestConcurrentPrivateResponsesAreEachClientsOwn(t *testing.T) {
 	var seq atomic.Int64
-	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, newHerdGate(t, 10).wrap(func(w http.ResponseWriter, r *http.Request) {
 		n := seq.Add(1)
-		time.Sleep(300 * time.Millisecond)
 		w.Header().Set("Cache-Control", "private, max-age=60")
 		_, _ = fmt.Fprintf(w, "private answer %d", n)
-	})
+	}))
 	startCaddy(t, site("ttl 500ms"), up)
 	client := newClient(t)
 	warm(t, client, 10)
@@ -166,11 +171,10 @@ func TestNoStoreResponsesAreNeverStored(t *testing.T) {
 }
 
 func TestVaryAcceptLanguageIsHonouredForFollowersAndHits(t *testing.T) {
-	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
-		time.Sleep(300 * time.Millisecond)
+	up := newUpstream(t, newHerdGate(t, 30).wrap(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Vary", "Accept-Language")
 		_, _ = fmt.Fprint(w, "lang="+r.Header.Get("Accept-Language"))
-	})
+	}))
 	startCaddy(t, site("ttl 1s"), up)
 	client := newClient(t)
 	warm(t, client, 30)

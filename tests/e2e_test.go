@@ -36,14 +36,23 @@ func (b *syncBuffer) String() string {
 	return b.buf.String()
 }
 
-// buildCaddy builds the binary with ../xcaddy.sh into dir.
-func buildCaddy(t *testing.T, dir string) string {
+// buildCaddy builds the binary with ../xcaddy.sh into dir; with race, with
+// the race detector (xcaddy's XCADDY_RACE_DETECTOR, which needs cgo).
+func buildCaddy(t *testing.T, dir string, race bool) string {
 	t.Helper()
 	bin := filepath.Join(dir, "caddy")
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	bound := 8 * time.Minute
+	if race {
+		bound = 15 * time.Minute
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), bound)
 	defer cancel()
+	cmd := exec.CommandContext(ctx, "bash", "../xcaddy.sh", bin)
+	if race {
+		cmd.Env = append(os.Environ(), "XCADDY_RACE_DETECTOR=1", "CGO_ENABLED=1")
+	}
 	start := time.Now()
-	out, err := exec.CommandContext(ctx, "bash", "../xcaddy.sh", bin).CombinedOutput()
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("../xcaddy.sh %s failed after %s: %v\n%s", bin, time.Since(start).Round(time.Second), err, out)
 	}
@@ -61,7 +70,7 @@ func TestBuiltBinaryEndToEnd(t *testing.T) {
 		t.Skip("end-to-end test builds Caddy with xcaddy (about 100 s the first time); skipped with -short")
 	}
 	dir := t.TempDir()
-	bin := buildCaddy(t, dir)
+	bin := buildCaddy(t, dir, false)
 
 	var seq atomic.Int64
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {

@@ -43,7 +43,7 @@ func buildCaddy(t *testing.T, dir string, race bool) string {
 	bin := filepath.Join(dir, "caddy")
 	bound := 8 * time.Minute
 	if race {
-		bound = 15 * time.Minute
+		bound = 20 * time.Minute
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), bound)
 	defer cancel()

@@ -368,6 +368,10 @@ func (c *builtCaddy) stop(t *testing.T) {
 	}
 	select {
 	case <-c.exited:
+		// A race-enabled binary that reported a race exits with status 66.
+		if c.waitErr != nil {
+			t.Errorf("caddy exited with %v", c.waitErr)
+		}
 	case <-time.After(30 * time.Second):
 		t.Errorf("caddy did not exit within 30s of POST /stop")
 	}

@@ -9,6 +9,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
+
+	"github.com/edge-coalesce/caddy-coalesce/coalesce"
 )
 
 func init() {
@@ -64,15 +66,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		var err error
 		switch opt {
 		case "ttl":
-			h.TTL, err = parseDurationSet(d)
+			h.TTL, err = parseDurationOrOff(d)
 		case "stale":
 			h.Stale, err = parseDuration(d)
 		case "stale_if_error":
 			h.StaleIfError, err = parseDuration(d)
 		case "max_wait":
-			h.MaxWait, err = parseDurationSet(d)
+			h.MaxWait, err = parseDurationOrOff(d)
 		case "hit_for_miss":
-			h.HitForMiss, err = parseDurationSet(d)
+			h.HitForMiss, err = parseDurationOrOff(d)
 		case "max_body":
 			h.MaxBody, err = parseSize(d)
 		case "max_memory":
@@ -187,11 +189,15 @@ func parseDurationFrom(d *caddyfile.Dispenser, least time.Duration) (caddy.Durat
 	return caddy.Duration(dur), nil
 }
 
-// parseDurationSet is parseDuration for the options whose 0 means something
-// (ttl 0: collapse only), so that unset (nil) stands for the default.
-func parseDurationSet(d *caddyfile.Dispenser) (*caddy.Duration, error) {
+// parseDurationOrOff is parseDuration for the options whose 0 means "none"
+// in the Caddyfile (ttl 0: collapse only) but "the default" in JSON: 0 is
+// written as coalesce.Off, a negative duration.
+func parseDurationOrOff(d *caddyfile.Dispenser) (caddy.Duration, error) {
 	dur, err := parseDuration(d)
-	return &dur, err
+	if err == nil && dur == 0 {
+		dur = caddy.Duration(coalesce.Off)
+	}
+	return dur, err
 }
 
 // parseSize reads one size such as 1MiB or 512KB.

@@ -35,26 +35,28 @@ func init() {
 // match its Vary. Every response that passes through gets a `Cache-Status`
 // header (RFC 9211).
 type Handler struct {
-	// How long a response stays fresh in the micro-cache. Default: 50ms.
-	// 0 collapses concurrent requests but nothing is ever fresh: a response
+	// How long a response stays fresh in the micro-cache. Default (0 or
+	// absent): 50ms. A negative duration (-1, the Caddyfile's `ttl 0`)
+	// collapses concurrent requests but nothing is ever fresh: a response
 	// is kept only for `stale` or `stale_if_error` when they are set. At
 	// most 1s. An origin's smaller max-age / s-maxage wins.
-	TTL *caddy.Duration `json:"ttl,omitempty"`
+	TTL caddy.Duration `json:"ttl,omitempty"`
 
 	// Serve an expired entry for this long after `ttl` while exactly one
-	// background request refreshes it (stale-while-revalidate). Default: 0.
-	// At most 1h.
+	// background request refreshes it (stale-while-revalidate). Default
+	// (0 or absent): never. At most 1h.
 	Stale caddy.Duration `json:"stale,omitempty"`
 
 	// Serve the last good entry for this long after `ttl` when the upstream
-	// fails (transport error or a 5xx) or its breaker is open. Default: 0.
-	// At most 24h.
+	// fails (transport error or a 5xx) or its breaker is open. Default
+	// (0 or absent): never. At most 24h.
 	StaleIfError caddy.Duration `json:"stale_if_error,omitempty"`
 
 	// The longest a follower waits for its leader's response before it is
-	// answered 504 Gateway Timeout. Default: 10s. 0 means no bound other
-	// than the client's own. At most 1h.
-	MaxWait *caddy.Duration `json:"max_wait,omitempty"`
+	// answered 504 Gateway Timeout. Default (0 or absent): 10s. A negative
+	// duration (-1, the Caddyfile's `max_wait 0`): no bound other than the
+	// client's own. At most 1h.
+	MaxWait caddy.Duration `json:"max_wait,omitempty"`
 
 	// The largest response body, in bytes, buffered for sharing. Larger
 	// responses stream to the leader while its followers send their own
@@ -84,8 +86,10 @@ type Handler struct {
 	// How long a key whose response could not be shared (Set-Cookie,
 	// private, Vary: *, a stream, a too large body) goes upstream without
 	// collapsing, so that the next burst does not queue for nothing
-	// (Varnish's hit-for-miss). Default: 5s. At most 1h.
-	HitForMiss *caddy.Duration `json:"hit_for_miss,omitempty"`
+	// (Varnish's hit-for-miss). Default (0 or absent): 5s. A negative
+	// duration (-1, the Caddyfile's `hit_for_miss 0`): such keys are never
+	// marked, and the next burst queues behind its leader again. At most 1h.
+	HitForMiss caddy.Duration `json:"hit_for_miss,omitempty"`
 
 	// The most keys in flight at once; requests for further keys go
 	// upstream without collapsing. Default: 100000.
@@ -130,38 +134,25 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// config turns the JSON fields into the engine's configuration.
+// config turns the JSON fields into the engine's configuration: both
+// mean the defaults by their zero values and "off" by a negative duration.
 func (h *Handler) config() coalesce.Config {
-	c := coalesce.DefaultConfig()
-	if h.TTL != nil {
-		c.TTL = time.Duration(*h.TTL)
+	return coalesce.Config{
+		TTL:             time.Duration(h.TTL),
+		Stale:           time.Duration(h.Stale),
+		StaleIfError:    time.Duration(h.StaleIfError),
+		MaxWait:         time.Duration(h.MaxWait),
+		MaxBody:         h.MaxBody,
+		MaxEntries:      h.MaxEntries,
+		MaxMemory:       h.MaxMemory,
+		KeyHeaders:      h.KeyHeaders,
+		IdentityHeaders: h.IdentityHeaders,
+		Public:          h.Public,
+		HitForMiss:      time.Duration(h.HitForMiss),
+		MaxFlights:      h.MaxFlights,
+		Breaker:         h.Breaker.config(),
+		Breakers:        breakers,
 	}
-	c.Stale = time.Duration(h.Stale)
-	c.StaleIfError = time.Duration(h.StaleIfError)
-	if h.MaxWait != nil {
-		c.MaxWait = time.Duration(*h.MaxWait)
-	}
-	if h.MaxBody != 0 {
-		c.MaxBody = h.MaxBody
-	}
-	if h.MaxEntries != 0 {
-		c.MaxEntries = h.MaxEntries
-	}
-	if h.MaxMemory != 0 {
-		c.MaxMemory = h.MaxMemory
-	}
-	c.KeyHeaders = h.KeyHeaders
-	c.IdentityHeaders = h.IdentityHeaders
-	c.Public = h.Public
-	if h.HitForMiss != nil {
-		c.HitForMiss = time.Duration(*h.HitForMiss)
-	}
-	if h.MaxFlights != 0 {
-		c.MaxFlights = h.MaxFlights
-	}
-	c.Breaker = h.Breaker.config()
-	c.Breakers = breakers
-	return c
 }
 
 // Validate reports settings that cannot work.
@@ -178,7 +169,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := registerMetrics(ctx); err != nil {
 		return fmt.Errorf("coalesce: registering metrics: %w", err)
 	}
-	cfg := h.config()
+	cfg := h.config().WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("coalesce: %w", err)
 	}

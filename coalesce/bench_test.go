@@ -126,7 +126,7 @@ func BenchmarkServeHitParallel(b *testing.B) {
 // (ttl 0) while the upstream takes 200µs, so nearly every request waits for
 // a leader. upstream/op and followers/op show how many did which.
 func BenchmarkServeFollowersParallel(b *testing.B) {
-	e := newEngine(b, func(c *Config) { c.TTL = 0 })
+	e := newEngine(b, func(c *Config) { c.TTL = Off })
 	var calls atomic.Int64
 	next := func(w http.ResponseWriter, r *http.Request) error {
 		calls.Add(1)
@@ -148,7 +148,7 @@ func BenchmarkServeFollowersParallel(b *testing.B) {
 // nothing is stored (ttl 0), so the recorder, the response and the publish
 // are measured on each iteration.
 func BenchmarkServeMiss(b *testing.B) {
-	e := newEngine(b, func(c *Config) { c.TTL = 0 })
+	e := newEngine(b, func(c *Config) { c.TTL = Off })
 	r := benchRequest()
 	b.ReportAllocs()
 	for b.Loop() {

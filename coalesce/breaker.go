@@ -12,41 +12,63 @@ import (
 	"github.com/sony/gobreaker/v2"
 )
 
-// BreakerConfig configures the circuit breaker that each upstream gets. Start
-// from DefaultBreakerConfig.
+// BreakerConfig configures the circuit breaker that each upstream gets. The
+// zero value of every field means its default: BreakerConfig{} trips on 5
+// consecutive failures, stays open 10s, then lets one probe through; 502,
+// 503 and 504 are failures.
 type BreakerConfig struct {
 	// Disabled turns the breakers off: every request goes upstream.
 	Disabled bool
-	// Failures is how many consecutive failures trip the breaker. 0: only
-	// Ratio trips it.
+	// Failures is how many consecutive failures trip the breaker. 0: 5,
+	// or, when Ratio is set, only Ratio trips it (set both to trip on
+	// either).
 	Failures int
 	// Ratio trips the breaker when at least this fraction (0 < Ratio <= 1)
 	// of the requests answered within Window failed, once MinRequests of
 	// them have been answered. 0: only Failures trips it.
-	Ratio       float64
+	Ratio float64
+	// MinRequests is the smallest sample Ratio judges. 0: 20.
 	MinRequests int
-	Window      time.Duration
+	// Window is the rolling window Ratio counts in. 0: 30s.
+	Window time.Duration
 	// Open is how long a tripped breaker refuses requests before it lets
-	// Probes requests through to decide (half-open).
-	Open   time.Duration
+	// Probes requests through to decide (half-open). 0: 10s.
+	Open time.Duration
+	// Probes is how many requests test a half-open upstream. 0: 1.
 	Probes int
 	// Statuses are the response statuses that count as failures; transport
-	// errors always do.
+	// errors always do. Empty: 502, 503 and 504.
 	Statuses []int
 }
 
-// DefaultBreakerConfig: trip on 5 consecutive failures, stay open 10s, then
-// one probe; 502, 503 and 504 are failures. The ratio mode, when Ratio is
-// set, waits for 20 answers within a rolling 30s window.
+// DefaultBreakerConfig is BreakerConfig{} with its defaults written out.
+// The ratio mode, when Ratio is set, waits for 20 answers within a rolling
+// 30s window.
 func DefaultBreakerConfig() BreakerConfig {
-	return BreakerConfig{
-		Failures:    5,
-		MinRequests: 20,
-		Window:      30 * time.Second,
-		Open:        10 * time.Second,
-		Probes:      1,
-		Statuses:    []int{502, 503, 504},
+	return BreakerConfig{}.WithDefaults()
+}
+
+// WithDefaults returns c with each zero field set to its default.
+func (c BreakerConfig) WithDefaults() BreakerConfig {
+	if c.Failures == 0 && c.Ratio == 0 {
+		c.Failures = 5
 	}
+	if c.MinRequests == 0 {
+		c.MinRequests = 20
+	}
+	if c.Window == 0 {
+		c.Window = 30 * time.Second
+	}
+	if c.Open == 0 {
+		c.Open = 10 * time.Second
+	}
+	if c.Probes == 0 {
+		c.Probes = 1
+	}
+	if len(c.Statuses) == 0 {
+		c.Statuses = []int{502, 503, 504}
+	}
+	return c
 }
 
 // Validate explains what is wrong with c, in words for an operator.
@@ -54,6 +76,7 @@ func (c BreakerConfig) Validate() error {
 	if c.Disabled {
 		return nil
 	}
+	c = c.WithDefaults()
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf("breaker: "+format, args...)) }
 	if c.Failures < 0 {
@@ -62,21 +85,14 @@ func (c BreakerConfig) Validate() error {
 	if math.IsNaN(c.Ratio) || c.Ratio < 0 || c.Ratio > 1 {
 		bad("ratio is a fraction of the requests between 0 and 1, e.g. 0.5 (got %g)", c.Ratio)
 	}
-	if c.Failures == 0 && c.Ratio == 0 {
-		bad("nothing would trip it: set failures or ratio (or turn it off with `breaker off`)")
-	}
 	if c.Ratio > 0 && c.MinRequests < 1 {
 		bad("ratio needs a minimum sample of at least 1 request (min %d), or two requests at night could trip it", c.MinRequests)
 	}
 	if c.Window < 0 {
 		bad("window must not be negative (got %s)", c.Window)
-	} else if c.Ratio > 0 && c.Window == 0 {
-		bad("ratio needs a window to count in, e.g. window 30s")
 	}
 	if c.Open < 0 {
 		bad("open must not be negative (got %s)", c.Open)
-	} else if c.Open == 0 {
-		bad("open must be a positive duration, e.g. open 10s")
 	}
 	if c.Probes < 1 || c.Probes > 10_000 {
 		bad("probes is how many requests test a half-open upstream, from 1 to 10000 (got %d)", c.Probes)
@@ -356,8 +372,10 @@ func NewBreakers(onChange func(BreakerChange)) *Breakers {
 	return &Breakers{onChange: onChange, byID: map[breakerID]*Breaker{}, byUpstream: map[string][]*Breaker{}}
 }
 
-// Breaker returns the breaker of upstream for cfg, made on first use.
+// Breaker returns the breaker of upstream for cfg (zero fields: their
+// defaults), made on first use.
 func (s *Breakers) Breaker(upstream string, cfg BreakerConfig) *Breaker {
+	cfg = cfg.WithDefaults()
 	return s.get(upstream, cfg.fingerprint(), cfg)
 }
 

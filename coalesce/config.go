@@ -20,48 +20,58 @@ const (
 	MaxHitForMiss   = time.Hour
 )
 
-// Config configures an Engine. Start from DefaultConfig: the zero value of a
-// field is a meaningful setting (for TTL: collapse only, no cache).
+// Config configures an Engine. The zero value of every field means its
+// documented default, so Config{} is the configuration of a bare
+// `coalesce`. Where 0 is the default of a duration and "none" is a setting
+// too (TTL, MaxWait, HitForMiss), a negative duration, Off, means none.
 type Config struct {
-	// TTL is how long a response stays fresh in the micro-cache. 0 means
-	// collapse concurrent requests only: nothing is fresh, and a response is
-	// kept only for Stale or StaleIfError when they are set. At most MaxTTL.
+	// TTL is how long a response stays fresh in the micro-cache. 0: 50ms.
+	// Off collapses concurrent requests only: nothing is fresh, and a
+	// response is kept only for Stale or StaleIfError when they are set.
+	// At most MaxTTL.
 	TTL time.Duration
 	// Stale serves an expired entry for this long after TTL while one
-	// background request refreshes it (stale-while-revalidate).
+	// background request refreshes it (stale-while-revalidate). 0: never.
+	// At most MaxStale.
 	Stale time.Duration
 	// StaleIfError serves the last good entry for this long after TTL when
-	// the upstream fails or its breaker is open.
+	// the upstream fails or its breaker is open. 0: never. At most
+	// MaxStaleIfError.
 	StaleIfError time.Duration
 	// MaxWait is the longest a follower waits for its leader; then it gets
-	// 504. 0 means no bound other than the client's own.
+	// 504. 0: 10s. Off: no bound other than the client's own. At most
+	// MaxMaxWait.
 	MaxWait time.Duration
-	// MaxBody is the largest response body buffered for sharing; larger
-	// responses stream to the leader and its followers send their own
-	// requests.
+	// MaxBody is the largest response body, in bytes, buffered for sharing;
+	// larger responses stream to the leader and its followers send their
+	// own requests. 0: 1 MiB.
 	MaxBody int64
-	// MaxEntries and MaxMemory bound the micro-cache.
+	// MaxEntries bounds the micro-cache's entries (and the hit-for-miss
+	// marks). 0: 10000.
 	MaxEntries int
-	MaxMemory  int64
+	// MaxMemory bounds the micro-cache's bytes, bodies and headers. 0: 64 MiB.
+	MaxMemory int64
 	// KeyHeaders are more request headers whose values make responses
-	// differ (added to the key).
+	// differ (added to the key). nil: none.
 	KeyHeaders []string
 	// IdentityHeaders are more request headers that identify the requester,
-	// beside Authorization and Cookie.
+	// beside Authorization and Cookie. nil: none.
 	IdentityHeaders []string
 	// Public leaves the requester's identity (Authorization, Cookie,
 	// IdentityHeaders) out of the key: everybody shares. Only for endpoints
-	// whose answer does not depend on who asks.
+	// whose answer does not depend on who asks. false: identity is keyed.
 	Public bool
 	// HitForMiss is how long a key whose response could not be shared
 	// (Set-Cookie, private, Vary: *, a stream) is sent upstream without
 	// collapsing, so that the next burst does not queue for nothing.
+	// 0: 5s. Off: such keys are never marked. At most MaxHitForMiss.
 	HitForMiss time.Duration
 	// MaxFlights bounds the keys in flight at once; requests beyond it go
-	// upstream on their own.
+	// upstream on their own. 0: 100000.
 	MaxFlights int
 
-	// Breaker configures the circuit breaker each upstream gets.
+	// Breaker configures the circuit breaker each upstream gets. The zero
+	// value: on, with the defaults of its fields.
 	Breaker BreakerConfig
 	// Breakers is where the breakers live. A server shares one set between
 	// its engines (and across configuration reloads) so that every route to
@@ -94,33 +104,69 @@ type Hooks struct {
 	UpstreamFailed func(err error) bool
 }
 
-// DefaultConfig is the configuration of a bare `coalesce`.
+// Off, as TTL, MaxWait or HitForMiss, turns the setting off where 0 would
+// mean its default; any negative duration does (as a negative
+// flush_interval does in Caddy's reverse_proxy).
+const Off time.Duration = -1
+
+// Defaults of the fields whose zero value means a default.
+const (
+	DefaultTTL        = 50 * time.Millisecond
+	DefaultMaxWait    = 10 * time.Second
+	DefaultMaxBody    = 1 << 20
+	DefaultMaxEntries = 10_000
+	DefaultMaxMemory  = 64 << 20
+	DefaultHitForMiss = 5 * time.Second
+	DefaultMaxFlights = 100_000
+)
+
+// DefaultConfig is the configuration of a bare `coalesce`: Config{} with
+// its defaults written out.
 func DefaultConfig() Config {
-	return Config{
-		TTL:        50 * time.Millisecond,
-		MaxWait:    10 * time.Second,
-		MaxBody:    1 << 20,
-		MaxEntries: 10_000,
-		MaxMemory:  64 << 20,
-		HitForMiss: 5 * time.Second,
-		MaxFlights: 100_000,
-		Breaker:    DefaultBreakerConfig(),
-	}
+	return Config{}.WithDefaults()
 }
 
-// Validate explains the first thing wrong with c, in words for an operator.
-func (c Config) Validate() error {
-	var errs []error
-	dur := func(name string, d time.Duration) {
-		if d < 0 {
-			errs = append(errs, fmt.Errorf("%s must not be negative (got %s); write 0 or a positive duration", name, d))
+// WithDefaults returns c with each zero field set to its default (New does
+// this itself). Negative durations (Off) and other values stay as they are,
+// so it may be applied any number of times.
+func (c Config) WithDefaults() Config {
+	zero := func(d *time.Duration, def time.Duration) {
+		if *d == 0 {
+			*d = def
 		}
 	}
-	dur("ttl", c.TTL)
+	zero(&c.TTL, DefaultTTL)
+	zero(&c.MaxWait, DefaultMaxWait)
+	zero(&c.HitForMiss, DefaultHitForMiss)
+	if c.MaxBody == 0 {
+		c.MaxBody = DefaultMaxBody
+	}
+	if c.MaxEntries == 0 {
+		c.MaxEntries = DefaultMaxEntries
+	}
+	if c.MaxMemory == 0 {
+		c.MaxMemory = DefaultMaxMemory
+	}
+	if c.MaxFlights == 0 {
+		c.MaxFlights = DefaultMaxFlights
+	}
+	c.Breaker = c.Breaker.WithDefaults()
+	return c
+}
+
+// Validate explains what is wrong with c (after WithDefaults), in words
+// for an operator.
+func (c Config) Validate() error {
+	c = c.WithDefaults()
+	var errs []error
+	// Stale and StaleIfError are off at 0: a negative value means nothing.
+	dur := func(name string, d time.Duration) {
+		if d < 0 {
+			errs = append(errs, fmt.Errorf("%s must not be negative (got %s); write 0 (off) or a positive duration", name, d))
+		}
+	}
 	dur("stale", c.Stale)
 	dur("stale_if_error", c.StaleIfError)
-	dur("max_wait", c.MaxWait)
-	dur("hit_for_miss", c.HitForMiss)
 	if c.TTL > MaxTTL {
 		errs = append(errs, fmt.Errorf("ttl must be at most %s: this is a micro-cache for bursts (got %s); use a real cache for longer lifetimes", MaxTTL, c.TTL))
 	}
@@ -131,7 +177,7 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("stale_if_error must be at most %s (got %s); write a shorter duration", MaxStaleIfError, c.StaleIfError))
 	}
 	if c.MaxWait > MaxMaxWait {
-		errs = append(errs, fmt.Errorf("max_wait must be at most %s (got %s); write a shorter bound, or 0 for no bound but the client's own", MaxMaxWait, c.MaxWait))
+		errs = append(errs, fmt.Errorf("max_wait must be at most %s (got %s); write a shorter bound, or 0 for no bound but the client's own (-1 in JSON)", MaxMaxWait, c.MaxWait))
 	}
 	if c.HitForMiss > MaxHitForMiss {
 		errs = append(errs, fmt.Errorf("hit_for_miss must be at most %s (got %s); write a shorter duration (Varnish uses 2m)", MaxHitForMiss, c.HitForMiss))

@@ -108,8 +108,10 @@ type core struct {
 	stopAll   context.CancelFunc
 }
 
-// New builds an engine; cfg must pass Validate.
+// New builds an engine; cfg must pass Validate. Its zero fields take
+// their defaults.
 func New(cfg Config) (*Engine, error) {
+	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}

@@ -340,7 +340,7 @@ func TestTTLZeroCollapsesButStoresNothing(t *testing.T) {
 		}
 		fmt.Fprintf(w, "v%d", n)
 	})
-	e := newEngine(t, func(c *Config) { c.TTL = 0 })
+	e := newEngine(t, func(c *Config) { c.TTL = Off })
 	srv := newServer(t, e.Handler(o))
 	for i, r := range herd(t, e, o, g, 10, func(int) reply { return get(t, srv, "/x") }) {
 		if r.body != "v1" {
@@ -363,7 +363,7 @@ func TestTTLZeroCollapsesButStoresNothing(t *testing.T) {
 // 0 with grace).
 func TestTTLZeroWithStaleServesTheLastAnswerWhileRefreshing(t *testing.T) {
 	o := numbered()
-	e := newEngine(t, func(c *Config) { c.TTL = 0; c.Stale = 5 * time.Second })
+	e := newEngine(t, func(c *Config) { c.TTL = Off; c.Stale = 5 * time.Second })
 	srv := newServer(t, e.Handler(o))
 	if r := get(t, srv, "/x"); r.body != "v1" || !strings.HasSuffix(r.cacheStatus(), "; stored") {
 		t.Fatalf("first: %q, Cache-Status %q; want v1 stored", r.body, r.cacheStatus())
@@ -865,7 +865,7 @@ func TestHeadFollowsAGetInFlight(t *testing.T) {
 		g.wait(r)
 		io.WriteString(w, "hello")
 	})
-	e := newEngine(t, func(c *Config) { c.TTL = 0 })
+	e := newEngine(t, func(c *Config) { c.TTL = Off })
 	srv := newServer(t, e.Handler(o))
 	// Go's client asks for gzip on a GET but not on a HEAD, which would be
 	// two encoding classes: both ask for the same here, as browsers do.
@@ -1748,11 +1748,11 @@ func TestTTLSecondsRoundsDown(t *testing.T) {
 
 func TestNewRejectsAnInvalidConfig(t *testing.T) {
 	for name, change := range map[string]func(*Config){
-		"ttl over 1s":     func(c *Config) { c.TTL = 2 * time.Second },
-		"negative ttl":    func(c *Config) { c.TTL = -1 },
-		"no max body":     func(c *Config) { c.MaxBody = 0 },
-		"no entries":      func(c *Config) { c.MaxEntries = 0 },
-		"bad header name": func(c *Config) { c.KeyHeaders = []string{"X Bad"} },
+		"ttl over 1s":       func(c *Config) { c.TTL = 2 * time.Second },
+		"negative stale":    func(c *Config) { c.Stale = -1 },
+		"negative max body": func(c *Config) { c.MaxBody = -1 },
+		"negative entries":  func(c *Config) { c.MaxEntries = -1 },
+		"bad header name":   func(c *Config) { c.KeyHeaders = []string{"X Bad"} },
 	} {
 		cfg := DefaultConfig()
 		change(&cfg)

@@ -26,9 +26,8 @@ func ExampleEngine_Handler() {
 		io.WriteString(w, `{"sessions":3}`)
 	})
 
-	cfg := coalesce.DefaultConfig()
-	cfg.TTL = time.Second
-	engine, err := coalesce.New(cfg)
+	// Zero fields take the defaults of a bare `coalesce`.
+	engine, err := coalesce.New(coalesce.Config{TTL: time.Second})
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -1,0 +1,61 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/edge-coalesce/caddy-coalesce/coalesce"
+)
+
+// The Caddyfile writes what the user wrote in the JSON form: a 0 that means
+// "none" becomes a negative duration, an option left out stays out.
+func TestCaddyfileWritesNoneAsANegativeDuration(t *testing.T) {
+	for input, want := range map[string]string{
+		"coalesce":                               `{}`,
+		"coalesce {\n ttl 0\n}":                  `{"ttl":-1}`,
+		"coalesce {\n ttl 200ms\n}":              `{"ttl":200000000}`,
+		"coalesce {\n max_wait 0\n}":             `{"max_wait":-1}`,
+		"coalesce {\n hit_for_miss 0\n}":         `{"hit_for_miss":-1}`,
+		"coalesce {\n stale 0\n}":                `{}`,
+		"coalesce {\n ttl 0\n stale 5s\n}":       `{"ttl":-1,"stale":5000000000}`,
+		"coalesce {\n max_entries 5\n zone a\n}": `{"max_entries":5,"zone":"a"}`,
+	} {
+		h, err := parseCoalesce(t, input)
+		if err != nil {
+			t.Fatalf("%q: %v", input, err)
+		}
+		got, err := json.Marshal(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(got) != want {
+			t.Errorf("%q adapts to %s, want %s", input, got, want)
+		}
+	}
+}
+
+func TestJSONZeroMeansTheDefaultAndNegativeMeansNone(t *testing.T) {
+	for raw, want := range map[string]struct{ ttl, maxWait, hitForMiss time.Duration }{
+		`{}`: {coalesce.DefaultTTL, coalesce.DefaultMaxWait, coalesce.DefaultHitForMiss},
+		`{"ttl":0,"max_wait":"0s","hit_for_miss":0}`:       {coalesce.DefaultTTL, coalesce.DefaultMaxWait, coalesce.DefaultHitForMiss},
+		`{"ttl":-1,"max_wait":"-1s","hit_for_miss":-1}`:    {-1, -time.Second, -1},
+		`{"ttl":"1s","max_wait":"2s","hit_for_miss":"3s"}`: {time.Second, 2 * time.Second, 3 * time.Second},
+	} {
+		var h Handler
+		if err := json.Unmarshal([]byte(raw), &h); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.Validate(); err != nil {
+			t.Errorf("%s: %v", raw, err)
+		}
+		c := h.config().WithDefaults()
+		if c.TTL != want.ttl || c.MaxWait != want.maxWait || c.HitForMiss != want.hitForMiss {
+			t.Errorf("%s: ttl %s, max_wait %s, hit_for_miss %s; want %s, %s, %s", raw, c.TTL, c.MaxWait, c.HitForMiss, want.ttl, want.maxWait, want.hitForMiss)
+		}
+	}
+	var h Handler
+	if c := h.config().WithDefaults(); c.MaxBody != coalesce.DefaultMaxBody || c.MaxEntries != coalesce.DefaultMaxEntries || c.MaxMemory != coalesce.DefaultMaxMemory || c.MaxFlights != coalesce.DefaultMaxFlights {
+		t.Errorf("a bare handler: %+v, want the defaults", c)
+	}
+}

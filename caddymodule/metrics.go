@@ -22,7 +22,7 @@ const (
 // Outcomes are the values of the outcome label, all created at zero when a
 // handler is provisioned so that rate() and ratios work from the start.
 var outcomes = []coalesce.Outcome{
-	coalesce.OutcomeHit, coalesce.OutcomeStale, coalesce.OutcomeCollapsed,
+	coalesce.OutcomeHit, coalesce.OutcomeStale, coalesce.OutcomeStaleIfError, coalesce.OutcomeCollapsed,
 	coalesce.OutcomeLeader, coalesce.OutcomeBypass, coalesce.OutcomeUncollapsible,
 	coalesce.OutcomeBreakerOpen, coalesce.OutcomeTimeout, coalesce.OutcomeError,
 }
@@ -52,7 +52,7 @@ func initMetrics() {
 	metrics.once.Do(func() {
 		metrics.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "requests_total",
-			Help: "Requests seen by coalesce handlers, by outcome (hit, stale, collapsed, leader, bypass, uncollapsible, breaker_open, timeout, error).",
+			Help: "Requests seen by coalesce handlers, by outcome (hit, stale, stale_if_error, collapsed, leader, bypass, uncollapsible, breaker_open, timeout, error).",
 		}, []string{"handler", "outcome"})
 		metrics.upstream = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "upstream_requests_total",

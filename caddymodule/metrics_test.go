@@ -250,4 +250,9 @@ func TestDocsAndDashboardMatchTheMetrics(t *testing.T) {
 			t.Errorf("README.md has no table row for %s", name)
 		}
 	}
+	for _, o := range outcomes {
+		if !strings.Contains(string(readme), "`"+string(o)+"` (") {
+			t.Errorf("README.md's row for caddy_coalesce_requests_total does not explain the outcome %s", o)
+		}
+	}
 }

@@ -132,10 +132,12 @@ func (ent *entry) ttlLeft(now time.Time) time.Duration {
 	return left
 }
 
-// writeStale writes an expired entry that stands in for a failed upstream
-// (stale_if_error); collapsed for a follower.
+// writeStale writes an entry that stands in for a failed upstream
+// (stale_if_error); collapsed for a follower. Its ttl is negative even when
+// the copy is still fresh (a no-cache request led, and its upstream
+// failed): the answer is a stand-in, not a fresh response.
 func (ent *entry) writeStale(w http.ResponseWriter, r *http.Request, collapsed bool, now time.Time) {
-	cs := cacheStatus{fwd: fwdStale, ttl: ent.ttlLeft(now), withTTL: true, collapsed: collapsed, detail: detailStaleIfError}
+	cs := cacheStatus{fwd: fwdStale, ttl: min(ent.ttlLeft(now), -time.Nanosecond), withTTL: true, collapsed: collapsed, detail: detailStaleIfError}
 	ent.resp.write(w, r, cs, now.Sub(ent.stored))
 }
 

@@ -45,15 +45,16 @@ const StatusClientClosed = 499
 type Outcome string
 
 const (
-	OutcomeHit           Outcome = "hit"           // fresh micro-cache entry
-	OutcomeStale         Outcome = "stale"         // expired entry (stale or stale_if_error)
-	OutcomeLeader        Outcome = "leader"        // went upstream for itself and its followers
-	OutcomeCollapsed     Outcome = "collapsed"     // received the leader's response
-	OutcomeUncollapsible Outcome = "uncollapsible" // could not share; went upstream on its own
-	OutcomeBypass        Outcome = "bypass"        // not eligible (method, Range, stream, kill switch, ...)
-	OutcomeBreakerOpen   Outcome = "breaker_open"  // answered for an open breaker
-	OutcomeTimeout       Outcome = "timeout"       // follower gave up after max_wait
-	OutcomeError         Outcome = "error"         // follower released with the leader's error
+	OutcomeHit           Outcome = "hit"            // fresh micro-cache entry
+	OutcomeStale         Outcome = "stale"          // expired entry while one refresh runs (stale-while-revalidate)
+	OutcomeStaleIfError  Outcome = "stale_if_error" // last good copy for a failed upstream or an open breaker
+	OutcomeLeader        Outcome = "leader"         // went upstream for itself and its followers
+	OutcomeCollapsed     Outcome = "collapsed"      // received the leader's response
+	OutcomeUncollapsible Outcome = "uncollapsible"  // could not share; went upstream on its own
+	OutcomeBypass        Outcome = "bypass"         // not eligible (method, Range, stream, kill switch, ...)
+	OutcomeBreakerOpen   Outcome = "breaker_open"   // answered for an open breaker
+	OutcomeTimeout       Outcome = "timeout"        // follower gave up after max_wait
+	OutcomeError         Outcome = "error"          // follower released with the leader's error
 )
 
 // Event describes the handling of one request, for logs and metrics.

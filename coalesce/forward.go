@@ -67,7 +67,7 @@ func (e *Engine) refuse(w http.ResponseWriter, r *http.Request, key Key, until t
 	if key != (Key{}) {
 		if ent := e.staleIfErrorCopy(key, r); ent != nil {
 			ent.writeStale(w, r, false, time.Now())
-			e.observe(r, Event{Outcome: OutcomeStale, Key: key, Detail: detailBreakerOpen})
+			e.observe(r, Event{Outcome: OutcomeStaleIfError, Key: key, Detail: detailBreakerOpen})
 			return nil
 		}
 	}

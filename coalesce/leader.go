@@ -62,7 +62,7 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 		ev := Event{Outcome: OutcomeBreakerOpen, Key: key, Detail: detailBreakerOpen, Waiters: a.waiters}
 		if a.stale != nil {
 			a.stale.writeStale(w, r, false, time.Now())
-			ev.Outcome = OutcomeStale
+			ev.Outcome = OutcomeStaleIfError
 		} else {
 			writeOpen(w, r, false, a.refused)
 		}
@@ -76,7 +76,7 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 		return a.err
 	case a.stale != nil:
 		a.stale.writeStale(w, r, false, time.Now())
-		ev.Outcome, ev.Detail = OutcomeStale, detailStaleIfError
+		ev.Outcome, ev.Detail = OutcomeStaleIfError, detailStaleIfError
 		return nil
 	case a.err != nil:
 		w.Header().Add("Cache-Status", cacheStatus{fwd: fwd, detail: a.detail}.String())

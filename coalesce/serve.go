@@ -109,7 +109,7 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 		return res.err
 	case res.stale != nil && res.stale.resp.matchesVary(r):
 		res.stale.writeStale(w, r, true, time.Now())
-		e.observe(r, Event{Outcome: OutcomeStale, Key: key, Wait: waited, Detail: detailStaleIfError})
+		e.observe(r, Event{Outcome: OutcomeStaleIfError, Key: key, Wait: waited, Detail: detailStaleIfError})
 		return nil
 	case res.stale != nil:
 		return e.uncollapsible(w, r, next, key, detailVaryMismatch, fwdVaryMiss)

@@ -225,7 +225,7 @@ func TestMetricsCountALeaderThenAHit(t *testing.T) {
 		t.Errorf("caddy_coalesce_cache_max_bytes = %v, want the default 64 MiB", v)
 	}
 	// Every outcome exists from the start, so that ratios work at once.
-	for _, o := range []string{"hit", "stale", "collapsed", "leader", "bypass", "uncollapsible", "breaker_open", "timeout", "error"} {
+	for _, o := range []string{"hit", "stale", "stale_if_error", "collapsed", "leader", "bypass", "uncollapsible", "breaker_open", "timeout", "error"} {
 		if _, ok := after.value("caddy_coalesce_requests_total", append(zone, "outcome", o)...); !ok {
 			t.Errorf("caddy_coalesce_requests_total has no outcome=%q series", o)
 		}

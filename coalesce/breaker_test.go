@@ -60,6 +60,18 @@ func testBreakerConfig(open time.Duration) BreakerConfig {
 	return c
 }
 
+// testOpen is the open period of tests that check a breaker while it is
+// open: long enough that no stall of a loaded machine ends it between two
+// steps of the test. They wait for its end with waitHalfOpen.
+const testOpen = 500 * time.Millisecond
+
+// waitHalfOpen waits until b's open period is over (State turns an open
+// breaker half-open once its time is up).
+func waitHalfOpen(t *testing.T, b *Breaker) {
+	t.Helper()
+	waitFor(t, "the breaker to turn half-open", func() bool { return b.State() == BreakerHalfOpen })
+}
+
 // pass lets one request through b and reports v; false if b refused.
 func pass(b *Breaker, v verdict) bool {
 	done, _, ok := b.allow(time.Now())
@@ -119,13 +131,16 @@ func TestBreakerRatioWaitsForItsMinimumSample(t *testing.T) {
 }
 
 func TestBreakerHalfOpenLetsOnlyProbesThrough(t *testing.T) {
-	cfg := testBreakerConfig(30 * time.Millisecond)
+	cfg := testBreakerConfig(testOpen)
 	cfg.Probes = 2
 	b := NewBreakers(nil).Breaker("a:80", cfg)
 	for range 3 {
 		pass(b, failure)
 	}
-	time.Sleep(40 * time.Millisecond)
+	if pass(b, success) {
+		t.Fatal("an open breaker let a request through")
+	}
+	waitHalfOpen(t, b)
 	d1, _, ok1 := b.allow(time.Now())
 	d2, _, ok2 := b.allow(time.Now())
 	_, retry, ok3 := b.allow(time.Now())
@@ -149,8 +164,10 @@ func TestBreakerHalfOpenLetsOnlyProbesThrough(t *testing.T) {
 	for range 3 {
 		pass(b, failure)
 	}
-	time.Sleep(40 * time.Millisecond)
-	pass(b, failure)
+	waitHalfOpen(t, b)
+	if !pass(b, failure) {
+		t.Fatal("a half-open breaker refused its probe")
+	}
 	if s := b.State(); s != BreakerOpen {
 		t.Fatalf("after a failed probe: %s, want open", s)
 	}
@@ -177,12 +194,17 @@ func TestBreakerReportsEachStateChangeOnceWithItsCause(t *testing.T) {
 		changes = append(changes, c)
 		mu.Unlock()
 	})
-	b := set.Breaker("a:80", testBreakerConfig(20*time.Millisecond))
-	for range 5 {
-		pass(b, failure) // the last two are refused: no second "open"
+	b := set.Breaker("a:80", testBreakerConfig(testOpen))
+	for i := range 5 {
+		// The last two are refused: no second "open".
+		if passed := pass(b, failure); passed != (i < 3) {
+			t.Fatalf("failure %d: let through %v", i+1, passed)
+		}
 	}
-	time.Sleep(30 * time.Millisecond)
-	pass(b, success)
+	waitHalfOpen(t, b)
+	if !pass(b, success) {
+		t.Fatal("a half-open breaker refused its probe")
+	}
 
 	mu.Lock()
 	defer mu.Unlock()
@@ -488,16 +510,20 @@ func TestPolicySteersAroundADeadMemberAndRetriesDoNotFail(t *testing.T) {
 }
 
 func TestStaleIfErrorAnswersWhileTheBreakerIsOpenThenStops(t *testing.T) {
+	// stale_if_error is long enough that no stall of a loaded machine ends
+	// it before the requests "during the outage" are answered.
+	const ttl, staleIfError = 20 * time.Millisecond, time.Second
 	o := newBrOrigin()
 	e := newBrEngine(t, func(c *Config) {
-		c.TTL = 20 * time.Millisecond
-		c.StaleIfError = 300 * time.Millisecond
+		c.TTL = ttl
+		c.StaleIfError = staleIfError
 	})
 	if w := brGet(e, o.next, "/doc"); w.Code != 200 {
 		t.Fatal(w.Code)
 	}
+	stored := time.Now() // at or after the copy was stored
 	o.status.Store(http.StatusServiceUnavailable)
-	time.Sleep(30 * time.Millisecond)
+	time.Sleep(2 * ttl)
 	for i := range 6 {
 		w := brGet(e, o.next, "/doc")
 		if w.Code != 200 || w.Body.String() != "answer 1" || !strings.Contains(w.Header().Get("Cache-Status"), "fwd=stale") {
@@ -507,7 +533,7 @@ func TestStaleIfErrorAnswersWhileTheBreakerIsOpenThenStops(t *testing.T) {
 	if n := o.calls.Load(); n != 4 {
 		t.Errorf("upstream calls %d, want 1 good + 3 that tripped the breaker", n)
 	}
-	time.Sleep(300 * time.Millisecond)
+	time.Sleep(time.Until(stored.Add(ttl + staleIfError + 20*time.Millisecond)))
 	if w := brGet(e, o.next, "/doc"); w.Code != 503 || w.Header().Get("Retry-After") == "" {
 		t.Fatalf("after stale_if_error: %d Retry-After %q, want 503 from the open breaker", w.Code, w.Header().Get("Retry-After"))
 	}

@@ -202,7 +202,9 @@ func TestBreakerStateChangesAreLoggedOnceEach(t *testing.T) {
 	t.Cleanup(func() { breakerLogger.Store(prev) })
 
 	cfg := coalesce.DefaultConfig()
-	cfg.Breaker.Failures, cfg.Breaker.Open = 2, 30*time.Millisecond
+	// open is long enough that no stall of a loaded machine ends it between
+	// the requests that meet the open breaker.
+	cfg.Breaker.Failures, cfg.Breaker.Open = 2, 500*time.Millisecond
 	cfg.Breakers = breakers
 	cfg.Hooks.Upstream = func(*http.Request) string { return "log-test.internal:8080" }
 	e, err := coalesce.New(cfg)
@@ -221,7 +223,13 @@ func TestBreakerStateChangesAreLoggedOnceEach(t *testing.T) {
 	for i := range 4 {
 		serve(fmt.Sprintf("/fail%d", i)) // 2 trip it, 2 are answered as open
 	}
-	time.Sleep(40 * time.Millisecond)
+	// The open period is over when the breaker turns half-open.
+	b := breakers.Breaker("log-test.internal:8080", cfg.Breaker)
+	for deadline := time.Now().Add(2 * time.Second); b.State() != coalesce.BreakerHalfOpen; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the breaker is %s 2s after it opened for %s", b.State(), cfg.Breaker.Open)
+		}
+	}
 	status = http.StatusOK
 	serve("/probe")
 	serve("/closed")

@@ -177,8 +177,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	h.poolKey, h.rank = poolKey(ctx, h.Zone, settings)
-	val, _, err := engines.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
+	key, rank := poolKey(ctx, h.Zone, settings)
+	h.rank = rank
+	val, _, err := engines.LoadOrNew(key, func() (caddy.Destructor, error) {
 		e, err := coalesce.New(cfg)
 		if err != nil {
 			return nil, err
@@ -188,6 +189,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("coalesce: %w", err)
 	}
+	// Only a held key is set: Caddy cleans up after a failed Provision too.
+	h.poolKey = key
 	listEngine(h.poolKey, zoneName(h.Zone), val.(pooledEngine).Engine, cfg)
 	h.listed = true
 	h.metrics = metricsFor(zoneName(h.Zone))
@@ -207,13 +210,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 // config still running keep working: the state lives until the last holder
 // lets go, and a reload of the same config holds it already.
 func (h *Handler) Cleanup() error {
+	h.rank.release()
+	h.rank = nil
 	if h.poolKey == "" {
 		return nil
 	}
 	if h.listed {
 		unlistEngine(h.poolKey)
 	}
-	h.rank.release()
 	_, err := engines.Delete(h.poolKey)
 	return err
 }

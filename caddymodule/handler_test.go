@@ -1,9 +1,12 @@
 package caddymodule
 
 import (
+	"context"
 	"encoding/json"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 
 	"github.com/edge-coalesce/caddy-coalesce/coalesce"
 )
@@ -57,5 +60,28 @@ func TestJSONZeroMeansTheDefaultAndNegativeMeansNone(t *testing.T) {
 	var h Handler
 	if c := h.config().WithDefaults(); c.MaxBody != coalesce.DefaultMaxBody || c.MaxEntries != coalesce.DefaultMaxEntries || c.MaxMemory != coalesce.DefaultMaxMemory || c.MaxFlights != coalesce.DefaultMaxFlights {
 		t.Errorf("a bare handler: %+v, want the defaults", c)
+	}
+}
+
+func TestHandlersShareStateOnlyUnderOneZone(t *testing.T) {
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	provision := func(zone string) *Handler {
+		h := &Handler{TTL: caddy.Duration(time.Second), Zone: zone}
+		if err := h.Provision(ctx); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = h.Cleanup() })
+		return h
+	}
+	// Outside a server's routes (no route to find them by), equal handlers
+	// without a zone still get a state each.
+	a, b := provision(""), provision("")
+	if a.poolKey == b.poolKey {
+		t.Errorf("two handlers without a zone share the pool key %q", a.poolKey)
+	}
+	c, d := provision("one-api"), provision("one-api")
+	if c.poolKey != d.poolKey {
+		t.Errorf("two handlers of zone one-api hold %q and %q, want one state", c.poolKey, d.poolKey)
 	}
 }

@@ -14,12 +14,18 @@
 //	GET  /api/me        the caller's Authorization and Cookie as JSON, after the
 //	                    delay (to watch two users' bursts stay apart)
 //	GET  /api/events    Server-Sent Events: 5 events, one every 500ms, each flushed
-//	GET  /stats         {"requests": {"<path>": count, ...}, "total": N}
-//	POST /stats/reset   zeroes the counters (204)
+//	GET  /api/sessions/stream
+//	                    Server-Sent Events without end: one event a second (see
+//	                    handleSessionStream), honouring Last-Event-ID
+//	GET  /stats         {"requests": {"<path>": count, ...}, "total": N,
+//	                     "streams": {"open": n, "opened": m}}
+//	POST /stats/reset   zeroes the counters (204); open streams stay open and counted
 //
 // Every /api/ response carries X-Upstream-Count: N, the number of requests
 // that endpoint has served so far, this one included; /stats is not counted.
-// Each request is logged to stderr as: method, path, count ("-" if not counted).
+// Each request is logged to stderr as: method, path, count ("-" if not counted);
+// GET /api/sessions is not logged (the demo page polls it many times a second),
+// only counted, and an event stream is logged when it opens and when it closes.
 package main
 
 import (
@@ -31,12 +37,14 @@ import (
 	"flag"
 	"fmt"
 	"log"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -46,6 +54,8 @@ var counted = map[string]string{
 	"GET /api/sessions": "/api/sessions",
 	"GET /api/me":       "/api/me",
 	"GET /api/events":   "/api/events",
+
+	"GET /api/sessions/stream": "/api/sessions/stream",
 }
 
 type server struct {
@@ -56,6 +66,9 @@ type server struct {
 
 	mu       sync.Mutex
 	requests map[string]int64
+
+	streamsOpen   atomic.Int64 // /api/sessions/stream connections open now
+	streamsOpened atomic.Int64 // since the start or the last reset
 }
 
 func main() {
@@ -68,7 +81,16 @@ func main() {
 	flag.Parse()
 	log.SetFlags(log.Ltime | log.Lmicroseconds)
 
-	srv := &http.Server{Addr: listen, Handler: newServer(*delay), ReadHeaderTimeout: 5 * time.Second}
+	// Event streams never end on their own: shutting down cancels the base
+	// context of every request, so that they end and Shutdown does not wait.
+	base, cancelBase := context.WithCancel(context.Background())
+	srv := &http.Server{
+		Addr:              listen,
+		Handler:           newServer(*delay),
+		ReadHeaderTimeout: 5 * time.Second,
+		BaseContext:       func(net.Listener) context.Context { return base },
+	}
+	srv.RegisterOnShutdown(cancelBase)
 	go func() {
 		if err := srv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
 			log.Fatal(err)
@@ -111,6 +133,7 @@ func newServer(delay time.Duration) *server {
 	s.mux.HandleFunc("GET /api/sessions", s.handleSessions)
 	s.mux.HandleFunc("GET /api/me", s.handleMe)
 	s.mux.HandleFunc("GET /api/events", s.handleEvents)
+	s.mux.HandleFunc("GET /api/sessions/stream", s.handleSessionStream)
 	s.mux.HandleFunc("GET /stats", s.handleStats)
 	s.mux.HandleFunc("POST /stats/reset", func(w http.ResponseWriter, r *http.Request) {
 		s.resetStats()
@@ -128,6 +151,10 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		count = strconv.FormatInt(s.requests[counted[route]], 10)
 		s.mu.Unlock()
 		w.Header().Set("X-Upstream-Count", count)
+		if route == "GET /api/sessions" {
+			s.mux.ServeHTTP(w, r)
+			return
+		}
 	}
 	log.Printf("%s %s %s", r.Method, r.URL.RequestURI(), count)
 	s.mux.ServeHTTP(w, r)
@@ -173,6 +200,68 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// streamHistory is how far back (in events, one a second) a Last-Event-ID is
+// honoured; an older id resumes this many events back.
+const streamHistory = 300
+
+// handleSessionStream is an event stream of the sessions' activity that never
+// ends: one event a second, on the second. An event's id is the Unix time of
+// its second and its data is a function of the id alone, so every connection
+// (and every instance, and this one after a restart) sends the same event
+// under the same id, and a Last-Event-ID is answered from that rule instead
+// of a stored history. A connection starts with the current second's event,
+// or, with Last-Event-ID, with the events after that id (at most
+// streamHistory of them, none if the id is not a number of this kind).
+func (s *server) handleSessionStream(w http.ResponseWriter, r *http.Request) {
+	open := s.streamsOpen.Add(1)
+	s.streamsOpened.Add(1)
+	start := time.Now()
+	log.Printf("stream opened (Last-Event-ID %q): %d open", r.Header.Get("Last-Event-ID"), open)
+	defer func() {
+		log.Printf("stream closed after %s: %d open", time.Since(start).Round(time.Millisecond), s.streamsOpen.Add(-1))
+	}()
+
+	now := time.Now().Unix()
+	next := now
+	if v := r.Header.Get("Last-Event-ID"); v != "" {
+		if id, err := strconv.ParseInt(v, 10, 64); err == nil && id > now-10*365*86400 {
+			next = max(id+1, now-streamHistory+1)
+		}
+	}
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	fmt.Fprint(w, "retry: 1000\n\n")
+	for {
+		for ; next <= time.Now().Unix(); next++ {
+			fmt.Fprintf(w, "id: %d\ndata: %s\n\n", next, sessionEvent(next))
+		}
+		if rc.Flush() != nil {
+			return
+		}
+		t := time.NewTimer(time.Until(time.Unix(next, 0)))
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+			t.Stop()
+			return
+		}
+	}
+}
+
+// sessionEvent is the data of the event with this id: the same for the same
+// id, wherever and whenever it is sent.
+func sessionEvent(id int64) []byte {
+	b, _ := json.Marshal(map[string]any{
+		"seq":    id,
+		"time":   time.Unix(id, 0).UTC().Format(time.RFC3339),
+		"active": 5 + id%5,
+		"latest": fmt.Sprintf("sess-%04d", 1+id%9),
+	})
+	return b
+}
+
 func (s *server) handleStats(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	requests, total := make(map[string]int64, len(s.requests)), int64(0)
@@ -181,7 +270,11 @@ func (s *server) handleStats(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Unlock()
 	w.Header().Set("Cache-Control", "no-store")
-	writeJSON(w, map[string]any{"requests": requests, "total": total})
+	writeJSON(w, map[string]any{
+		"requests": requests,
+		"total":    total,
+		"streams":  map[string]int64{"open": s.streamsOpen.Load(), "opened": s.streamsOpened.Load()},
+	})
 }
 
 func (s *server) resetStats() {
@@ -190,6 +283,7 @@ func (s *server) resetStats() {
 	for _, path := range counted {
 		s.requests[path] = 0
 	}
+	s.streamsOpened.Store(0)
 }
 
 // wait sleeps for the delay (or the request's ?delay=) and reports false if the

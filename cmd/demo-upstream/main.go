@@ -24,8 +24,8 @@
 // Every /api/ response carries X-Upstream-Count: N, the number of requests
 // that endpoint has served so far, this one included; /stats is not counted.
 // Each request is logged to stderr as: method, path, count ("-" if not counted);
-// GET /api/sessions is not logged (the demo page polls it many times a second),
-// only counted, and an event stream is logged when it opens and when it closes.
+// GET /api/sessions and /stats are not logged (the demo page polls them many
+// times a second), and an event stream is logged when it opens and when it closes.
 package main
 
 import (
@@ -156,7 +156,9 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	log.Printf("%s %s %s", r.Method, r.URL.RequestURI(), count)
+	if r.URL.Path != "/stats" {
+		log.Printf("%s %s %s", r.Method, r.URL.RequestURI(), count)
+	}
 	s.mux.ServeHTTP(w, r)
 }
 

@@ -3,8 +3,9 @@ import LivePanel from './panel/LivePanel.jsx'
 
 // ?pollers=N&streams=N change how many components the page renders.
 function count(name, fallback) {
-  const v = Number(new URLSearchParams(window.location.search).get(name))
-  return Number.isInteger(v) && v >= 0 && v <= 100 ? v : fallback
+  const param = new URLSearchParams(window.location.search).get(name)
+  const v = Number(param)
+  return param !== null && param !== '' && Number.isInteger(v) && v >= 0 && v <= 100 ? v : fallback
 }
 
 export default function App() {

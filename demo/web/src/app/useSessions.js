@@ -1,7 +1,10 @@
 import { useEffect, useState } from 'react'
 
 // useSessions polls the sessions every second, as the app's hook did: every
-// component that uses it has its own timer and sends its own requests.
+// component that uses it has its own timer and sends its own requests, past
+// the browser's HTTP cache so that a poll never shows an old answer (the
+// browser would otherwise hold back identical requests of one tab while the
+// first is answered, and answer them itself).
 export function useSessions() {
   const [sessions, setSessions] = useState(null)
   const [requests, setRequests] = useState(0)
@@ -12,7 +15,7 @@ export function useSessions() {
     const load = async () => {
       setRequests((n) => n + 1)
       try {
-        const res = await fetch('/api/sessions')
+        const res = await fetch('/api/sessions', { cache: 'no-store' })
         if (!res.ok) throw new Error(`HTTP ${res.status}`)
         const text = await res.text()
         if (live) {

@@ -47,7 +47,7 @@ export default function LivePanel() {
   const registry = stats?.total?.registry
   const bypass = stats?.bypass?.enabled
   const streamsMissing = streams?.missing
-  const open = streamsMissing ? null : streamList(streams?.body)
+  const open = streams?.body ? streamList(streams.body) : null
   const subscribers = open?.reduce((n, s) => n + (s.subscribers ?? 0), 0)
   const hooks =
     registry?.active_hooks ?? (registry ? registry.active_keys + registry.waiters + (subscribers ?? 0) : null)
@@ -72,7 +72,7 @@ export default function LivePanel() {
         <h2>Live panel</h2>
         <button
           type="button"
-          className={`switch ${bypass ? 'off' : 'on'}`}
+          className={`switch ${bypass == null ? 'unknown' : bypass ? 'off' : 'on'}`}
           role="switch"
           aria-checked={bypass === false}
           disabled={bypass == null || switching}

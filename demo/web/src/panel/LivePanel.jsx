@@ -30,11 +30,13 @@ function Row({ label, value, id }) {
   )
 }
 
-// Streams of /coalesce/streams: a list, or an object with one.
-function streamList(body) {
-  if (Array.isArray(body)) return body
-  if (body && Array.isArray(body.streams)) return body.streams
-  return []
+// streamCounts reads /coalesce/streams: its totals, or else its list.
+function streamCounts(body) {
+  const list = Array.isArray(body) ? body : Array.isArray(body?.streams) ? body.streams : []
+  return {
+    open: body?.total ?? list.length,
+    subscribers: body?.subscribers ?? list.reduce((n, s) => n + (s.subscribers ?? 0), 0),
+  }
 }
 
 // LivePanel shows what caddy-coalesce does with the page's traffic, from the
@@ -47,8 +49,10 @@ export default function LivePanel() {
   const registry = stats?.total?.registry
   const bypass = stats?.bypass?.enabled
   const streamsMissing = streams?.missing
-  const open = streams?.body ? streamList(streams.body) : null
-  const subscribers = open?.reduce((n, s) => n + (s.subscribers ?? 0), 0)
+  const fanout = streams?.body ? streamCounts(streams.body) : null
+  const subscribers = fanout?.subscribers ?? stats?.total?.streams?.subscribers
+  // A hook is a client attached to the registry now: a flight's leader or
+  // follower, or a stream's subscriber.
   const hooks =
     registry?.active_hooks ?? (registry ? registry.active_keys + registry.waiters + (subscribers ?? 0) : null)
   const up = upstream?.body
@@ -125,7 +129,7 @@ export default function LivePanel() {
             </p>
           ) : (
             <>
-              <Row id="open-streams" label="open streams" value={open?.length ?? '—'} />
+              <Row id="open-streams" label="open streams" value={fanout?.open ?? '—'} />
               <Row id="subscribers" label="subscribers" value={subscribers ?? '—'} />
             </>
           )}

@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/edge-coalesce/caddy-coalesce/registry"
 )
 
 // origin is a counting upstream: serve gets the number of each call (from 1).
@@ -157,6 +159,14 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// flightClients is how many clients e's flights answer now, as the registry
+// counts them: each leader's client until it goes away, and the followers.
+func flightClients(e *Engine) int {
+	n := 0
+	e.reg.Inflight(0, func(f registry.FlightInfo) { n += f.Clients })
+	return n
+}
+
 func waitWaiters(t *testing.T, e *Engine, n int64) {
 	t.Helper()
 	waitFor(t, fmt.Sprintf("%d followers waiting", n), func() bool { return e.Stats().Registry.Waiters == n })
@@ -256,8 +266,17 @@ func TestHundredConcurrentGETsMakeOneUpstreamCall(t *testing.T) {
 }
 
 func TestDifferentUsersAreNotCollapsed(t *testing.T) {
+	// Each request is held at the upstream until both are there at once:
+	// had they been collapsed, the second would never arrive.
+	both := make(chan struct{})
 	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
-		time.Sleep(20 * time.Millisecond)
+		if n == 2 {
+			close(both)
+		}
+		select {
+		case <-both:
+		case <-time.After(bound):
+		}
 		io.WriteString(w, r.Header.Get("Authorization"))
 	})
 	e := newEngine(t, nil)
@@ -396,8 +415,11 @@ func TestMustRevalidateIsNeverServedStale(t *testing.T) {
 				fmt.Fprintf(w, "v%d", n)
 				return nil
 			}
+			// ttl is long enough that no stall of a loaded machine ends it
+			// before the hit "within ttl".
+			const ttl = 300 * time.Millisecond
 			e := newEngine(t, func(c *Config) {
-				c.TTL = 20 * time.Millisecond
+				c.TTL = ttl
 				c.Stale = 10 * time.Second
 				c.StaleIfError = 10 * time.Second
 			})
@@ -411,15 +433,17 @@ func TestMustRevalidateIsNeverServedStale(t *testing.T) {
 			if rec := serve(); !strings.HasSuffix(rec.Header().Get("Cache-Status"), "; stored") {
 				t.Fatalf("first: Cache-Status %q, want stored (ttl still applies)", rec.Header().Get("Cache-Status"))
 			}
+			stored := time.Now() // at or after the copy was stored
 			if rec := serve(); !hitStatus.MatchString(rec.Header().Get("Cache-Status")) {
 				t.Errorf("within ttl: Cache-Status %q, want a fresh hit", rec.Header().Get("Cache-Status"))
 			}
-			time.Sleep(40 * time.Millisecond)
+			time.Sleep(time.Until(stored.Add(ttl + 20*time.Millisecond)))
 			if rec := serve(); rec.Body.String() != "v2" || strings.Contains(rec.Header().Get("Cache-Status"), "fwd=stale") {
 				t.Errorf("after ttl: %q, Cache-Status %q; want a new upstream answer, not the stale copy", rec.Body.String(), rec.Header().Get("Cache-Status"))
 			}
+			stored = time.Now()
 			failing.Store(true)
-			time.Sleep(40 * time.Millisecond)
+			time.Sleep(time.Until(stored.Add(ttl + 20*time.Millisecond)))
 			if rec := serve(); rec.Code != http.StatusServiceUnavailable || strings.Contains(rec.Header().Get("Cache-Status"), "fwd=stale") {
 				t.Errorf("upstream failing: %d, Cache-Status %q; want its 503, not the stale copy", rec.Code, rec.Header().Get("Cache-Status"))
 			}
@@ -971,9 +995,12 @@ func TestFollowersSurviveTheLeaderCancelling(t *testing.T) {
 		followers, recs = append(followers, ch), append(recs, rec)
 	}
 	waitWaiters(t, e, 3)
+	waitFor(t, "the leader's client and 3 followers", func() bool { return flightClients(e) == 4 })
 
 	cancelLeader()
-	time.Sleep(20 * time.Millisecond) // let the cancellation propagate
+	// The flight no longer counts the leader's client: its cancellation has
+	// reached the flight, and the upstream request must go on.
+	waitFor(t, "the flight to let the leader's client go", func() bool { return flightClients(e) == 3 })
 	g.open()
 	receive(t, leaderDone, "leader")
 	for i, ch := range followers {

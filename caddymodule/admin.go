@@ -52,6 +52,7 @@ func (a *adminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: "/coalesce/inflight", Handler: caddy.AdminHandlerFunc(a.handleInflight)},
 		{Pattern: "/coalesce/breakers", Handler: caddy.AdminHandlerFunc(a.handleBreakers)},
 		{Pattern: "/coalesce/bypass", Handler: caddy.AdminHandlerFunc(a.handleBypass)},
+		{Pattern: "/coalesce/top", Handler: caddy.AdminHandlerFunc(a.handleTop)},
 	}
 }
 
@@ -153,13 +154,9 @@ func (a *adminAPI) handleInflight(w http.ResponseWriter, r *http.Request) error 
 	if err := allowMethods(w, r, http.MethodGet); err != nil {
 		return err
 	}
-	limit := defaultInflightLimit
-	if v := r.URL.Query().Get("limit"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > maxInflightLimit {
-			return apiError(http.StatusBadRequest, "limit must be a whole number from 1 to %d (got %q)", maxInflightLimit, v)
-		}
-		limit = n
+	limit, err := limitParam(r, defaultInflightLimit, maxInflightLimit)
+	if err != nil {
+		return err
 	}
 	resp := inflightResponse{Limit: limit, Flights: []flightView{}}
 	for _, z := range snapshotZones() {
@@ -248,6 +245,19 @@ func (a *adminAPI) handleBypass(w http.ResponseWriter, r *http.Request) error {
 }
 
 // allowMethods answers 405 with an Allow header to other methods.
+// limitParam reads the query's limit, from 1 to most; def when absent.
+func limitParam(r *http.Request, def, most int) (int, error) {
+	v := r.URL.Query().Get("limit")
+	if v == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 || n > most {
+		return 0, apiError(http.StatusBadRequest, "limit must be a whole number from 1 to %d (got %q)", most, v)
+	}
+	return n, nil
+}
+
 func allowMethods(w http.ResponseWriter, r *http.Request, methods ...string) error {
 	for _, m := range methods {
 		if r.Method == m {

@@ -42,6 +42,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		hit_for_miss    <duration>   # how long an unshareable key skips collapsing; default 5s
 //		max_flights     <n>          # keys in flight at once; default 100000
 //		zone            <name>       # share state with the handlers of this zone; default: its own
+//		hot_key_rate    <n>/<duration> # warn when one key is asked for more often; default off
 //		breaker {                    # per-upstream circuit breaker; `breaker off` turns it off
 //			failures <n>             # consecutive failures that trip it; default 5
 //			ratio    <0..1> [min <n>] [window <duration>]  # or a failure ratio; default min 20, window 30s
@@ -100,6 +101,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("public takes no value (got %q); write just `public`", d.Val())
 			}
 			h.Public = true
+		case "hot_key_rate":
+			h.HotKeyRate, err = unmarshalHotKeyRate(d)
 		case "zone":
 			if !d.NextArg() {
 				return d.Err("zone needs a name, e.g. zone api")

@@ -118,6 +118,13 @@ type Handler struct {
 	// Handlers without a zone report together under the label "default".
 	Zone string `json:"zone,omitempty"`
 
+	// Log a warning (and count it in caddy_coalesce_hot_key_alerts_total)
+	// when requests for one key (method, host and path) pass this rate, as
+	// "<n>/<duration>", e.g. "20/1m": once per key per duration. The
+	// duration (1s to 1h) is also the window of GET /coalesce/top's rates.
+	// Default: off, and /coalesce/top measures over one minute.
+	HotKeyRate string `json:"hot_key_rate,omitempty"`
+
 	engine  *coalesce.Engine
 	poolKey string
 	rank    *routeRank
@@ -150,6 +157,7 @@ func (h *Handler) config() coalesce.Config {
 		Public:          h.Public,
 		HitForMiss:      time.Duration(h.HitForMiss),
 		MaxFlights:      h.MaxFlights,
+		HotKeys:         h.hotKeysConfig(),
 		Breaker:         h.Breaker.config(),
 		Breakers:        breakers,
 	}
@@ -157,6 +165,11 @@ func (h *Handler) config() coalesce.Config {
 
 // Validate reports settings that cannot work.
 func (h *Handler) Validate() error {
+	if h.HotKeyRate != "" {
+		if _, _, err := parseHotKeyRate(h.HotKeyRate); err != nil {
+			return fmt.Errorf("coalesce: %w", err)
+		}
+	}
 	if err := h.config().Validate(); err != nil {
 		return fmt.Errorf("coalesce: %w", err)
 	}
@@ -169,10 +182,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := registerMetrics(ctx); err != nil {
 		return fmt.Errorf("coalesce: registering metrics: %w", err)
 	}
-	cfg := h.config().WithDefaults()
-	if err := cfg.Validate(); err != nil {
-		return fmt.Errorf("coalesce: %w", err)
+	if err := h.Validate(); err != nil {
+		return err
 	}
+	cfg := h.config().WithDefaults()
 	settings, err := json.Marshal(h)
 	if err != nil {
 		return err
@@ -201,6 +214,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Detach:   detach,
 
 		UpstreamFailed: upstreamFailed,
+		HotKey:         h.hotKeyAlert,
 	})
 	breakerLogger.Store(h.logger)
 	return nil

@@ -45,6 +45,7 @@ var metrics = struct {
 	// breakerTransitions is per upstream; addresses come from the
 	// configuration (dynamic upstreams add theirs as they appear).
 	breakerTransitions *prometheus.CounterVec
+	hotKeyAlerts       *prometheus.CounterVec
 	state              *stateCollector
 }{}
 
@@ -76,8 +77,20 @@ func initMetrics() {
 			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "breaker_transitions_total",
 			Help: "State changes of the upstreams' circuit breakers (closed, open, half-open).",
 		}, []string{"upstream", "from", "to"})
+		metrics.hotKeyAlerts = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "hot_key_alerts_total",
+			Help: "Keys (method, host, path) whose request rate passed hot_key_rate, once per key per window.",
+		}, []string{"handler"})
 		metrics.state = newStateCollector()
 	})
+}
+
+// collectors are every collector of the module.
+func collectors() []prometheus.Collector {
+	return []prometheus.Collector{
+		metrics.requests, metrics.upstream, metrics.abandoned, metrics.waitTime,
+		metrics.flightTime, metrics.breakerTransitions, metrics.hotKeyAlerts, metrics.state,
+	}
 }
 
 // registerMetrics puts the collectors in this config's registry.
@@ -87,10 +100,7 @@ func registerMetrics(ctx caddy.Context) error {
 	if reg == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{
-		metrics.requests, metrics.upstream, metrics.abandoned,
-		metrics.waitTime, metrics.flightTime, metrics.breakerTransitions, metrics.state,
-	} {
+	for _, c := range collectors() {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

@@ -201,10 +201,7 @@ func TestDocsAndDashboardMatchTheMetrics(t *testing.T) {
 	initMetrics()
 	served := map[string]bool{}
 	descs := make(chan *prometheus.Desc, 64)
-	for _, c := range []prometheus.Collector{
-		metrics.requests, metrics.upstream, metrics.abandoned, metrics.waitTime,
-		metrics.flightTime, metrics.breakerTransitions, metrics.state,
-	} {
+	for _, c := range collectors() {
 		c.Describe(descs)
 	}
 	close(descs)

@@ -147,5 +147,6 @@ func addStats(a, b coalesce.Stats) coalesce.Stats {
 			Evictions: a.Cache.Evictions + b.Cache.Evictions,
 		},
 		Uncollapsible: a.Uncollapsible + b.Uncollapsible,
+		HotKeysBytes:  a.HotKeysBytes + b.HotKeysBytes,
 	}
 }

@@ -70,6 +70,11 @@ type Config struct {
 	// upstream on their own. 0: 100000.
 	MaxFlights int
 
+	// HotKeys configures the view of the keys asked for most (Engine.Top)
+	// and the alert for a key asked for too often. The zero value: a
+	// one-minute view, no alert.
+	HotKeys HotKeysConfig
+
 	// Breaker configures the circuit breaker each upstream gets. The zero
 	// value: on, with the defaults of its fields.
 	Breaker BreakerConfig
@@ -97,6 +102,9 @@ type Hooks struct {
 	// Detach prepares a copy of r for a request made on nobody's behalf (a
 	// stale-while-revalidate refresh). nil means r.Clone.
 	Detach func(r *http.Request, ctx context.Context) *http.Request
+	// HotKey is told when a key's request rate passes
+	// HotKeysConfig.AlertRate, once per key per window.
+	HotKey func(HotKey)
 	// UpstreamFailed classifies an error returned by next as an upstream
 	// failure (true) rather than something else, e.g. a client cancel
 	// (false, not counted). nil: every error except context cancellation

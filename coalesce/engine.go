@@ -99,6 +99,7 @@ type core struct {
 	// hitForMiss marks the keys whose responses could not be shared.
 	hitForMiss *marks
 	guard      *guard // nil when breakers are off
+	hotKeys    *HotKeys
 
 	// stop ends when the engine is closed: it cancels running refreshes.
 	// closeMu orders a refresh's start (refreshes.Add) before Close's Wait.
@@ -124,6 +125,7 @@ func New(cfg Config) (*Engine, error) {
 		cache:      newMicroCache(cfg.MaxEntries, cfg.MaxMemory),
 		hitForMiss: newMarks(cfg.MaxEntries),
 		guard:      newGuard(cfg),
+		hotKeys:    NewHotKeys(cfg.HotKeys, cfg.IdentityHeaders),
 		stop:       stop,
 		stopAll:    stopAll,
 	}}, nil
@@ -173,6 +175,8 @@ type Stats struct {
 	Registry      registry.Stats `json:"registry"`
 	Cache         CacheStats     `json:"cache"`
 	Uncollapsible int            `json:"uncollapsible_keys"`
+	// HotKeysBytes is the memory the hot-key view holds (see Top).
+	HotKeysBytes int64 `json:"hot_keys_bytes"`
 }
 
 // Stats returns a snapshot.
@@ -180,8 +184,12 @@ func (e *Engine) Stats() Stats {
 	e.hitForMiss.mu.RLock()
 	n := e.hitForMiss.lru.Len()
 	e.hitForMiss.mu.RUnlock()
-	return Stats{Registry: e.reg.Stats(), Cache: e.cache.stats(), Uncollapsible: n}
+	return Stats{Registry: e.reg.Stats(), Cache: e.cache.stats(), Uncollapsible: n, HotKeysBytes: e.hotKeys.MemoryBytes()}
 }
+
+// Top lists up to limit (method, host, path) keys with the highest request
+// rate now, highest first (see HotKeys).
+func (e *Engine) Top(limit int) []HotKey { return e.hotKeys.Top(limit, time.Now()) }
 
 // FlightInfo describes a flight in progress.
 type FlightInfo struct {
@@ -215,6 +223,11 @@ func (e *Engine) Inflight(limit int) []FlightInfo {
 }
 
 func (e *Engine) observe(r *http.Request, ev Event) {
+	if r.Method == http.MethodGet || r.Method == http.MethodHead {
+		if row, alert := e.hotKeys.Record(r, ev, time.Now()); alert && e.hooks.HotKey != nil {
+			e.hooks.HotKey(row)
+		}
+	}
 	if e.hooks.Observe != nil {
 		e.hooks.Observe(r, ev)
 	}

@@ -33,6 +33,10 @@ func TestBadConfigFailsValidateWithTheLineAndWhatToDo(t *testing.T) {
 		{name: "negative max_body", option: "max_body -1", line: "Caddyfile:6", says: []string{"max_body", "-1"}, advice: []string{"write e.g."}},
 		{name: "max_memory with an unknown unit", option: "max_memory 64XB", line: "Caddyfile:6", says: []string{"max_memory", "64XB"}, advice: []string{"write e.g."}},
 		{name: "max_memory of two terabytes", option: "max_memory 2TiB", line: "Caddyfile:6", says: []string{"max_memory", "1TiB"}, advice: []string{"write e.g."}},
+		// hot_key_rate.
+		{name: "hot_key_rate without a window", option: "hot_key_rate 20", line: "Caddyfile:6", says: []string{"hot_key_rate", "requests per duration"}, advice: []string{"e.g. 20/1m"}},
+		{name: "hot_key_rate of no requests", option: "hot_key_rate 0/1m", line: "Caddyfile:6", says: []string{"hot_key_rate", "positive number"}, advice: []string{"write e.g. 20/1m"}},
+		{name: "hot_key_rate over a day", option: "hot_key_rate 20/24h", line: "Caddyfile:6", says: []string{"hot_key_rate", "window"}, advice: []string{"write e.g. 20/1m"}},
 		// Counts.
 		{name: "max_entries of 0", option: "max_entries 0", line: "Caddyfile:6", says: []string{"max_entries", `"0"`}, advice: []string{"must be a positive whole number"}},
 		{name: "negative max_flights", option: "max_flights -3", line: "Caddyfile:6", says: []string{"max_flights", `"-3"`}, advice: []string{"must be a positive whole number"}},

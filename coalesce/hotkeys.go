@@ -70,7 +70,8 @@ type HotKey struct {
 	Requests float64 `json:"requests_per_minute"`
 	Upstream float64 `json:"upstream_per_minute"`
 	// Shares of the requests answered from the micro-cache, by a leader's
-	// response (collapsed) and by an expired copy (stale).
+	// response (collapsed) and by an expired copy (stale: while a refresh
+	// runs, or standing in for a failed upstream).
 	Hit       float64 `json:"hit_share"`
 	Collapsed float64 `json:"collapsed_share"`
 	Stale     float64 `json:"stale_share"`
@@ -168,7 +169,7 @@ func (h *HotKeys) Record(r *http.Request, ev Event, now time.Time) (HotKey, bool
 		c.hit++
 	case OutcomeCollapsed:
 		c.coll++
-	case OutcomeStale:
+	case OutcomeStale, OutcomeStaleIfError:
 		c.stale++
 	}
 	if ev.Upstream {

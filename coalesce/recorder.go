@@ -2,6 +2,7 @@ package coalesce
 
 import (
 	"bytes"
+	"maps"
 	"net/http"
 	"strconv"
 	"sync"
@@ -70,7 +71,8 @@ func (rec *recorder) writeHeader(status int) {
 		return
 	}
 	if status >= 100 && status < 200 && status != http.StatusSwitchingProtocols {
-		return // informational responses are not forwarded for a shared request
+		rec.interim(status)
+		return
 	}
 	rec.status = status
 	rec.wroteHeader = true
@@ -90,6 +92,19 @@ func (rec *recorder) writeHeader(status int) {
 	case rec.knownLength:
 		rec.buf.Grow(int(cl))
 	}
+}
+
+// interim forwards an informational response (103 Early Hints, 102) to the
+// leader's client, as reverse_proxy does (RFC 9110 §15.2), with the header
+// fields set so far; they stay out of the client's final header. Followers
+// and later hits get the final response only.
+func (rec *recorder) interim(status int) {
+	dst := rec.w.Header()
+	own := dst.Clone()
+	maps.Copy(dst, rec.header)
+	rec.w.WriteHeader(status)
+	clear(dst)
+	maps.Copy(dst, own)
 }
 
 func (rec *recorder) Write(p []byte) (int, error) {

@@ -19,6 +19,14 @@ func failable(failing *atomic.Bool, body string) http.HandlerFunc {
 	}
 }
 
+// freshPath is pathFor made unique to this run of the test: the stored copy
+// and the marks of an earlier run (-count=N) must not answer this one.
+func freshPath(t testing.TB) string {
+	return pathFor(t, fmt.Sprintf("-%d", runs.Add(1)))
+}
+
+var runs atomic.Int64
+
 var staleIfErrorStatus = regexp.MustCompile(`^caddy-coalesce; fwd=stale; ttl=-[1-9]\d*; detail=stale-if-error$`)
 
 // With ttl 0 and stale, every answer after the first is a
@@ -30,7 +38,7 @@ func TestStaleWhileRevalidateAndStaleIfErrorAreTwoOutcomes(t *testing.T) {
 	up := newUpstream(t, failable(&failing, "good"))
 	startCaddy(t, site("ttl 0\n\t\tstale 1h\n\t\tstale_if_error 1h\n\t\tzone stale-outcomes"), up)
 	client := newClient(t)
-	url := baseURL + pathFor(t, "")
+	url := baseURL + freshPath(t)
 	zone := []string{"handler", "stale-outcomes"}
 
 	before := scrapeMetrics(t, client)
@@ -63,7 +71,7 @@ func TestStaleIfErrorFromAFreshCopyShowsANegativeTTL(t *testing.T) {
 	up := newUpstream(t, failable(&failing, "good"))
 	startCaddy(t, site("ttl 1s\n\t\tstale_if_error 1h\n\t\tzone stale-fresh-copy"), up)
 	client := newClient(t)
-	url := baseURL + pathFor(t, "")
+	url := baseURL + freshPath(t)
 	if f := get(client, "GET", url); f.status != 200 || f.body != "good" {
 		t.Fatalf("first request: %d %q %v", f.status, f.body, f.err)
 	}

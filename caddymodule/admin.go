@@ -140,6 +140,9 @@ type flightView struct {
 	AgeNS   int64  `json:"age_ns"`
 	Age     string `json:"age"`
 	Waiters int    `json:"waiters"`
+	// Clients: the waiters, plus the leader (a client's request, or a
+	// refresh) while it is there.
+	Clients int `json:"clients"`
 }
 
 type inflightResponse struct {
@@ -179,7 +182,7 @@ func (a *adminAPI) handleInflight(w http.ResponseWriter, r *http.Request) error 
 // viewFlight is the admin API's view of a flight of zone.
 func viewFlight(zone string, f coalesce.FlightInfo) flightView {
 	return flightView{Zone: zone, Key: f.Key, Method: f.Method, Path: f.Path, Refresh: f.Refresh,
-		AgeNS: int64(f.Age), Age: f.Age.Round(time.Microsecond).String(), Waiters: f.Waiters}
+		AgeNS: int64(f.Age), Age: f.Age.Round(time.Microsecond).String(), Waiters: f.Waiters, Clients: f.Clients}
 }
 
 // bypassRequest is the body of POST /coalesce/bypass.

@@ -166,6 +166,8 @@ func TestAdminStatsAndInflightReadListedEngines(t *testing.T) {
 	}
 	if mine == nil || mine.Method != "GET" || mine.Path != "/orders" || len(mine.Key) != 16 || inflight.Limit != 5 {
 		t.Errorf("inflight %s: want the flight GET /orders (no query) with a 16-digit key hash", w.Body)
+	} else if mine.Waiters != 0 || mine.Clients != 1 {
+		t.Errorf("inflight %s: want no waiters and one client, the leader's", w.Body)
 	}
 	if strings.Contains(w.Body.String(), "secret") {
 		t.Errorf("inflight shows the query string: %s", w.Body)

@@ -200,6 +200,10 @@ type FlightInfo struct {
 	Refresh bool          `json:"refresh"`
 	Age     time.Duration `json:"age_ns"`
 	Waiters int           `json:"waiters"`
+	// Clients is whom the flight still answers: the waiting followers, and
+	// its leader (a client's request, until that client goes away, or a
+	// refresh, until its timeout).
+	Clients int `json:"clients"`
 }
 
 // flightNote is what a flight is noted with in the registry, for Inflight.
@@ -217,7 +221,7 @@ func (e *Engine) Inflight(limit int) []FlightInfo {
 		copy(k[:], f.Key)
 		note, _ := f.Note.(flightNote)
 		out = append(out, FlightInfo{Key: k.String(), Method: note.method, Path: note.path, Refresh: note.refresh,
-			Age: now.Sub(f.Started), Waiters: f.Waiters})
+			Age: now.Sub(f.Started), Waiters: f.Waiters, Clients: f.Clients})
 	})
 	return out
 }

@@ -337,40 +337,54 @@ func freePort(t testing.TB) int {
 // they act on a herd (cancel its leader, reload) instead of sleeping.
 func followersWaiting(t testing.TB, client *http.Client, path string) int {
 	t.Helper()
-	n, err := followersWaitingNow(client, path)
+	n, _, err := flightsFor(client, path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return n
 }
 
-// followersWaitingNow is followersWaiting for a goroutine other than the
-// test's: it returns what went wrong instead of failing the test.
-func followersWaitingNow(client *http.Client, path string) (int, error) {
+// flightClients is how many clients the flights for path answer now: their
+// followers, and each leader's client until it goes away, as the admin API
+// reports them. A test that cancels a leader's client waits for it to drop.
+func flightClients(t testing.TB, client *http.Client, path string) int {
+	t.Helper()
+	_, n, err := flightsFor(client, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// flightsFor sums the waiters and the clients of the flights for path, as
+// /coalesce/inflight lists them. It returns what went wrong instead of
+// failing a test, for goroutines other than the test's.
+func flightsFor(client *http.Client, path string) (waiters, clients int, err error) {
 	resp, err := client.Get(adminURL + "/coalesce/inflight?limit=1000")
 	if err != nil {
-		return 0, fmt.Errorf("GET /coalesce/inflight: %v", err)
+		return 0, 0, fmt.Errorf("GET /coalesce/inflight: %v", err)
 	}
 	defer resp.Body.Close()
 	var inflight struct {
 		Flights []struct {
 			Path    string `json:"path"`
 			Waiters int    `json:"waiters"`
+			Clients int    `json:"clients"`
 		} `json:"flights"`
 	}
 	if resp.StatusCode != http.StatusOK {
-		return 0, fmt.Errorf("GET /coalesce/inflight: status %d", resp.StatusCode)
+		return 0, 0, fmt.Errorf("GET /coalesce/inflight: status %d", resp.StatusCode)
 	}
 	if err := json.NewDecoder(resp.Body).Decode(&inflight); err != nil {
-		return 0, fmt.Errorf("GET /coalesce/inflight: %v", err)
+		return 0, 0, fmt.Errorf("GET /coalesce/inflight: %v", err)
 	}
-	n := 0
 	for _, f := range inflight.Flights {
 		if f.Path == path {
-			n += f.Waiters
+			waiters += f.Waiters
+			clients += f.Clients
 		}
 	}
-	return n, nil
+	return waiters, clients, nil
 }
 
 // gatherBound is how long a herdGate holds a herd's requests for the rest
@@ -455,7 +469,7 @@ func (g *herdGate) watch(path string, p *gathering) {
 	defer close(p.open)
 	deadline := time.Now().Add(gatherBound)
 	for {
-		followers, err := followersWaitingNow(g.admin, path)
+		followers, _, err := flightsFor(g.admin, path)
 		g.mu.Lock()
 		held := p.held
 		g.mu.Unlock()

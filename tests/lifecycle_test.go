@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -26,10 +27,13 @@ func waitFor(bound time.Duration, cond func() bool) bool {
 }
 
 func TestFirstClientDisconnectingDoesNotFailTheOthers(t *testing.T) {
+	// The upstream answers once the test lets it: after the leader's client
+	// has gone.
 	var cancelled atomic.Int64
+	answer := make(chan struct{})
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		select {
-		case <-time.After(500 * time.Millisecond):
+		case <-answer:
 			_, _ = fmt.Fprint(w, "worth the wait")
 		case <-r.Context().Done():
 			cancelled.Add(1)
@@ -40,9 +44,12 @@ func TestFirstClientDisconnectingDoesNotFailTheOthers(t *testing.T) {
 	warm(t, client, 11)
 	url := baseURL + pathFor(t, "")
 
-	// The leader: its client goes away 50 ms after its followers arrived.
+	// The leader: its client goes away once its followers are waiting.
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	var once sync.Once
+	release := func() { once.Do(func() { close(answer) }) }
+	defer release()
 	leader := make(chan fetched, 1)
 	go func() { leader <- getCtx(ctx, client, "GET", url) }()
 	if !waitFor(2*time.Second, func() bool { return up.Calls() == 1 }) {
@@ -53,12 +60,16 @@ func TestFirstClientDisconnectingDoesNotFailTheOthers(t *testing.T) {
 	if !waitFor(2*time.Second, func() bool { return followersWaiting(t, client, pathFor(t, "")) == 10 }) {
 		t.Fatalf("the followers did not join the flight (waiting: %d)", followersWaiting(t, client, pathFor(t, "")))
 	}
-	time.Sleep(50 * time.Millisecond)
 	cancel()
-
 	if f := <-leader; f.err == nil {
 		t.Errorf("the leader's client was cancelled but got %d %q", f.status, f.body)
 	}
+	// Caddy has seen the leader's client go when its flight answers the ten
+	// followers alone.
+	if !waitFor(2*time.Second, func() bool { return flightClients(t, client, pathFor(t, "")) == 10 }) {
+		t.Fatalf("the flight still answers %d clients after the leader's went away, want its 10 followers", flightClients(t, client, pathFor(t, "")))
+	}
+	release()
 	got := <-followers
 	expectAll(t, got, http.StatusOK, "worth the wait")
 	if n := up.Calls(); n != 1 {

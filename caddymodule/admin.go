@@ -53,6 +53,7 @@ func (a *adminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: "/coalesce/breakers", Handler: caddy.AdminHandlerFunc(a.handleBreakers)},
 		{Pattern: "/coalesce/bypass", Handler: caddy.AdminHandlerFunc(a.handleBypass)},
 		{Pattern: "/coalesce/top", Handler: caddy.AdminHandlerFunc(a.handleTop)},
+		{Pattern: "/coalesce/streams", Handler: caddy.AdminHandlerFunc(a.handleStreams)},
 	}
 }
 

@@ -50,6 +50,13 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			probes   <n>             # requests that test a half-open upstream; default 1
 //			status   <code...>       # statuses that count as failures; default 502 503 504
 //		}
+//		sse {                        # fan out event streams: one upstream stream per key
+//			replay          <n>          # events kept for Last-Event-ID; default 256
+//			buffer          <n>          # events queued per subscriber before it is dropped; default 64
+//			linger          <duration>   # upstream kept this long after the last subscriber; default 2s
+//			heartbeat       <duration>   # ":" comment after this much silence; default 15s; 0 = off
+//			max_subscribers <n>          # per stream; more go upstream on their own; default 10000
+//		}
 //	}
 //
 // A bare `coalesce` uses the defaults.
@@ -128,10 +135,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 // unmarshalExtra parses the options that are not about collapsing itself.
 func (h *Handler) unmarshalExtra(d *caddyfile.Dispenser, opt string) error {
-	if opt == "breaker" {
+	switch opt {
+	case "breaker":
 		return h.unmarshalBreaker(d)
+	case "sse":
+		return h.unmarshalSSE(d)
 	}
-	return d.Errf("unrecognized coalesce option %q; the options are ttl, stale, stale_if_error, max_wait, max_body, max_entries, max_memory, key_headers, identity_headers, public, hit_for_miss, max_flights, zone and breaker (see the README)", opt)
+	return d.Errf("unrecognized coalesce option %q; the options are ttl, stale, stale_if_error, max_wait, max_body, max_entries, max_memory, key_headers, identity_headers, public, hit_for_miss, max_flights, zone, breaker and sse (see the README)", opt)
 }
 
 // once fails when the option d is at was already given in this block (at

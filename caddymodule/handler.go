@@ -102,6 +102,12 @@ type Handler struct {
 	// defaults of its fields; `{"off": true}` turns it off.
 	Breaker *BreakerOptions `json:"breaker,omitempty"`
 
+	// Fan out server-sent event streams: one upstream stream per key,
+	// shared by every subscriber, with replay for Last-Event-ID. Default:
+	// off (event streams pass straight through); `{}` turns it on with the
+	// defaults of its fields.
+	SSE *SSEOptions `json:"sse,omitempty"`
+
 	// Names the state (registry of flights, micro-cache, hit-for-miss marks)
 	// this handler uses, and labels its metrics and admin API entries.
 	// Handlers with the same zone and the same settings share one state,
@@ -158,6 +164,7 @@ func (h *Handler) config() coalesce.Config {
 		HitForMiss:      time.Duration(h.HitForMiss),
 		MaxFlights:      h.MaxFlights,
 		HotKeys:         h.hotKeysConfig(),
+		SSE:             h.SSE.config(),
 		Breaker:         h.Breaker.config(),
 		Breakers:        breakers,
 	}
@@ -215,7 +222,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 		UpstreamFailed: upstreamFailed,
 		HotKey:         h.hotKeyAlert,
+		StreamTally:    newStreamTally(zoneName(h.Zone)),
 	})
+	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && h.SSE != nil {
+		// On a reload, Cleanup closes the old config's streams. When the
+		// process exits, Caddy waits for the servers' requests before any
+		// Cleanup, without a bound by default (grace_period): event streams
+		// would keep it from exiting. They close when the server begins to
+		// shut down.
+		srv.RegisterOnShutdown(h.engine.CloseStreams)
+	}
 	breakerLogger.Store(h.logger)
 	return nil
 }
@@ -228,6 +244,9 @@ func (h *Handler) Cleanup() error {
 	h.rank = nil
 	if h.poolKey == "" {
 		return nil
+	}
+	if h.engine != nil {
+		h.engine.CloseStreams()
 	}
 	if h.listed {
 		unlistEngine(h.poolKey)

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/edge-coalesce/caddy-coalesce/coalesce"
+	"github.com/edge-coalesce/caddy-coalesce/coalesce/fanout"
 )
 
 // zones lists the engines that loaded configs hold, with the zone each
@@ -148,5 +149,9 @@ func addStats(a, b coalesce.Stats) coalesce.Stats {
 		},
 		Uncollapsible: a.Uncollapsible + b.Uncollapsible,
 		HotKeysBytes:  a.HotKeysBytes + b.HotKeysBytes,
+		Streams: fanout.Stats{
+			Streams:     a.Streams.Streams + b.Streams.Streams,
+			Subscribers: a.Streams.Subscribers + b.Streams.Subscribers,
+		},
 	}
 }

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/http"
 	"time"
+
+	"github.com/edge-coalesce/caddy-coalesce/coalesce/fanout"
 )
 
 // Limits of the configuration.
@@ -74,6 +76,10 @@ type Config struct {
 	// and the alert for a key asked for too often. The zero value: a
 	// one-minute view, no alert.
 	HotKeys HotKeysConfig
+	// SSE turns on the fan-out of server-sent event streams (one upstream
+	// stream per key, shared by every subscriber); its zero value means
+	// the defaults of its fields. nil: event streams pass through.
+	SSE *SSEConfig
 
 	// Breaker configures the circuit breaker each upstream gets. The zero
 	// value: on, with the defaults of its fields.
@@ -105,6 +111,9 @@ type Hooks struct {
 	// HotKey is told when a key's request rate passes
 	// HotKeysConfig.AlertRate, once per key per window.
 	HotKey func(HotKey)
+	// StreamTally is told what happens to fanned-out event streams (events,
+	// replays, drops, upstream reconnects), for metrics. nil: nothing.
+	StreamTally fanout.Tally
 	// UpstreamFailed classifies an error returned by next as an upstream
 	// failure (true) rather than something else, e.g. a client cancel
 	// (false, not counted). nil: every error except context cancellation
@@ -159,6 +168,10 @@ func (c Config) WithDefaults() Config {
 		c.MaxFlights = DefaultMaxFlights
 	}
 	c.Breaker = c.Breaker.WithDefaults()
+	if c.SSE != nil {
+		sse := c.SSE.WithDefaults()
+		c.SSE = &sse
+	}
 	return c
 }
 
@@ -205,6 +218,11 @@ func (c Config) Validate() error {
 	for _, h := range append(append([]string{}, c.KeyHeaders...), c.IdentityHeaders...) {
 		if !validFieldName(h) {
 			errs = append(errs, fmt.Errorf("%q is not a valid header field name; write a header name such as X-Api-Key", h))
+		}
+	}
+	if c.SSE != nil {
+		if err := c.SSE.Validate(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if err := c.Breaker.Validate(); err != nil {

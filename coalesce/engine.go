@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/edge-coalesce/caddy-coalesce/coalesce/fanout"
 	"github.com/edge-coalesce/caddy-coalesce/registry"
 )
 
@@ -89,6 +90,8 @@ type Engine struct {
 	// seen: the upstreams this engine's requests went to, to guard the next
 	// ones (see passage.go); per hooks, like what Hooks.Upstream reports.
 	seen *seenUpstreams
+	// owner: the event streams this engine started and serves (sse.go).
+	owner *fanout.Owner
 }
 
 type core struct {
@@ -100,6 +103,7 @@ type core struct {
 	hitForMiss *marks
 	guard      *guard // nil when breakers are off
 	hotKeys    *HotKeys
+	hub        *fanout.Hub // nil when sse is off
 
 	// stop ends when the engine is closed: it cancels running refreshes.
 	// closeMu orders a refresh's start (refreshes.Add) before Close's Wait.
@@ -118,7 +122,7 @@ func New(cfg Config) (*Engine, error) {
 		return nil, err
 	}
 	stop, stopAll := context.WithCancel(context.Background())
-	return &Engine{hooks: cfg.Hooks, seen: new(seenUpstreams), core: &core{
+	c := &core{
 		cfg:        cfg,
 		keys:       newKeyDeriver(cfg.IdentityHeaders, cfg.Public, cfg.KeyHeaders),
 		reg:        registry.New[*result](registry.Options{MaxFlights: cfg.MaxFlights}),
@@ -126,9 +130,19 @@ func New(cfg Config) (*Engine, error) {
 		hitForMiss: newMarks(cfg.MaxEntries),
 		guard:      newGuard(cfg),
 		hotKeys:    NewHotKeys(cfg.HotKeys, cfg.IdentityHeaders),
+		hub:        newHub(cfg),
 		stop:       stop,
 		stopAll:    stopAll,
-	}}, nil
+	}
+	return c.engine(cfg.Hooks), nil
+}
+
+func (c *core) engine(h Hooks) *Engine {
+	e := &Engine{core: c, hooks: h, seen: new(seenUpstreams)}
+	if c.hub != nil {
+		e.owner = c.hub.NewOwner(h.StreamTally)
+	}
+	return e
 }
 
 // WithHooks returns an engine that shares e's registry, cache, breakers and
@@ -136,7 +150,7 @@ func New(cfg Config) (*Engine, error) {
 // server that keeps engines across configuration reloads gives each
 // configuration's handler its own.
 func (e *Engine) WithHooks(h Hooks) *Engine {
-	return &Engine{core: e.core, hooks: h, seen: new(seenUpstreams)}
+	return e.core.engine(h)
 }
 
 // Close stops new background refreshes, cancels the running ones and waits
@@ -149,6 +163,9 @@ func (e *Engine) Close() {
 		e.closeMu.Unlock()
 	})
 	e.refreshes.Wait()
+	if e.hub != nil {
+		e.hub.Close() // every event stream, with its subscribers
+	}
 }
 
 // Handler wraps a plain http.Handler.
@@ -177,6 +194,8 @@ type Stats struct {
 	Uncollapsible int            `json:"uncollapsible_keys"`
 	// HotKeysBytes is the memory the hot-key view holds (see Top).
 	HotKeysBytes int64 `json:"hot_keys_bytes"`
+	// Streams are the event streams fanned out now and their subscribers.
+	Streams fanout.Stats `json:"streams"`
 }
 
 // Stats returns a snapshot.
@@ -184,7 +203,11 @@ func (e *Engine) Stats() Stats {
 	e.hitForMiss.mu.RLock()
 	n := e.hitForMiss.lru.Len()
 	e.hitForMiss.mu.RUnlock()
-	return Stats{Registry: e.reg.Stats(), Cache: e.cache.stats(), Uncollapsible: n, HotKeysBytes: e.hotKeys.MemoryBytes()}
+	st := Stats{Registry: e.reg.Stats(), Cache: e.cache.stats(), Uncollapsible: n, HotKeysBytes: e.hotKeys.MemoryBytes()}
+	if e.hub != nil {
+		st.Streams = e.hub.Stats()
+	}
+	return st
 }
 
 // Top lists up to limit (method, host, path) keys with the highest request

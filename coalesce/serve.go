@@ -14,6 +14,9 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 	if e.hooks.Disabled != nil && e.hooks.Disabled() {
 		return e.bypass(w, r, next, "disabled", fwdBypass)
 	}
+	if e.fansOut(r) {
+		return e.serveStream(w, r, next)
+	}
 	if detail, fwd := bypassReason(r); detail != "" {
 		return e.bypass(w, r, next, detail, fwd)
 	}

@@ -30,6 +30,9 @@ type subscriber struct {
 // Subscription is the result of Join.
 type Subscription struct {
 	Outcome Outcome
+	// Started: this subscriber's Join started the upstream request (also
+	// when the outcome is Answered or Failed).
+	Started bool
 	// Header is the upstream's response header (Started, Joined). It is
 	// shared by every subscriber: copy it, never modify it.
 	Header http.Header
@@ -71,13 +74,13 @@ func (sub *subscriber) await(out Outcome) *Subscription {
 		switch {
 		case r.answer != nil:
 			sub.leave()
-			return &Subscription{Outcome: Answered, Answer: r.answer}
+			return &Subscription{Outcome: Answered, Answer: r.answer, Started: out == Started}
 		case !r.live:
 			sub.leave()
-			return &Subscription{Outcome: Failed, Err: r.err}
+			return &Subscription{Outcome: Failed, Err: r.err, Started: out == Started}
 		}
 		if other < 0 {
-			return &Subscription{Outcome: out, Header: r.header, Replayed: len(sub.replay), sub: sub}
+			return &Subscription{Outcome: out, Started: out == Started, Header: r.header, Replayed: len(sub.replay), sub: sub}
 		}
 	default:
 	}

@@ -68,6 +68,15 @@ func TestBadConfigFailsValidateWithTheLineAndWhatToDo(t *testing.T) {
 		{name: "inner lb_policy missing its argument", option: "ttl 50ms", proxy: "lb_policy breaker header", line: "Caddyfile:9", says: []string{"lb_policy breaker header", "wrong argument count"}, advice: []string{"e.g. lb_policy breaker header X-User-Id"}},
 		{name: "inner lb_policy with an extra argument", option: "ttl 50ms", proxy: "lb_policy breaker round_robin extra", line: "Caddyfile:9", says: []string{"lb_policy breaker round_robin", "extra"}, advice: []string{"e.g. lb_policy breaker round_robin"}},
 		{name: "inner lb_policy with a bad fallback", option: "ttl 50ms", proxy: "lb_policy breaker header X-Up {\n\t\t\tfallback nonsense\n\t\t}", line: "Caddyfile:10", says: []string{"lb_policy breaker header", "nonsense"}, advice: []string{"the form is e.g."}},
+		// sse.
+		{name: "sse with an argument", option: "sse on", line: "Caddyfile:6", says: []string{"sse", `"on"`}, advice: []string{"e.g. sse { replay 256 }"}},
+		{name: "sse buffer of 0", option: "sse {\n\t\t\tbuffer 0\n\t\t}", line: "Caddyfile:7", says: []string{"buffer", `"0"`}, advice: []string{"at least 1"}},
+		{name: "negative sse replay", option: "sse {\n\t\t\treplay -5\n\t\t}", line: "Caddyfile:7", says: []string{"replay", `"-5"`}, advice: []string{"at least 0"}},
+		{name: "huge sse replay", option: "sse {\n\t\t\treplay 10000000\n\t\t}", line: "Caddyfile:7", says: []string{"replay", "at most 100000"}, advice: []string{"at most"}},
+		{name: "sse heartbeat too short", option: "sse {\n\t\t\theartbeat 1ms\n\t\t}", line: "Caddyfile:7", says: []string{"heartbeat", "1ms"}, advice: []string{"0 (off) or from 100ms"}},
+		{name: "sse linger too long", option: "sse {\n\t\t\tlinger 1h\n\t\t}", line: "Caddyfile:7", says: []string{"linger", "at most 10m"}, advice: []string{"at most"}},
+		{name: "misspelt sse option", option: "sse {\n\t\t\treplays 5\n\t\t}", line: "Caddyfile:7", says: []string{"replays", "unrecognized"}, advice: []string{"replay, buffer, linger"}},
+		{name: "sse option given twice", option: "sse {\n\t\t\tbuffer 8\n\t\t\tbuffer 9\n\t\t}", line: "Caddyfile:8", says: []string{"buffer", "given twice"}, advice: []string{"keep one of them"}},
 		// Options given twice.
 		{name: "ttl given twice", option: "ttl 50ms\n\t\tttl 100ms", line: "Caddyfile:7", says: []string{"ttl", "given twice", "Caddyfile:6"}, advice: []string{"keep one of them"}},
 		{name: "breaker open of 0", option: "breaker {\n\t\t\topen 0s\n\t\t}", line: "Caddyfile:7", says: []string{"open", "positive duration"}, advice: []string{"e.g. open 10s"}},

@@ -87,10 +87,10 @@ func initMetrics() {
 
 // collectors are every collector of the module.
 func collectors() []prometheus.Collector {
-	return []prometheus.Collector{
+	return append([]prometheus.Collector{
 		metrics.requests, metrics.upstream, metrics.abandoned, metrics.waitTime,
 		metrics.flightTime, metrics.breakerTransitions, metrics.hotKeyAlerts, metrics.state,
-	}
+	}, sseCollectors()...)
 }
 
 // registerMetrics puts the collectors in this config's registry.
@@ -100,7 +100,7 @@ func registerMetrics(ctx caddy.Context) error {
 	if reg == nil {
 		return nil
 	}
-	for _, c := range append(collectors(), sseCollectors()...) {
+	for _, c := range collectors() {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

@@ -79,8 +79,8 @@ func TestTwentyMiBBodyArrivesIntactForConcurrentClients(t *testing.T) {
 	body := randomBody(20 << 20)
 	sum := sha256.Sum256(body)
 	want := hex.EncodeToString(sum[:])
-	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
-		time.Sleep(200 * time.Millisecond)
+	// Each case's upstream request is answered once its 5 clients wait.
+	up := newUpstream(t, newHerdGate(t, 5).wrap(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/octet-stream")
 		if r.URL.Query().Has("chunked") {
 			// No Content-Length: sent chunked, in pieces.
@@ -91,12 +91,15 @@ func TestTwentyMiBBodyArrivesIntactForConcurrentClients(t *testing.T) {
 		}
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 		_, _ = w.Write(body)
-	})
+	}))
 
-	for _, c := range []struct{ name, options, query string }{
-		{"larger than max_body, streamed", "ttl 500ms", ""},
-		{"unknown length larger than max_body, streamed", "ttl 500ms", "?chunked"},
-		{"within max_body, shared", "ttl 500ms\n\t\tmax_body 32MiB", ""},
+	for _, c := range []struct {
+		name, options, query string
+		calls                int64 // upstream calls for the 5 clients; 0: any
+	}{
+		{"larger than max_body, streamed", "ttl 500ms", "", 0},
+		{"unknown length larger than max_body, streamed", "ttl 500ms", "?chunked", 0},
+		{"within max_body, shared", "ttl 500ms\n\t\tmax_body 32MiB", "", 1},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			before := up.Calls()
@@ -112,6 +115,9 @@ func TestTwentyMiBBodyArrivesIntactForConcurrentClients(t *testing.T) {
 				}
 			}
 			t.Logf("%d upstream calls for 5 clients", up.Calls()-before)
+			if n := up.Calls() - before; c.calls != 0 && n != c.calls {
+				t.Errorf("upstream calls: %d, want %d", n, c.calls)
+			}
 		})
 	}
 }
@@ -119,13 +125,18 @@ func TestTwentyMiBBodyArrivesIntactForConcurrentClients(t *testing.T) {
 func TestRangeRequestsGetTheirBytesAndFullRequestsTheWhole(t *testing.T) {
 	content := randomBody(10000)
 	var full, ranged atomic.Int64
+	// Answered once all 30 clients wait: the 20 ranges at the upstream, the
+	// 10 full GETs in one flight.
+	gate := newHerdGate(t, 30)
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Range") != "" {
 			ranged.Add(1)
 		} else {
 			full.Add(1)
 		}
-		time.Sleep(300 * time.Millisecond)
+		if !gate.hold(r.Context(), r.URL.Path) {
+			return
+		}
 		w.Header().Set("Etag", `"v1"`)
 		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(content))
 	})
@@ -177,15 +188,16 @@ func TestRangeRequestsGetTheirBytesAndFullRequestsTheWhole(t *testing.T) {
 
 func TestMatchingIfNoneMatchGets304WhileCollapsedWithFullResponses(t *testing.T) {
 	var sawValidator atomic.Int64
-	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+	// Answered once all 30 clients wait.
+	answer := func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("If-None-Match") != "" || r.Header.Get("If-Modified-Since") != "" {
 			sawValidator.Add(1)
 		}
-		time.Sleep(300 * time.Millisecond)
 		w.Header().Set("Etag", `"v1"`)
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = fmt.Fprint(w, `{"sessions":3}`)
-	})
+	}
+	up := newUpstream(t, newHerdGate(t, 30).wrap(answer))
 	startCaddy(t, site("ttl 1s"), up)
 	client := newClient(t)
 	warm(t, client, 30)
@@ -234,8 +246,12 @@ func TestMatchingIfNoneMatchGets304WhileCollapsedWithFullResponses(t *testing.T)
 
 func TestHEADHasNoBodyAndNeverLeavesAnEmptyBodyForGET(t *testing.T) {
 	const body = "hello, world"
+	// Each subtest's herd is answered once it waits at its own gate.
+	var gate atomic.Pointer[herdGate]
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
-		time.Sleep(100 * time.Millisecond)
+		if !gate.Load().hold(r.Context(), r.URL.Path) {
+			return
+		}
 		w.Header().Set("Content-Type", "text/plain")
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 		_, _ = fmt.Fprint(w, body)
@@ -246,6 +262,7 @@ func TestHEADHasNoBodyAndNeverLeavesAnEmptyBodyForGET(t *testing.T) {
 	wantLength := strconv.Itoa(len(body))
 
 	t.Run("HEAD first, then GET", func(t *testing.T) {
+		gate.Store(newHerdGate(t, 10))
 		url := baseURL + pathFor(t, "")
 		heads := herd(client, 10, "HEAD", url)
 		for i, f := range heads {
@@ -261,6 +278,7 @@ func TestHEADHasNoBodyAndNeverLeavesAnEmptyBodyForGET(t *testing.T) {
 	})
 
 	t.Run("GET first, then HEAD", func(t *testing.T) {
+		gate.Store(newHerdGate(t, 1))
 		url := baseURL + pathFor(t, "")
 		if f := get(client, "GET", url); f.status != 200 || f.body != body {
 			t.Fatalf("GET: %d %q", f.status, f.body)
@@ -279,6 +297,7 @@ func TestHEADHasNoBodyAndNeverLeavesAnEmptyBodyForGET(t *testing.T) {
 	})
 
 	t.Run("HEAD and GET at once", func(t *testing.T) {
+		gate.Store(newHerdGate(t, 20))
 		url := baseURL + pathFor(t, "")
 		got := together(20, func(i int) fetched { return get(client, []string{"HEAD", "GET"}[i%2], url) })
 		for i, f := range got {

@@ -125,12 +125,15 @@ func TestBreakerRecoversThroughAProbeAfterOpen(t *testing.T) {
 func TestBreakerLetsOnlyProbesReachAHalfOpenUpstreamUnderAHerd(t *testing.T) {
 	var bad atomic.Bool
 	bad.Store(true)
+	// The probe is answered once the rest of the herd has been answered
+	// (or after 10s): the whole herd arrives while the probe runs.
+	var answered atomic.Int64
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		if bad.Load() {
 			http.Error(w, "down", http.StatusBadGateway)
 			return
 		}
-		time.Sleep(2 * time.Second) // slow: the whole herd arrives while the probe runs
+		waitFor(10*time.Second, func() bool { return answered.Load() == 99 || r.Context().Err() != nil })
 		_, _ = fmt.Fprint(w, "good")
 	})
 	startCaddy(t, breakerSite("breaker {\nfailures 2\nopen 1s\nprobes 1\n}", "{up}", ""), up)
@@ -144,7 +147,9 @@ func TestBreakerLetsOnlyProbesReachAHalfOpenUpstreamUnderAHerd(t *testing.T) {
 	before := up.Calls()
 	// 100 different URLs: nothing collapses; only the breaker holds them.
 	got := together(100, func(i int) fetched {
-		return get(client, "GET", baseURL+pathFor(t, "/herd"+strconv.Itoa(i)))
+		f := get(client, "GET", baseURL+pathFor(t, "/herd"+strconv.Itoa(i)))
+		answered.Add(1)
+		return f
 	})
 	ok, refused := 0, 0
 	for i, f := range got {

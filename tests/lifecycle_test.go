@@ -148,7 +148,18 @@ func TestDeadUpstreamAnswers502FastForAHerd(t *testing.T) {
 }
 
 func TestConfigReloadDuringAHerdLosesNoRequest(t *testing.T) {
-	up := newUpstream(t, slow(1500*time.Millisecond, "survived"))
+	// The upstream answers once the new config runs: the herd is in flight
+	// across the whole reload.
+	reloaded := make(chan struct{})
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-reloaded:
+		case <-time.After(10 * time.Second):
+		case <-r.Context().Done():
+			return
+		}
+		_, _ = fmt.Fprint(w, "survived")
+	})
 	startCaddy(t, site("ttl 100ms"), up)
 	client := newClient(t)
 	// Connections for the herd and for the requests during the reload, open
@@ -182,7 +193,9 @@ func TestConfigReloadDuringAHerdLosesNoRequest(t *testing.T) {
 		during <- all
 	}()
 
-	reloadCaddy(t, site("ttl 300ms"), up)
+	took := reloadCaddy(t, site("ttl 300ms"), up)
+	close(reloaded)
+	t.Logf("the reload took %s with the herd in flight", took.Round(time.Millisecond))
 
 	first := <-herdDone
 	expectAll(t, first, http.StatusOK, "survived")

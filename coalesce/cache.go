@@ -1,6 +1,7 @@
 package coalesce
 
 import (
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -11,12 +12,62 @@ import (
 // entry is a stored response with its timing. Entries are immutable once
 // stored; a refresh stores a new entry.
 type entry struct {
-	resp         *Response
+	resp *Response
+	// url is the target's urlHash; began is when the request that fetched
+	// resp went upstream. A write to url finished after began makes the
+	// entry one it must not become (RFC 9111 §4.4).
+	url          urlHash
+	began        time.Time
 	stored       time.Time
 	fresh        time.Time // served as a hit until then
 	stale        time.Time // then served while one refresh runs, until then
 	staleIfError time.Time // kept as a stale_if_error stand-in until then
 	size         int64
+}
+
+// entryLifetimes are the configured windows of an entry: fresh for ttl,
+// then served while one refresh runs for stale, and kept as a stand-in for a
+// failed upstream for staleIfError.
+type entryLifetimes struct {
+	ttl, stale, staleIfError time.Duration
+}
+
+// newEntry builds the entry that stores resp, a shareable response that
+// arrived at received for a request sent upstream at requested, or returns
+// nil and the reason it may not be stored. The origin's freshness (RFC 9111
+// §4.2) bounds everything: a response that arrived stale is not stored, the
+// ttl is cut to the freshness left, and the stale and stale_if_error
+// windows count from the origin's expiry (from the end of the ttl when the
+// origin gave no lifetime). A response with must-revalidate,
+// proxy-revalidate or s-maxage is never served stale (RFC 9111 §5.2.2.2,
+// .8, .10): it lives for its ttl alone.
+func newEntry(resp *Response, lt entryLifetimes, requested, received time.Time) (*entry, string) {
+	if lt.ttl <= 0 && lt.stale <= 0 && lt.staleIfError <= 0 {
+		return nil, "ttl=0"
+	}
+	ok, _, reason := storable(resp.Status, resp.cc)
+	if !ok {
+		return nil, reason
+	}
+	staleAllowed := !resp.cc.mustRevalidate
+	if lt.ttl <= 0 && !staleAllowed {
+		return nil, "must-revalidate" // kept only to be served stale, which it may not be
+	}
+	f := responseFreshness(resp.Header, resp.cc, requested, received)
+	if f.left <= 0 {
+		return nil, "stale"
+	}
+	ent := &entry{resp: resp, began: requested, stored: received, fresh: received.Add(min(lt.ttl, f.left)), size: resp.size()}
+	expires := ent.fresh
+	if f.explicit {
+		expires = received.Add(f.left)
+	}
+	ent.stale, ent.staleIfError = ent.fresh, ent.fresh
+	if staleAllowed {
+		ent.stale = expires.Add(lt.stale)
+		ent.staleIfError = expires.Add(lt.staleIfError)
+	}
+	return ent, ""
 }
 
 // cacheShards spreads the LRU lock; each shard in use has an equal share of the
@@ -32,6 +83,26 @@ type microCache struct {
 	entries   atomic.Int64
 	bytes     atomic.Int64
 	evictions atomic.Uint64
+
+	// urls finds the keys stored for a URL (one per identity, coding and
+	// method); it holds exactly the keys in the shards, so the entry budget
+	// bounds it too.
+	urls [cacheShards]urlIndex
+	// written holds, per slot of urlHashes, when a write last invalidated
+	// a URL of that slot (nanoseconds since epoch, plus 1; 0: never). An
+	// entry whose request went upstream before then is not stored. Slots
+	// are shared by URLs: a collision only leaves one response unstored.
+	written [writtenSlots]atomic.Int64
+	epoch   time.Time
+}
+
+// writtenSlots: 32 KiB per cache.
+const writtenSlots = 4096
+
+// urlIndex is one shard of the URL index, by urlHash.
+type urlIndex struct {
+	mu   sync.Mutex
+	keys map[urlHash][]Key
 }
 
 type cacheShard struct {
@@ -46,7 +117,10 @@ func newMicroCache(maxEntries int, maxBytes int64) *microCache {
 	// Budgets are divided rounding down, so that the shards together never
 	// hold more than maxEntries entries or maxBytes bytes.
 	n := min(cacheShards, max(1, maxEntries))
-	c := &microCache{n: uint8(n)}
+	c := &microCache{n: uint8(n), epoch: time.Now()}
+	for i := range c.urls {
+		c.urls[i].keys = map[urlHash][]Key{}
+	}
 	perEntries := max(1, maxEntries/n)
 	perBytes := max(1, maxBytes/int64(n))
 	for i := range c.shards[:n] {
@@ -59,10 +133,71 @@ func newMicroCache(maxEntries int, maxBytes int64) *microCache {
 }
 
 // onEvict runs under the shard lock for every entry that leaves the LRU.
-func (s *cacheShard) onEvict(_ Key, e *entry) {
+// (Lock order: a cache shard, then a urlIndex shard.)
+func (s *cacheShard) onEvict(k Key, e *entry) {
 	s.bytes -= e.size
 	s.owner.bytes.Add(-e.size)
 	s.owner.entries.Add(-1)
+	idx := s.owner.urlShard(e.url)
+	idx.mu.Lock()
+	keys := idx.keys[e.url]
+	if i := slices.Index(keys, k); i >= 0 {
+		keys[i] = keys[len(keys)-1]
+		keys = keys[:len(keys)-1]
+	}
+	if len(keys) == 0 {
+		delete(idx.keys, e.url)
+	} else {
+		idx.keys[e.url] = keys
+	}
+	idx.mu.Unlock()
+}
+
+func (c *microCache) urlShard(u urlHash) *urlIndex { return &c.urls[u%cacheShards] }
+
+func (c *microCache) writtenSlot(u urlHash) *atomic.Int64 {
+	return &c.written[uint64(u)/cacheShards%writtenSlots]
+}
+
+// writtenSince reports whether a write to u (or to a URL sharing its slot)
+// was invalidated at or after t. The caller holds u's urlIndex lock.
+func (c *microCache) writtenSince(u urlHash, t time.Time) bool {
+	w := c.writtenSlot(u).Load()
+	return w != 0 && w-1 >= int64(t.Sub(c.epoch))
+}
+
+// invalidate drops every entry stored for u, for every identity, coding and
+// method, and refuses entries whose request went upstream before now: the
+// answer of a write to u (RFC 9111 §4.4). It returns how many it dropped.
+func (c *microCache) invalidate(u urlHash, now time.Time) int {
+	idx := c.urlShard(u)
+	idx.mu.Lock()
+	// Set under the index lock: put checks it and indexes its key under the
+	// same lock, so an entry is either refused or in the list taken here.
+	slot := c.writtenSlot(u)
+	at := int64(now.Sub(c.epoch)) + 1
+	for {
+		old := slot.Load()
+		if old >= at || slot.CompareAndSwap(old, at) {
+			break
+		}
+	}
+	keys := idx.keys[u]
+	delete(idx.keys, u)
+	idx.mu.Unlock()
+	dropped := 0
+	for _, k := range keys {
+		s := c.shard(k)
+		s.mu.Lock()
+		// The key may have left and come back for another URL (keys and
+		// URLs are hashes, but a HEAD key and a refreshed entry are real).
+		if e, ok := s.lru.Peek(k); ok && e.url == u {
+			s.lru.Remove(k)
+			dropped++
+		}
+		s.mu.Unlock()
+	}
+	return dropped
 }
 
 func (c *microCache) shard(k Key) *cacheShard { return &c.shards[k[0]%c.n] }
@@ -87,16 +222,24 @@ func (c *microCache) get(k Key, now time.Time) *entry {
 
 // put stores e under k, replacing what was there, and evicts least recently
 // used entries until the shard is within its byte budget. An entry larger
-// than the whole shard budget is not stored.
+// than the whole shard budget is not stored, nor one whose URL was written
+// since its request went upstream.
 func (c *microCache) put(k Key, e *entry) bool {
 	s := c.shard(k)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.lru.Remove(k)
 	if e.size > s.maxBytes {
-		s.lru.Remove(k)
 		return false
 	}
-	s.lru.Remove(k)
+	idx := c.urlShard(e.url)
+	idx.mu.Lock()
+	if c.writtenSince(e.url, e.began) {
+		idx.mu.Unlock()
+		return false
+	}
+	idx.keys[e.url] = append(idx.keys[e.url], k)
+	idx.mu.Unlock()
 	for s.bytes+e.size > s.maxBytes {
 		if _, _, ok := s.lru.RemoveOldest(); !ok {
 			break

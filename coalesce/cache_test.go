@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/http"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 )
@@ -220,5 +221,202 @@ func TestHitForMissMarksAreBounded(t *testing.T) {
 	}
 	if !m.has(keyN(99), now) {
 		t.Error("the newest mark was pushed out")
+	}
+}
+
+// indexed counts the keys the URL index holds.
+func (c *microCache) indexed() int {
+	n := 0
+	for i := range c.urls {
+		c.urls[i].mu.Lock()
+		for _, keys := range c.urls[i].keys {
+			n += len(keys)
+		}
+		c.urls[i].mu.Unlock()
+	}
+	return n
+}
+
+func urlOf(target string) urlHash { return requestURL(getReq(target)) }
+
+// entryAt is entryFor with the entry's URL and the time its request began.
+func entryAt(u urlHash, began, now time.Time, ttl time.Duration) *entry {
+	e := entryFor(10, now, ttl)
+	e.url, e.began = u, began
+	return e
+}
+
+// A write drops what is stored for its URL under every key: every
+// identity, coding and method.
+func TestInvalidateDropsEveryKeyOfTheURL(t *testing.T) {
+	c := newMicroCache(100, 1<<20)
+	now := time.Now()
+	d := newKeyDeriver(nil, false, nil)
+	list, other := urlOf("http://a/list"), urlOf("http://a/list?page=2")
+	var keys []Key
+	for _, r := range []*http.Request{
+		getReq("http://a/list"),
+		getReq("http://a/list", "Authorization", "Bearer alice"),
+		getReq("http://a/list", "Cookie", "sid=bob", "Accept-Encoding", "gzip"),
+	} {
+		k := keyOf(d, r)
+		keys = append(keys, k)
+		if !c.put(k, entryAt(requestURL(r), now, now, time.Hour)) {
+			t.Fatal("put refused")
+		}
+	}
+	head := d.derive(getReq("http://a/list"), http.MethodHead)
+	c.put(head, entryAt(list, now, now, time.Hour))
+	keys = append(keys, head)
+	kept := keyOf(d, getReq("http://a/list?page=2"))
+	c.put(kept, entryAt(other, now, now, time.Hour))
+
+	if n := c.invalidate(list, now.Add(time.Millisecond)); n != 4 {
+		t.Errorf("invalidate dropped %d entries, want 4", n)
+	}
+	for i, k := range keys {
+		if c.get(k, now) != nil {
+			t.Errorf("entry %d of the written URL is still there", i)
+		}
+	}
+	if c.get(kept, now) == nil {
+		t.Error("the entry of another URL was dropped")
+	}
+	if got := c.stats().Entries; got != 1 {
+		t.Errorf("entries: %d, want 1", got)
+	}
+	if n := c.indexed(); n != 1 {
+		t.Errorf("the URL index holds %d keys, want 1", n)
+	}
+}
+
+// A GET that went upstream before a write to its URL finished may carry the
+// old state: it is not stored. One that went after is.
+func TestEntryWhoseRequestBeganBeforeAWriteIsNotStored(t *testing.T) {
+	c := newMicroCache(100, 1<<20)
+	t0 := time.Now()
+	u := urlOf("http://a/list")
+	c.invalidate(u, t0.Add(10*time.Millisecond))
+	if c.put(keyN(1), entryAt(u, t0, t0.Add(20*time.Millisecond), time.Hour)) {
+		t.Error("an entry whose request began before the write was stored")
+	}
+	if !c.put(keyN(2), entryAt(u, t0.Add(11*time.Millisecond), t0.Add(20*time.Millisecond), time.Hour)) {
+		t.Error("an entry whose request began after the write was not stored")
+	}
+	if !c.put(keyN(3), entryAt(urlOf("http://a/other"), t0, t0.Add(20*time.Millisecond), time.Hour)) {
+		t.Error("an entry of another URL was refused")
+	}
+	if n := c.indexed(); n != 2 {
+		t.Errorf("the URL index holds %d keys, want 2", n)
+	}
+}
+
+// The index holds only keys that are in the cache: evictions, expiry,
+// replacement and removal take them out.
+func TestURLIndexIsBoundedByTheCache(t *testing.T) {
+	c := newMicroCache(64, 1<<20)
+	now := time.Now()
+	for i := range 10_000 {
+		c.put(keyN(i), entryAt(urlOf(fmt.Sprintf("http://a/item/%d", i%500)), now, now, time.Duration(i%3)*time.Millisecond))
+	}
+	if n, e := c.indexed(), c.stats().Entries; int64(n) != e || n > 64 {
+		t.Errorf("the index holds %d keys for %d entries (budget 64)", n, e)
+	}
+	for i := range 10_000 {
+		c.get(keyN(i), now.Add(time.Second)) // expired ones leave
+		c.remove(keyN(i))
+	}
+	if n := c.indexed(); n != 0 {
+		t.Errorf("the index holds %d keys of an empty cache", n)
+	}
+}
+
+// Writes, stores and reads of one URL at once: no race, and the index never
+// disagrees with the cache.
+func TestInvalidateRacesWithPutsAndGets(t *testing.T) {
+	c := newMicroCache(256, 1<<20)
+	u := urlOf("http://a/list")
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 2000 {
+				now := time.Now()
+				k := keyN(g*10 + i%10)
+				switch i % 3 {
+				case 0:
+					c.put(k, entryAt(u, now, now, time.Hour))
+				case 1:
+					c.invalidate(u, now)
+				default:
+					c.get(k, now)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if n, e := c.indexed(), c.stats().Entries; int64(n) != e {
+		t.Errorf("the index holds %d keys for %d entries", n, e)
+	}
+	c.invalidate(u, time.Now())
+	if e := c.stats().Entries; e != 0 {
+		t.Errorf("%d entries outlived the last write", e)
+	}
+}
+
+func TestNewEntryFollowsTheOriginsFreshness(t *testing.T) {
+	lt := entryLifetimes{ttl: 500 * time.Millisecond, stale: 2 * time.Second, staleIfError: 10 * time.Second}
+	received := time.Now()
+	requested := received.Add(-10 * time.Millisecond)
+	build := func(h http.Header) (*entry, string) {
+		return newEntry(newResponse(200, h, []byte("x"), getReq("http://a/x")), lt, requested, received)
+	}
+	cases := []struct {
+		name                string
+		header              http.Header
+		reason              string
+		fresh, stale, staleIfError time.Duration // from received
+	}{
+		{"no lifetime: the ttl", http.Header{}, "", 500 * time.Millisecond, 2500 * time.Millisecond, 10500 * time.Millisecond},
+		{"a longer lifetime: the ttl, stale windows from its expiry", http.Header{"Cache-Control": {"max-age=60"}},
+			"", 500 * time.Millisecond, 62*time.Second - 10*time.Millisecond, 70*time.Second - 10*time.Millisecond},
+		{"Age uses the whole lifetime", http.Header{"Cache-Control": {"max-age=10"}, "Age": {"10"}},
+			"stale", 0, 0, 0},
+		{"a lifetime of a second", http.Header{"Cache-Control": {"max-age=1"}},
+			"", 500 * time.Millisecond, 3*time.Second - 10*time.Millisecond, 11*time.Second - 10*time.Millisecond},
+		{"max-age=60 with Age: 120", http.Header{"Cache-Control": {"max-age=60"}, "Age": {"120"}}, "stale", 0, 0, 0},
+		{"s-maxage=60, must-revalidate with Age: 3600", http.Header{"Cache-Control": {"s-maxage=60, must-revalidate"}, "Age": {"3600"}}, "stale", 0, 0, 0},
+		{"must-revalidate: the ttl alone", http.Header{"Cache-Control": {"max-age=60, must-revalidate"}}, "", 500 * time.Millisecond, 500 * time.Millisecond, 500 * time.Millisecond},
+		{"Expires: 0", http.Header{"Expires": {"0"}}, "stale", 0, 0, 0},
+		{"Expires at Date", http.Header{"Date": {received.Format(http.TimeFormat)}, "Expires": {received.Format(http.TimeFormat)}}, "stale", 0, 0, 0},
+		{"no-store", http.Header{"Cache-Control": {"no-store"}}, "no-store", 0, 0, 0},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			e, reason := build(c.header)
+			if reason != c.reason || (e == nil) != (c.reason != "") {
+				t.Fatalf("newEntry: %v, %q; want reason %q", e != nil, reason, c.reason)
+			}
+			if e == nil {
+				return
+			}
+			if got := [3]time.Duration{e.fresh.Sub(received), e.stale.Sub(received), e.staleIfError.Sub(received)}; got != [3]time.Duration{c.fresh, c.stale, c.staleIfError} {
+				t.Errorf("fresh, stale, stale_if_error after %v, want %v", got, [3]time.Duration{c.fresh, c.stale, c.staleIfError})
+			}
+			if !e.began.Equal(requested) {
+				t.Errorf("began %v, want the request's time", e.began)
+			}
+		})
+	}
+	// Freshness left shorter than the ttl cuts it: a second's lifetime,
+	// 700 ms of it spent on the way.
+	short := newResponse(200, http.Header{"Cache-Control": {"max-age=1"}}, nil, getReq("http://a/x"))
+	if e, _ := newEntry(short, lt, received.Add(-700*time.Millisecond), received); e == nil ||
+		e.fresh.Sub(received) != 300*time.Millisecond || e.stale.Sub(received) != 2300*time.Millisecond {
+		t.Errorf("max-age=1 after 700 ms upstream: %+v, want fresh for 300ms, stale until 2.3s", e)
+	}
+	if e, reason := newEntry(newResponse(200, http.Header{}, nil, getReq("http://a/x")), entryLifetimes{}, requested, received); e != nil || reason != "ttl=0" {
+		t.Errorf("nothing configured to keep: %v %q", e != nil, reason)
 	}
 }

@@ -4,8 +4,10 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
+	"hash/maphash"
 	"net/http"
 	"net/textproto"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -50,10 +52,11 @@ var alwaysKeyed = []string{
 type keyDeriver struct {
 	identity []string // canonical header names; empty when public
 	headers  []string // canonical names of other keyed headers
+	public   bool
 }
 
 func newKeyDeriver(identity []string, public bool, extra []string) *keyDeriver {
-	k := &keyDeriver{}
+	k := &keyDeriver{public: public}
 	seen := map[string]bool{}
 	add := func(dst *[]string, names []string) {
 		for _, n := range names {
@@ -113,6 +116,72 @@ func (k *keyDeriver) derive(r *http.Request, method string) Key {
 	*bp = b
 	keyBufPool.Put(bp)
 	return sum
+}
+
+// urlHash identifies a URL — scheme, host, path and query — whatever the
+// identity, the codings or the method of the requests for it. The cache
+// indexes its keys by it, so that a write can drop every stored response
+// for its target.
+type urlHash uint64
+
+// urlSeed is process-wide: hashes are compared only within one process.
+var urlSeed = maphash.MakeSeed()
+
+// hashURL hashes the parts of a URL as the key holds them: host
+// lower-cased, path escaped, query raw, a bare "?" differing from none.
+func hashURL(https bool, host, escapedPath string, forceQuery bool, rawQuery string) urlHash {
+	var h maphash.Hash
+	h.SetSeed(urlSeed)
+	if https {
+		h.WriteByte('s')
+	} else {
+		h.WriteByte('p')
+	}
+	for i := 0; i < len(host); i++ {
+		c := host[i]
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		h.WriteByte(c)
+	}
+	h.WriteByte(0)
+	h.WriteString(escapedPath)
+	if forceQuery || rawQuery != "" {
+		h.WriteByte('?')
+		h.WriteString(rawQuery)
+	}
+	return urlHash(h.Sum64())
+}
+
+// requestURL is the urlHash of r's target.
+func requestURL(r *http.Request) urlHash {
+	return hashURL(r.TLS != nil, r.Host, r.URL.EscapedPath(), r.URL.ForceQuery, r.URL.RawQuery)
+}
+
+// sameOriginURL is the urlHash of ref (a Location or Content-Location
+// value, absolute or relative) resolved against r's target, when it has r's
+// scheme and host; RFC 9111 §4.4 invalidates only same-origin targets.
+func sameOriginURL(r *http.Request, ref string) (urlHash, bool) {
+	if ref == "" {
+		return 0, false
+	}
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	base := &url.URL{Scheme: scheme, Host: r.Host, Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery}
+	u, err := base.Parse(ref)
+	if err != nil || !strings.EqualFold(u.Scheme, scheme) || !strings.EqualFold(u.Host, r.Host) {
+		return 0, false
+	}
+	return hashURL(r.TLS != nil, r.Host, u.EscapedPath(), u.ForceQuery, u.RawQuery), true
+}
+
+// authorizedUnderPublic reports whether r carries Authorization that its
+// key leaves out (public): its response may answer other requests only
+// when it says so (RFC 9111 §3.5, see shareableAuthorized).
+func (k *keyDeriver) authorizedUnderPublic(r *http.Request) bool {
+	return k.public && len(r.Header["Authorization"]) > 0
 }
 
 // hasIdentity reports whether r carries any identity header.

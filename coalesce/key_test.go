@@ -228,3 +228,38 @@ func TestUnknownCodingsNeverShareAKeyOrAVaryMatch(t *testing.T) {
 		t.Error("x-compress does not match compress (RFC 9110 §8.4.1.1: equivalent)")
 	}
 }
+
+// The URL of a request, whoever asks and however: scheme, host (any case),
+// path and query.
+func TestRequestURLIgnoresIdentityAndCodings(t *testing.T) {
+	a := requestURL(getReq("http://API.example/list?x=1", "Authorization", "Bearer a", "Accept-Encoding", "gzip"))
+	if b := requestURL(getReq("http://api.example/list?x=1", "Cookie", "sid=b")); a != b {
+		t.Error("one URL, two identities: different urlHashes")
+	}
+	for _, other := range []string{"https://api.example/list?x=1", "http://api.example:8080/list?x=1", "http://api.example/list?x=2", "http://api.example/list", "http://api.example/list/?x=1"} {
+		if requestURL(getReq(other)) == a {
+			t.Errorf("%s has the urlHash of http://api.example/list?x=1", other)
+		}
+	}
+	if requestURL(getReq("http://a/list?")) == requestURL(getReq("http://a/list")) {
+		t.Error("a bare ? has the urlHash of no query")
+	}
+}
+
+func TestSameOriginURL(t *testing.T) {
+	r := httptest.NewRequest(http.MethodPost, "http://api.example/items?x=1", nil)
+	want := requestURL(getReq("http://api.example/items/7"))
+	for _, ref := range []string{"/items/7", "items/7", "http://api.example/items/7", "HTTP://API.EXAMPLE/items/7", "//api.example/items/7"} {
+		if u, ok := sameOriginURL(r, ref); !ok || u != want {
+			t.Errorf("Location %q: %v %v, want the urlHash of http://api.example/items/7", ref, u, ok)
+		}
+	}
+	for _, ref := range []string{"", "https://api.example/items/7", "http://evil.example/items/7", "http://api.example:81/items/7", "http://[::1", "mailto:a@b"} {
+		if _, ok := sameOriginURL(r, ref); ok {
+			t.Errorf("Location %q counts as same-origin", ref)
+		}
+	}
+	if u, _ := sameOriginURL(r, "?x=2"); u != requestURL(getReq("http://api.example/items?x=2")) {
+		t.Error("a query-only reference does not resolve against the path")
+	}
+}

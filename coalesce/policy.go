@@ -1,6 +1,7 @@
 package coalesce
 
 import (
+	"math"
 	"net/http"
 	"net/textproto"
 	"strconv"
@@ -73,6 +74,10 @@ type cacheControl struct {
 	// mustRevalidate: must-revalidate, proxy-revalidate or s-maxage (which
 	// implies proxy-revalidate for a shared cache): never served stale.
 	mustRevalidate bool
+	// sharesAuthorized: public, s-maxage or must-revalidate, the directives
+	// that let a shared cache reuse a response to a request that carried
+	// Authorization (RFC 9111 §3.5).
+	sharesAuthorized bool
 }
 
 // parseCacheControl reads every Cache-Control field line. Unknown directives
@@ -97,12 +102,17 @@ func parseCacheControl(h http.Header) cacheControl {
 				cc.private = true
 			case "public":
 				cc.public = true
+				cc.sharesAuthorized = true
 			case "max-age":
 				cc.maxAge = shorterLifetime(cc.maxAge, parseDeltaSeconds(value))
 			case "s-maxage":
 				cc.sMaxAge = shorterLifetime(cc.sMaxAge, parseDeltaSeconds(value))
 				cc.mustRevalidate = true
-			case "must-revalidate", "proxy-revalidate":
+				cc.sharesAuthorized = true
+			case "must-revalidate":
+				cc.mustRevalidate = true
+				cc.sharesAuthorized = true
+			case "proxy-revalidate":
 				cc.mustRevalidate = true
 			}
 		}
@@ -168,6 +178,21 @@ func shareable(status int, h http.Header, cc cacheControl) (ok bool, reason stri
 	return true, ""
 }
 
+// shareableAuthorized is shareable for a response to a request that
+// carried Authorization under `public` (where Authorization is not part of
+// the key): RFC 9111 §3.5 lets a shared cache reuse such a response only
+// when it says public, s-maxage or must-revalidate. Otherwise the response
+// is its requester's alone.
+func shareableAuthorized(status int, h http.Header, cc cacheControl) (ok bool, reason string) {
+	if ok, reason := shareable(status, h, cc); !ok {
+		return false, reason
+	}
+	if !cc.sharesAuthorized {
+		return false, "authorization"
+	}
+	return true, ""
+}
+
 // storableStatuses are the final statuses kept in the micro-cache: those
 // RFC 9110 §15.1 calls heuristically cacheable, less 206 (ranges are never
 // collapsed) and 5xx (an error is shared with the requests waiting for it,
@@ -204,6 +229,75 @@ func storable(status int, cc cacheControl) (ok bool, limit time.Duration, reason
 		limit = time.Duration(min(secs, 1<<31)) * time.Second
 	}
 	return true, limit, ""
+}
+
+// freshness is what RFC 9111 §4.2 says of a response as it arrived.
+type freshness struct {
+	// explicit: the origin gave a freshness lifetime (s-maxage, max-age or
+	// Expires). Without one the configured ttl is the only lifetime (a
+	// heuristic one, RFC 9111 §4.2.2).
+	explicit bool
+	// left is the lifetime less the response's current age on arrival; at
+	// or below 0 the response arrived stale.
+	left time.Duration
+}
+
+// responseFreshness computes a response's freshness as it arrived at
+// received, for a request sent upstream at requested. The lifetime is
+// s-maxage, else max-age, else Expires − Date (RFC 9111 §4.2.1); an invalid
+// Expires (such as the HTTP/1.0 idiom "0") or one at or before Date means
+// already expired. The current age (§4.2.3) is the larger of the upstream's
+// Age plus the time the request took and the apparent age received − Date.
+// Date has one-second resolution, so the apparent age is taken in whole
+// seconds: a response dated this very second is 0 seconds old, not 0.9.
+func responseFreshness(h http.Header, cc cacheControl, requested, received time.Time) freshness {
+	var lifetime time.Duration
+	date, dateErr := http.ParseTime(h.Get("Date"))
+	switch {
+	case cc.sMaxAge >= 0:
+		lifetime = lifetimeSeconds(cc.sMaxAge)
+	case cc.maxAge >= 0:
+		lifetime = lifetimeSeconds(cc.maxAge)
+	case len(h.Values("Expires")) > 0:
+		expires, err := http.ParseTime(h.Get("Expires"))
+		if err != nil {
+			return freshness{explicit: true} // invalid: already expired
+		}
+		base := received
+		if dateErr == nil {
+			base = date
+		}
+		lifetime = max(0, expires.Sub(base))
+	default:
+		return freshness{left: math.MaxInt64}
+	}
+	age := received.Sub(requested) + lifetimeSeconds(int(min(ageValue(h), 1<<31)))
+	if dateErr == nil {
+		// Date carries whole seconds: compare it with the whole second
+		// the response arrived in.
+		age = max(age, received.Truncate(time.Second).Sub(date))
+	}
+	return freshness{explicit: true, left: lifetime - max(age, 0)}
+}
+
+// lifetimeSeconds converts delta-seconds; RFC 9111 §1.2.2: a lifetime
+// beyond 2^31 seconds counts as 2^31.
+func lifetimeSeconds(secs int) time.Duration {
+	return time.Duration(min(secs, 1<<31)) * time.Second
+}
+
+// ageValue is a response's Age in seconds: 0 when absent or invalid (RFC
+// 9111 §5.1: a non-negative integer), capped at 2^31.
+func ageValue(h http.Header) int64 {
+	v := h.Get("Age")
+	if v == "" || strings.Trim(v, "0123456789") != "" {
+		return 0
+	}
+	age, err := strconv.ParseInt(v, 10, 64)
+	if err != nil {
+		return maxAge // overflow
+	}
+	return min(age, maxAge)
 }
 
 // streamingResponse reports whether a response must be streamed to the

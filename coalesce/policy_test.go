@@ -1,6 +1,7 @@
 package coalesce
 
 import (
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"reflect"
@@ -173,14 +174,14 @@ func TestParseCacheControl(t *testing.T) {
 		{nil, cacheControl{maxAge: -1, sMaxAge: -1}},
 		{[]string{"NO-STORE"}, cacheControl{noStore: true, maxAge: -1, sMaxAge: -1}},
 		{[]string{"  no-cache ,  Private  "}, cacheControl{noCache: true, private: true, maxAge: -1, sMaxAge: -1}},
-		{[]string{"public", "max-age=30"}, cacheControl{public: true, maxAge: 30, sMaxAge: -1}},
+		{[]string{"public", "max-age=30"}, cacheControl{public: true, maxAge: 30, sMaxAge: -1, sharesAuthorized: true}},
 		{[]string{`max-age="30"`}, cacheControl{maxAge: 30, sMaxAge: -1}},
 		{[]string{"max-age = 30"}, cacheControl{maxAge: 30, sMaxAge: -1}},
-		{[]string{"Max-Age=30, S-MaxAge=7"}, cacheControl{maxAge: 30, sMaxAge: 7, mustRevalidate: true}},
+		{[]string{"Max-Age=30, S-MaxAge=7"}, cacheControl{maxAge: 30, sMaxAge: 7, mustRevalidate: true, sharesAuthorized: true}},
 		{[]string{"max-age=4294967296"}, cacheControl{maxAge: 4294967296, sMaxAge: -1}},
 		{[]string{"max-age=999999999999999999999"}, cacheControl{maxAge: 1<<31 - 1, sMaxAge: -1}},
 		{[]string{"max-age=1x"}, cacheControl{maxAge: 0, sMaxAge: -1}},
-		{[]string{"immutable, stale-while-revalidate=60, must-revalidate"}, cacheControl{maxAge: -1, sMaxAge: -1, mustRevalidate: true}},
+		{[]string{"immutable, stale-while-revalidate=60, must-revalidate"}, cacheControl{maxAge: -1, sMaxAge: -1, mustRevalidate: true, sharesAuthorized: true}},
 		{[]string{"Proxy-Revalidate"}, cacheControl{maxAge: -1, sMaxAge: -1, mustRevalidate: true}},
 		{[]string{",,", ""}, cacheControl{maxAge: -1, sMaxAge: -1}},
 		// A quoted list inside no-cache does not hide the directives after it.
@@ -271,5 +272,73 @@ func TestVaryFieldsAndValues(t *testing.T) {
 	other := http.Header{"Accept-Encoding": {"br;q=0.9, gzip"}}
 	if varyValue(req, "Accept-Encoding") != varyValue(other, "Accept-Encoding") {
 		t.Error("Accept-Encoding of the same class varies")
+	}
+}
+
+// RFC 9111 §4.2: lifetime from s-maxage, else max-age, else Expires − Date;
+// current age from Age, the request's round trip and the apparent age.
+func TestResponseFreshness(t *testing.T) {
+	received := time.Date(2026, 12, 3, 8, 0, 0, 400_000_000, time.UTC)
+	requested := received.Add(-100 * time.Millisecond)
+	date := func(d time.Duration) string { return received.Truncate(time.Second).Add(d).Format(http.TimeFormat) }
+	cases := []struct {
+		name     string
+		header   http.Header
+		explicit bool
+		left     time.Duration
+	}{
+		{"no lifetime", http.Header{}, false, math.MaxInt64},
+		{"max-age", http.Header{"Cache-Control": {"max-age=60"}}, true, 60*time.Second - 100*time.Millisecond},
+		{"s-maxage wins", http.Header{"Cache-Control": {"max-age=60, s-maxage=5"}}, true, 5*time.Second - 100*time.Millisecond},
+		{"max-age with Age", http.Header{"Cache-Control": {"max-age=60"}, "Age": {"120"}}, true, -60*time.Second - 100*time.Millisecond},
+		{"s-maxage with Age", http.Header{"Cache-Control": {"s-maxage=60, must-revalidate"}, "Age": {"3600"}}, true, -3540*time.Second - 100*time.Millisecond},
+		{"max-age with a little Age", http.Header{"Cache-Control": {"max-age=60"}, "Age": {"10"}}, true, 50*time.Second - 100*time.Millisecond},
+		{"invalid Age ignored", http.Header{"Cache-Control": {"max-age=60"}, "Age": {"-5"}}, true, 60*time.Second - 100*time.Millisecond},
+		{"Expires minus Date", http.Header{"Date": {date(0)}, "Expires": {date(30 * time.Second)}}, true, 30*time.Second - 100*time.Millisecond},
+		{"Expires 0", http.Header{"Date": {date(0)}, "Expires": {"0"}}, true, 0},
+		{"Expires invalid", http.Header{"Expires": {"tomorrow"}}, true, 0},
+		{"Expires at Date", http.Header{"Date": {date(0)}, "Expires": {date(0)}}, true, -100 * time.Millisecond},
+		{"Expires before Date", http.Header{"Date": {date(0)}, "Expires": {date(-time.Hour)}}, true, -100 * time.Millisecond},
+		{"max-age wins over Expires", http.Header{"Cache-Control": {"max-age=60"}, "Expires": {"0"}}, true, 60*time.Second - 100*time.Millisecond},
+		// Without Date, the time it arrived stands in for it.
+		{"Expires without Date", http.Header{"Expires": {received.Add(20 * time.Second).Format(http.TimeFormat)}}, true, 20*time.Second - 400*time.Millisecond - 100*time.Millisecond},
+		// The apparent age: a response dated 90 s ago is 90 s old.
+		{"Date long ago", http.Header{"Cache-Control": {"max-age=60"}, "Date": {date(-90 * time.Second)}}, true, -30 * time.Second},
+		// An origin clock ahead of ours makes nothing younger than its Age.
+		{"Date in the future", http.Header{"Cache-Control": {"max-age=60"}, "Date": {date(time.Hour)}, "Age": {"5"}}, true, 55*time.Second - 100*time.Millisecond},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f := responseFreshness(c.header, parseCacheControl(c.header), requested, received)
+			if f.explicit != c.explicit || f.left != c.left {
+				t.Errorf("freshness = %+v, want explicit %v, left %v", f, c.explicit, c.left)
+			}
+		})
+	}
+}
+
+func TestCacheControlThatSharesAnAuthorizedResponse(t *testing.T) {
+	for cc, want := range map[string]bool{
+		"public":                     true,
+		"public, max-age=60":         true,
+		"s-maxage=60":                true,
+		"must-revalidate":            true,
+		"max-age=60":                 false,
+		"proxy-revalidate":           false,
+		"no-cache":                   false,
+		"":                           false,
+		"public, private, max-age=5": false, // private wins
+	} {
+		h := http.Header{}
+		if cc != "" {
+			h.Set("Cache-Control", cc)
+		}
+		if ok, reason := shareableAuthorized(200, h, parseCacheControl(h)); ok != want {
+			t.Errorf("Cache-Control %q: shareable for an Authorization request %v (%s), want %v", cc, ok, reason, want)
+		}
+	}
+	h := http.Header{"Cache-Control": {"public"}, "Set-Cookie": {"a=b"}}
+	if ok, reason := shareableAuthorized(200, h, parseCacheControl(h)); ok || reason != "set-cookie" {
+		t.Errorf("public with Set-Cookie: %v %q, want not shared for set-cookie", ok, reason)
 	}
 }

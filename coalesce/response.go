@@ -42,11 +42,7 @@ func newResponse(status int, h http.Header, body []byte, req *http.Request) *Res
 		h["Content-Length"] = []string{strconv.Itoa(len(body))}
 		delete(h, "Transfer-Encoding")
 	}
-	if v := h.Get("Age"); v != "" {
-		if age, err := strconv.ParseInt(v, 10, 64); err == nil && age > 0 {
-			resp.upstreamAge = min(age, maxAge)
-		}
-	}
+	resp.upstreamAge = ageValue(h)
 	resp.varyFields = varyFields(h)
 	if len(resp.varyFields) > 0 {
 		resp.varyValues = make([]string, len(resp.varyFields))

@@ -1,7 +1,6 @@
 package coalesce
 
 import (
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -102,7 +101,64 @@ const writtenSlots = 4096
 // urlIndex is one shard of the URL index, by urlHash.
 type urlIndex struct {
 	mu   sync.Mutex
-	keys map[urlHash][]Key
+	keys map[urlHash]urlKeys
+}
+
+// urlKeys are the keys stored for one URL. Most URLs have one (a public
+// endpoint, or one user's): it is held inline, with no allocation; a URL
+// that many identities ask for gets a set, so that adding and removing a
+// key stays O(1).
+type urlKeys struct {
+	first Key
+	more  map[Key]struct{}
+}
+
+func (idx *urlIndex) add(u urlHash, k Key) {
+	ks, ok := idx.keys[u]
+	switch {
+	case !ok:
+		idx.keys[u] = urlKeys{first: k}
+	case ks.first == k:
+	default:
+		if ks.more == nil {
+			ks.more = map[Key]struct{}{}
+			idx.keys[u] = ks
+		}
+		ks.more[k] = struct{}{}
+	}
+}
+
+func (idx *urlIndex) remove(u urlHash, k Key) {
+	ks, ok := idx.keys[u]
+	switch {
+	case !ok:
+	case ks.first != k:
+		delete(ks.more, k)
+	case len(ks.more) == 0:
+		delete(idx.keys, u)
+	default:
+		for other := range ks.more {
+			ks.first = other
+			delete(ks.more, other)
+			break
+		}
+		idx.keys[u] = ks
+	}
+}
+
+// take removes u's keys from the index and returns them.
+func (idx *urlIndex) take(u urlHash) []Key {
+	ks, ok := idx.keys[u]
+	if !ok {
+		return nil
+	}
+	delete(idx.keys, u)
+	keys := make([]Key, 0, 1+len(ks.more))
+	keys = append(keys, ks.first)
+	for k := range ks.more {
+		keys = append(keys, k)
+	}
+	return keys
 }
 
 type cacheShard struct {
@@ -119,7 +175,7 @@ func newMicroCache(maxEntries int, maxBytes int64) *microCache {
 	n := min(cacheShards, max(1, maxEntries))
 	c := &microCache{n: uint8(n), epoch: time.Now()}
 	for i := range c.urls {
-		c.urls[i].keys = map[urlHash][]Key{}
+		c.urls[i].keys = map[urlHash]urlKeys{}
 	}
 	perEntries := max(1, maxEntries/n)
 	perBytes := max(1, maxBytes/int64(n))
@@ -140,16 +196,7 @@ func (s *cacheShard) onEvict(k Key, e *entry) {
 	s.owner.entries.Add(-1)
 	idx := s.owner.urlShard(e.url)
 	idx.mu.Lock()
-	keys := idx.keys[e.url]
-	if i := slices.Index(keys, k); i >= 0 {
-		keys[i] = keys[len(keys)-1]
-		keys = keys[:len(keys)-1]
-	}
-	if len(keys) == 0 {
-		delete(idx.keys, e.url)
-	} else {
-		idx.keys[e.url] = keys
-	}
+	idx.remove(e.url, k)
 	idx.mu.Unlock()
 }
 
@@ -182,8 +229,7 @@ func (c *microCache) invalidate(u urlHash, now time.Time) int {
 			break
 		}
 	}
-	keys := idx.keys[u]
-	delete(idx.keys, u)
+	keys := idx.take(u)
 	idx.mu.Unlock()
 	dropped := 0
 	for _, k := range keys {
@@ -238,7 +284,7 @@ func (c *microCache) put(k Key, e *entry) bool {
 		idx.mu.Unlock()
 		return false
 	}
-	idx.keys[e.url] = append(idx.keys[e.url], k)
+	idx.add(e.url, k)
 	idx.mu.Unlock()
 	for s.bytes+e.size > s.maxBytes {
 		if _, _, ok := s.lru.RemoveOldest(); !ok {

@@ -230,7 +230,7 @@ func (c *microCache) indexed() int {
 	for i := range c.urls {
 		c.urls[i].mu.Lock()
 		for _, keys := range c.urls[i].keys {
-			n += len(keys)
+			n += 1 + len(keys.more)
 		}
 		c.urls[i].mu.Unlock()
 	}

@@ -1,6 +1,7 @@
 package coalesce
 
 import (
+	"encoding/binary"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -82,6 +83,8 @@ type microCache struct {
 	entries   atomic.Int64
 	bytes     atomic.Int64
 	evictions atomic.Uint64
+	// unadmitted counts responses the doorkeeper kept out (see admit).
+	unadmitted atomic.Uint64
 
 	// urls finds the keys stored for a URL (one per identity, coding and
 	// method); it holds exactly the keys in the shards, so the entry budget
@@ -93,6 +96,8 @@ type microCache struct {
 	// are shared by URLs: a collision only leaves one response unstored.
 	written [writtenSlots]atomic.Int64
 	epoch   time.Time
+
+	door *doorkeeper
 }
 
 // writtenSlots: 32 KiB per cache.
@@ -162,18 +167,19 @@ func (idx *urlIndex) take(u urlHash) []Key {
 }
 
 type cacheShard struct {
-	mu       sync.Mutex
-	lru      *simplelru.LRU[Key, *entry]
-	bytes    int64
-	maxBytes int64
-	owner    *microCache
+	mu         sync.Mutex
+	lru        *simplelru.LRU[Key, *entry]
+	bytes      int64
+	maxBytes   int64
+	maxEntries int
+	owner      *microCache
 }
 
 func newMicroCache(maxEntries int, maxBytes int64) *microCache {
 	// Budgets are divided rounding down, so that the shards together never
 	// hold more than maxEntries entries or maxBytes bytes.
 	n := min(cacheShards, max(1, maxEntries))
-	c := &microCache{n: uint8(n), epoch: time.Now()}
+	c := &microCache{n: uint8(n), epoch: time.Now(), door: newDoorkeeper(maxEntries)}
 	for i := range c.urls {
 		c.urls[i].keys = map[urlHash]urlKeys{}
 	}
@@ -183,6 +189,7 @@ func newMicroCache(maxEntries int, maxBytes int64) *microCache {
 		s := &c.shards[i]
 		s.owner = c
 		s.maxBytes = perBytes
+		s.maxEntries = perEntries
 		s.lru, _ = simplelru.NewLRU[Key, *entry](perEntries, s.onEvict)
 	}
 	return c
@@ -267,15 +274,33 @@ func (c *microCache) get(k Key, now time.Time) *entry {
 }
 
 // put stores e under k, replacing what was there, and evicts least recently
-// used entries until the shard is within its byte budget. An entry larger
-// than the whole shard budget is not stored, nor one whose URL was written
-// since its request went upstream.
+// used entries until the shard is within its budgets. An entry larger than
+// the whole shard budget is not stored, nor one whose URL was written since
+// its request went upstream.
 func (c *microCache) put(k Key, e *entry) bool {
+	return c.store(k, e, true)
+}
+
+// admit is put for a response only one client asked for (a lone leader):
+// while the cache has room it is stored, but it pushes other entries out
+// only for a key asked for before, as TinyLFU's doorkeeper admits. Traffic
+// of keys asked for once (ids, crawlers, cache busting) then costs no
+// store and no eviction, and never pushes out entries that are asked for
+// again. Every call records k, so that the key's next miss is stored.
+func (c *microCache) admit(k Key, e *entry) bool {
+	return c.store(k, e, c.door.seen(k))
+}
+
+func (c *microCache) store(k Key, e *entry, mayEvict bool) bool {
 	s := c.shard(k)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.lru.Remove(k)
 	if e.size > s.maxBytes {
+		return false
+	}
+	if !mayEvict && (s.lru.Len() >= s.maxEntries || s.bytes+e.size > s.maxBytes) {
+		c.unadmitted.Add(1)
 		return false
 	}
 	idx := c.urlShard(e.url)
@@ -309,15 +334,60 @@ func (c *microCache) remove(k Key) {
 	s.mu.Unlock()
 }
 
+// doorkeeper remembers, approximately, the keys asked for lately: a bloom
+// filter with three bits per key (taken from the key, a SHA-256, so no
+// hashing), eight bits per cache entry, cleared after as many new keys as
+// the cache holds entries. A false positive stores a response once asked
+// for; a clear costs each key one more miss. Lock-free, no goroutine.
+type doorkeeper struct {
+	words   []atomic.Uint64
+	mask    uint64 // bit index mask
+	added   atomic.Int64
+	resetAt int64
+}
+
+func newDoorkeeper(entries int) *doorkeeper {
+	bits := uint64(1) << 12
+	for bits < 8*uint64(entries) && bits < 1<<27 {
+		bits <<= 1
+	}
+	return &doorkeeper{words: make([]atomic.Uint64, bits/64), mask: bits - 1, resetAt: int64(max(entries, 64))}
+}
+
+// seen reports whether k was recorded since the last clear, and records it.
+func (d *doorkeeper) seen(k Key) bool {
+	present := true
+	for i := 1; i <= 3; i++ {
+		bit := binary.LittleEndian.Uint64(k[8*i:]) & d.mask
+		w, b := &d.words[bit/64], uint64(1)<<(bit%64)
+		if w.Load()&b == 0 {
+			present = false
+			w.Or(b)
+		}
+	}
+	if !present && d.added.Add(1) == d.resetAt {
+		// One caller reaches resetAt; concurrent records that the clear
+		// wipes cost their keys one more miss.
+		for i := range d.words {
+			d.words[i].Store(0)
+		}
+		d.added.Add(-d.resetAt)
+	}
+	return present
+}
+
 // CacheStats describe the micro-cache now.
 type CacheStats struct {
 	Entries   int64  `json:"entries"`
 	Bytes     int64  `json:"bytes"`
 	Evictions uint64 `json:"evictions"`
+	// Unadmitted: responses not stored because the cache was full and
+	// their key had not been asked for before (the doorkeeper).
+	Unadmitted uint64 `json:"unadmitted"`
 }
 
 func (c *microCache) stats() CacheStats {
-	return CacheStats{Entries: c.entries.Load(), Bytes: c.bytes.Load(), Evictions: c.evictions.Load()}
+	return CacheStats{Entries: c.entries.Load(), Bytes: c.bytes.Load(), Evictions: c.evictions.Load(), Unadmitted: c.unadmitted.Load()}
 }
 
 // marks remembers keys for a while (hit-for-miss: keys whose responses could
@@ -338,7 +408,15 @@ func (m *marks) set(k Key, until time.Time) {
 	m.mu.Unlock()
 }
 
+// clear removes k's mark. Every store clears, and few keys are marked:
+// the common case takes only the read lock.
 func (m *marks) clear(k Key) {
+	m.mu.RLock()
+	marked := m.lru.Contains(k)
+	m.mu.RUnlock()
+	if !marked {
+		return
+	}
 	m.mu.Lock()
 	m.lru.Remove(k)
 	m.mu.Unlock()

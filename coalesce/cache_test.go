@@ -420,3 +420,73 @@ func TestNewEntryFollowsTheOriginsFreshness(t *testing.T) {
 		t.Errorf("nothing configured to keep: %v %q", e != nil, reason)
 	}
 }
+
+// A full cache stores a lone leader's response only for a key asked for
+// before; while it has room it stores every one.
+func TestDoorkeeperAdmitsKeysAskedForBeforeWhenTheCacheIsFull(t *testing.T) {
+	c := newMicroCache(16, 1<<20) // one entry per shard
+	now := time.Now()
+	first := map[uint8]int{} // shard -> the key that filled it
+	for i := 0; len(first) < 16; i++ {
+		sh := keyN(i)[0] % 16
+		if _, ok := first[sh]; ok {
+			continue
+		}
+		if !c.admit(keyN(i), entryFor(10, now, time.Hour)) {
+			t.Fatalf("key %d not stored in an empty shard", i)
+		}
+		first[sh] = i
+	}
+	newcomer := -1
+	for i := 1000; newcomer < 0; i++ {
+		if keyN(i)[0]%16 == keyN(first[0])[0]%16 {
+			newcomer = i
+		}
+	}
+	if c.admit(keyN(newcomer), entryFor(10, now, time.Hour)) {
+		t.Error("a key asked for once pushed an entry out of a full cache")
+	}
+	if c.get(keyN(first[0]), now) == nil {
+		t.Error("the entry of the full shard was pushed out")
+	}
+	if !c.admit(keyN(newcomer), entryFor(10, now, time.Hour)) {
+		t.Error("a key asked for the second time was not stored")
+	}
+	if c.get(keyN(newcomer), now) == nil || c.get(keyN(first[0]), now) != nil {
+		t.Error("the second miss did not replace the least recently used entry")
+	}
+	if st := c.stats(); st.Unadmitted != 1 || st.Entries != 16 {
+		t.Errorf("stats %+v, want 1 unadmitted and 16 entries", st)
+	}
+	// A flight with followers (put) always stores.
+	if !c.put(keyN(newcomer+1), entryFor(10, now, time.Hour)) {
+		t.Error("put refused an entry in a full cache")
+	}
+}
+
+// The doorkeeper forgets after as many new keys as the cache holds, and
+// holds few false positives before that.
+func TestDoorkeeperForgetsAndRarelyErrs(t *testing.T) {
+	d := newDoorkeeper(1000)
+	for i := range 999 {
+		if d.seen(keyN(i)) {
+			t.Logf("false positive at key %d", i)
+		}
+	}
+	if !d.seen(keyN(5)) {
+		t.Error("a recorded key is not seen")
+	}
+	falsePositives := 0
+	for i := 100_000; i < 101_000; i++ {
+		if d.seen(keyN(i)) {
+			falsePositives++
+		}
+	}
+	if falsePositives > 50 {
+		t.Errorf("%d false positives in 1000 new keys", falsePositives)
+	}
+	// 1000 new keys since: cleared at least once.
+	if d.seen(keyN(5)) && d.seen(keyN(6)) && d.seen(keyN(7)) {
+		t.Error("the doorkeeper never forgets")
+	}
+}

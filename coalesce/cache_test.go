@@ -247,12 +247,12 @@ func entryAt(u urlHash, began, now time.Time, ttl time.Duration) *entry {
 }
 
 // A write drops what is stored for its URL under every key: every
-// identity, coding and method.
+// identity, coding, method and query.
 func TestInvalidateDropsEveryKeyOfTheURL(t *testing.T) {
 	c := newMicroCache(100, 1<<20)
 	now := time.Now()
 	d := newKeyDeriver(nil, false, nil)
-	list, other := urlOf("http://a/list"), urlOf("http://a/list?page=2")
+	list, other := urlOf("http://a/list"), urlOf("http://a/items")
 	var keys []Key
 	for _, r := range []*http.Request{
 		getReq("http://a/list"),
@@ -268,11 +268,14 @@ func TestInvalidateDropsEveryKeyOfTheURL(t *testing.T) {
 	head := d.derive(getReq("http://a/list"), http.MethodHead)
 	c.put(head, entryAt(list, now, now, time.Hour))
 	keys = append(keys, head)
-	kept := keyOf(d, getReq("http://a/list?page=2"))
+	page2 := keyOf(d, getReq("http://a/list?page=2"))
+	c.put(page2, entryAt(list, now, now, time.Hour))
+	keys = append(keys, page2)
+	kept := keyOf(d, getReq("http://a/items"))
 	c.put(kept, entryAt(other, now, now, time.Hour))
 
-	if n := c.invalidate(list, now.Add(time.Millisecond)); n != 4 {
-		t.Errorf("invalidate dropped %d entries, want 4", n)
+	if n := c.invalidate(list, now.Add(time.Millisecond)); n != 5 {
+		t.Errorf("invalidate dropped %d entries, want 5", n)
 	}
 	for i, k := range keys {
 		if c.get(k, now) != nil {

@@ -118,18 +118,17 @@ func (k *keyDeriver) derive(r *http.Request, method string) Key {
 	return sum
 }
 
-// urlHash identifies a URL — scheme, host, path and query — whatever the
-// identity, the codings or the method of the requests for it. The cache
-// indexes its keys by it, so that a write can drop every stored response
-// for its target.
+// urlHash identifies the resource a URL names — scheme, host and path —
+// whatever the query, the identity, the codings or the method of the
+// requests for it. The cache indexes its keys by it, so that a write can
+// drop every stored response for its target.
 type urlHash uint64
 
 // urlSeed is process-wide: hashes are compared only within one process.
 var urlSeed = maphash.MakeSeed()
 
-// hashURL hashes the parts of a URL as the key holds them: host
-// lower-cased, path escaped, query raw, a bare "?" differing from none.
-func hashURL(https bool, host, escapedPath string, forceQuery bool, rawQuery string) urlHash {
+// hashURL hashes a URL's scheme, host (lower-cased) and escaped path.
+func hashURL(https bool, host, escapedPath string) urlHash {
 	var h maphash.Hash
 	h.SetSeed(urlSeed)
 	if https {
@@ -146,16 +145,45 @@ func hashURL(https bool, host, escapedPath string, forceQuery bool, rawQuery str
 	}
 	h.WriteByte(0)
 	h.WriteString(escapedPath)
-	if forceQuery || rawQuery != "" {
-		h.WriteByte('?')
-		h.WriteString(rawQuery)
-	}
 	return urlHash(h.Sum64())
 }
 
 // requestURL is the urlHash of r's target.
 func requestURL(r *http.Request) urlHash {
-	return hashURL(r.TLS != nil, r.Host, r.URL.EscapedPath(), r.URL.ForceQuery, r.URL.RawQuery)
+	return hashURL(r.TLS != nil, r.Host, r.URL.EscapedPath())
+}
+
+// writeTargets are the URLs whose stored responses a successful write r
+// (answered with header h) makes out of date: its target (RFC 9111 §4.4),
+// the same-origin targets of the answer's Location and Content-Location,
+// and the collection the target belongs to (the path without its last
+// segment: /items for /items/7, the list a client reads again after it
+// changed an item). Each is a path, so every query of it goes too.
+func writeTargets(r *http.Request, h http.Header) []urlHash {
+	https := r.TLS != nil
+	path := r.URL.EscapedPath()
+	targets := make([]urlHash, 0, 5)
+	targets = append(targets, hashURL(https, r.Host, path))
+	if parent := collectionOf(path); parent != "" {
+		targets = append(targets, hashURL(https, r.Host, parent), hashURL(https, r.Host, parent+"/"))
+	}
+	for _, name := range [2]string{"Location", "Content-Location"} {
+		if u, ok := sameOriginURL(r, h.Get(name)); ok {
+			targets = append(targets, u)
+		}
+	}
+	return targets
+}
+
+// collectionOf is the path of the collection an item path belongs to, or
+// "" for the root: /items for /items/7 and /items/7/.
+func collectionOf(path string) string {
+	p := strings.TrimSuffix(path, "/")
+	i := strings.LastIndexByte(p, '/')
+	if i <= 0 {
+		return ""
+	}
+	return p[:i]
 }
 
 // sameOriginURL is the urlHash of ref (a Location or Content-Location
@@ -169,12 +197,12 @@ func sameOriginURL(r *http.Request, ref string) (urlHash, bool) {
 	if r.TLS != nil {
 		scheme = "https"
 	}
-	base := &url.URL{Scheme: scheme, Host: r.Host, Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery}
+	base := &url.URL{Scheme: scheme, Host: r.Host, Path: r.URL.Path, RawPath: r.URL.RawPath}
 	u, err := base.Parse(ref)
 	if err != nil || !strings.EqualFold(u.Scheme, scheme) || !strings.EqualFold(u.Host, r.Host) {
 		return 0, false
 	}
-	return hashURL(r.TLS != nil, r.Host, u.EscapedPath(), u.ForceQuery, u.RawQuery), true
+	return hashURL(r.TLS != nil, r.Host, u.EscapedPath()), true
 }
 
 // authorizedUnderPublic reports whether r carries Authorization that its

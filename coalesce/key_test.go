@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -229,27 +230,26 @@ func TestUnknownCodingsNeverShareAKeyOrAVaryMatch(t *testing.T) {
 	}
 }
 
-// The URL of a request, whoever asks and however: scheme, host (any case),
-// path and query.
-func TestRequestURLIgnoresIdentityAndCodings(t *testing.T) {
+// The URL of a request, whoever asks and however: scheme, host (any case)
+// and path; the query is left out (a write drops every query of a path).
+func TestRequestURLIgnoresIdentityCodingsAndQuery(t *testing.T) {
 	a := requestURL(getReq("http://API.example/list?x=1", "Authorization", "Bearer a", "Accept-Encoding", "gzip"))
-	if b := requestURL(getReq("http://api.example/list?x=1", "Cookie", "sid=b")); a != b {
-		t.Error("one URL, two identities: different urlHashes")
-	}
-	for _, other := range []string{"https://api.example/list?x=1", "http://api.example:8080/list?x=1", "http://api.example/list?x=2", "http://api.example/list", "http://api.example/list/?x=1"} {
-		if requestURL(getReq(other)) == a {
-			t.Errorf("%s has the urlHash of http://api.example/list?x=1", other)
+	for _, same := range []*http.Request{getReq("http://api.example/list?x=1", "Cookie", "sid=b"), getReq("http://api.example/list"), getReq("http://api.example/list?y=2")} {
+		if requestURL(same) != a {
+			t.Errorf("%s: not the urlHash of http://api.example/list?x=1", same.URL)
 		}
 	}
-	if requestURL(getReq("http://a/list?")) == requestURL(getReq("http://a/list")) {
-		t.Error("a bare ? has the urlHash of no query")
+	for _, other := range []string{"https://api.example/list", "http://api.example:8080/list", "http://api.example/list/", "http://api.example/List", "http://other.example/list"} {
+		if requestURL(getReq(other)) == a {
+			t.Errorf("%s has the urlHash of http://api.example/list", other)
+		}
 	}
 }
 
 func TestSameOriginURL(t *testing.T) {
 	r := httptest.NewRequest(http.MethodPost, "http://api.example/items?x=1", nil)
 	want := requestURL(getReq("http://api.example/items/7"))
-	for _, ref := range []string{"/items/7", "items/7", "http://api.example/items/7", "HTTP://API.EXAMPLE/items/7", "//api.example/items/7"} {
+	for _, ref := range []string{"/items/7", "items/7", "http://api.example/items/7", "HTTP://API.EXAMPLE/items/7", "//api.example/items/7", "/items/7?y=1"} {
 		if u, ok := sameOriginURL(r, ref); !ok || u != want {
 			t.Errorf("Location %q: %v %v, want the urlHash of http://api.example/items/7", ref, u, ok)
 		}
@@ -259,7 +259,26 @@ func TestSameOriginURL(t *testing.T) {
 			t.Errorf("Location %q counts as same-origin", ref)
 		}
 	}
-	if u, _ := sameOriginURL(r, "?x=2"); u != requestURL(getReq("http://api.example/items?x=2")) {
-		t.Error("a query-only reference does not resolve against the path")
+}
+
+func TestWriteTargets(t *testing.T) {
+	url := func(target string) urlHash { return requestURL(getReq(target)) }
+	r := httptest.NewRequest(http.MethodDelete, "http://api.example/api/items/7?force=1", nil)
+	h := http.Header{"Location": {"/api/archive/7"}, "Content-Location": {"http://elsewhere.example/x"}}
+	got := writeTargets(r, h)
+	for _, want := range []string{"http://api.example/api/items/7", "http://api.example/api/items", "http://api.example/api/items/?page=2", "http://api.example/api/archive/7"} {
+		if !slices.Contains(got, url(want)) {
+			t.Errorf("a DELETE of /api/items/7 does not invalidate %s", want)
+		}
+	}
+	for _, not := range []string{"http://api.example/api", "http://api.example/api/items/8", "http://elsewhere.example/x"} {
+		if slices.Contains(got, url(not)) {
+			t.Errorf("a DELETE of /api/items/7 invalidates %s", not)
+		}
+	}
+	for path, want := range map[string]string{"/items/7": "/items", "/items/7/": "/items", "/items": "", "/": "", "/a/b/c": "/a/b"} {
+		if got := collectionOf(path); got != want {
+			t.Errorf("collectionOf(%q) = %q, want %q", path, got, want)
+		}
 	}
 }

@@ -376,9 +376,9 @@ func TestNewEntryFollowsTheOriginsFreshness(t *testing.T) {
 		return newEntry(newResponse(200, h, []byte("x"), getReq("http://a/x")), lt, requested, received)
 	}
 	cases := []struct {
-		name                string
-		header              http.Header
-		reason              string
+		name                       string
+		header                     http.Header
+		reason                     string
 		fresh, stale, staleIfError time.Duration // from received
 	}{
 		{"no lifetime: the ttl", http.Header{}, "", 500 * time.Millisecond, 2500 * time.Millisecond, 10500 * time.Millisecond},

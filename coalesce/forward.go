@@ -16,6 +16,7 @@ import (
 // answers for its upstream. The kill switch ("disabled") passes everything
 // straight through.
 func (e *Engine) bypass(w http.ResponseWriter, r *http.Request, next Next, detail, fwd string) error {
+	w = e.invalidating(w, r)
 	member := cacheStatus{fwd: fwd, detail: detail}
 	ev := Event{Outcome: OutcomeBypass, Detail: detail, Upstream: true}
 	if detail == "disabled" {

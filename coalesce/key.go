@@ -19,6 +19,15 @@ import (
 // credentials out of memory dumps and makes every key the same small size.
 type Key [sha256.Size]byte
 
+// authorized is the key under which requests for k that carry
+// Authorization under public are marked to go upstream alone (see
+// shareableAuthorized): k with its last byte inverted, as unlikely to meet
+// another key as any two hashes.
+func (k Key) authorized() Key {
+	k[len(k)-1] ^= 0xff
+	return k
+}
+
 // String is a short hex form, safe to log and to show in the admin API.
 func (k Key) String() string { return hex.EncodeToString(k[:8]) }
 

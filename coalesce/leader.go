@@ -181,8 +181,21 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		a.detail = reason
 		return a
 	}
+	if e.keys.authorizedUnderPublic(r) {
+		if ok, reason := shareableAuthorized(a.resp.Status, a.resp.Header, a.resp.cc); !ok {
+			// Its requester's alone. The stored copy (of a request without
+			// Authorization) stays, and the requests without Authorization
+			// go on collapsing: only the next ones with it go alone.
+			f.Publish(&result{reason: reason}, nil)
+			e.hitForMiss.set(key.authorized(), time.Now().Add(e.cfg.HitForMiss))
+			a.detail = reason
+			return a
+		}
+	}
 	if a.resp.Status < 500 {
-		a.stored = e.store(key, a.resp)
+		// A flight with followers, or a refresh of a stored copy, is for a
+		// key in demand: stored whatever the doorkeeper says.
+		a.stored = e.store(key, a.resp, r, f.Started(), a.waiters > 0 || fwd == fwdStale)
 	}
 	f.Publish(&result{resp: a.resp}, nil)
 	return a
@@ -235,33 +248,19 @@ func (e *Engine) staleIfErrorCopy(key Key, r *http.Request) *entry {
 	return ent
 }
 
-// store keeps resp under key when the origin and the configuration allow.
-func (e *Engine) store(key Key, resp *Response) bool {
-	if e.cfg.TTL <= 0 && e.cfg.Stale <= 0 && e.cfg.StaleIfError <= 0 {
-		return false
-	}
-	ok, limit, _ := storable(resp.Status, resp.cc)
-	// RFC 9111 §5.2.2.2, .8 and .10: a shared cache never serves such a
-	// response stale, whatever stale and stale_if_error allow.
-	staleAllowed := !resp.cc.mustRevalidate
-	if ok && e.cfg.TTL <= 0 && !staleAllowed {
-		ok = false // kept only to be served stale, which it may not be
-	}
-	if !ok {
+// store keeps resp, the answer to r sent upstream at requested, under key
+// when the origin and the configuration allow. inDemand: more than one
+// client wanted it; otherwise the cache's doorkeeper decides (admit).
+func (e *Engine) store(key Key, resp *Response, r *http.Request, requested time.Time, inDemand bool) bool {
+	ent, _ := newEntry(resp, entryLifetimes{ttl: e.cfg.TTL, stale: e.cfg.Stale, staleIfError: e.cfg.StaleIfError}, requested, time.Now())
+	if ent == nil {
 		e.cache.remove(key)
 		return false
 	}
-	now := time.Now()
-	ttl := e.cfg.TTL
-	if limit > 0 && limit < ttl {
-		ttl = limit
-	}
-	ent := &entry{resp: resp, stored: now, fresh: now.Add(ttl), size: resp.size()}
-	ent.stale, ent.staleIfError = ent.fresh, ent.fresh
-	if staleAllowed {
-		ent.stale = ent.fresh.Add(e.cfg.Stale)
-		ent.staleIfError = ent.fresh.Add(e.cfg.StaleIfError)
-	}
+	ent.url = requestURL(r)
 	e.hitForMiss.clear(key)
-	return e.cache.put(key, ent)
+	if inDemand {
+		return e.cache.put(key, ent)
+	}
+	return e.cache.admit(key, ent)
 }

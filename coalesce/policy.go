@@ -178,6 +178,10 @@ func shareable(status int, h http.Header, cc cacheControl) (ok bool, reason stri
 	return true, ""
 }
 
+// detailAuthorization: under public, a response to a request with
+// Authorization that did not say it may be shared.
+const detailAuthorization = "authorization"
+
 // shareableAuthorized is shareable for a response to a request that
 // carried Authorization under `public` (where Authorization is not part of
 // the key): RFC 9111 §3.5 lets a shared cache reuse such a response only
@@ -188,7 +192,7 @@ func shareableAuthorized(status int, h http.Header, cc cacheControl) (ok bool, r
 		return false, reason
 	}
 	if !cc.sharesAuthorized {
-		return false, "authorization"
+		return false, detailAuthorization
 	}
 	return true, ""
 }

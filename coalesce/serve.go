@@ -23,6 +23,11 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 	now := time.Now()
 	key := e.keys.derive(r, r.Method)
 	noCache := requestCacheControl(r.Header).noCache
+	// alone: r carries Authorization under public, and the key's last
+	// response to such a request was its requester's alone. It may still
+	// use a stored copy or a flight in progress (of a request without
+	// Authorization, or whose answer says it may be shared).
+	alone := e.keys.authorizedUnderPublic(r) && e.hitForMiss.has(key.authorized(), now)
 	// fwd says why the request goes upstream (RFC 9211): no usable copy, or
 	// one stored for a request that differs in a field the response varies on.
 	fwd := fwdURIMiss
@@ -56,7 +61,9 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 				return nil
 			}
 			if now.Before(ent.stale) {
-				e.refresh(r, lookup, next)
+				if !alone {
+					e.refresh(r, lookup, next)
+				}
 				ent.resp.write(w, r, cacheStatus{hit: true, fwd: fwdStale, ttl: ent.ttlLeft(now), withTTL: true, detail: detailStaleWhileRevalidate}, now.Sub(ent.stored))
 				e.observe(r, Event{Outcome: OutcomeStale, Key: key, Detail: detailStaleWhileRevalidate})
 				return nil
@@ -73,6 +80,12 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 	}
 	if e.hitForMiss.has(key, now) {
 		return e.uncollapsible(w, r, next, key, detailUncollapsible, fwdURIMiss)
+	}
+	if alone {
+		if f, ok := e.reg.Follow(string(key[:])); ok {
+			return e.follow(w, r, next, f, key, fwd)
+		}
+		return e.uncollapsible(w, r, next, key, detailAuthorization, fwdURIMiss)
 	}
 
 	f, role := e.reg.Join(r.Context(), string(key[:]), flightNote{method: r.Method, path: r.URL.Path})

@@ -178,3 +178,28 @@ func BenchmarkServeMissStore(b *testing.B) {
 		i++
 	}
 }
+
+// The all-miss path at steady state: every request for a new key, through
+// a micro-cache that is full (the bench's miss workload). Each miss leads
+// a flight of its own; whether its response is stored (and pushes another
+// entry out) is what the doorkeeper decides.
+func BenchmarkServeMissChurn(b *testing.B) {
+	e := newEngine(b, func(c *Config) { c.MaxEntries = 1024 })
+	r := benchRequest()
+	for i := range 4096 { // fill the cache
+		r.URL.RawQuery = "fill=" + strconv.Itoa(i)
+		if err := e.Serve(httptest.NewRecorder(), r, trivialUpstream); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		r.URL.RawQuery = "user=" + strconv.Itoa(i)
+		rec := httptest.NewRecorder()
+		if err := e.Serve(rec, r, trivialUpstream); err != nil || rec.Code != 200 {
+			b.Fatalf("Serve: %v, status %d", err, rec.Code)
+		}
+		i++
+	}
+}

@@ -1,0 +1,469 @@
+// Command sse is the event-stream benchmark's origin and its subscribers.
+// Standard library only.
+//
+//	sse origin    [-listen 127.0.0.1:19180] [-rate 50] [-size 64] [-publish URL]
+//	sse subscribe -url URL [-n 1000] [-duration 10s] [-stalled 0] [-ready 60s] [-pids P,P]
+//	sse report results.jsonl
+//
+// The origin makes `rate` events a second, "id: n" and "data: n <unix ns> <pad>",
+// stamped when it makes them. It serves them as an event stream to every
+// connection on GET /events (that is what a proxy in front of it passes
+// through or fans out), or, with -publish, POSTs each one to that URL (an
+// nchan publisher location) over one kept-alive connection. GET /__stats
+// answers {"open", "peak", "total", "events"}: event-stream connections open
+// now, the most open at once, opened since the start, events made. POST
+// /__reset zeroes peak and total.
+//
+// subscribe opens n event streams on url (and -stalled more that send their
+// request and never read), waits until every stream has an event, then
+// measures for -duration: the delivery latency of every event to every
+// subscriber (read time minus the origin's stamp; one clock, one machine), the
+// events each subscriber got, and gaps or repeats in their numbers. It prints
+// one line `SUBJSON {...}`. With -pids (the proxy's processes), it also reports
+// their CPU use during the window and their resident memory before the first
+// subscriber and at the end of the window.
+//
+// report turns the lines bench/sse.sh collects into a Markdown table.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: sse origin|subscribe [flags]")
+		os.Exit(2)
+	}
+	switch os.Args[1] {
+	case "origin":
+		origin(os.Args[2:])
+	case "subscribe":
+		subscribe(os.Args[2:])
+	case "report":
+		report(os.Args[2:])
+	default:
+		fmt.Fprintln(os.Stderr, "usage: sse origin|subscribe [flags]")
+		os.Exit(2)
+	}
+}
+
+// ---------------------------------------------------------------- origin
+
+type hub struct {
+	mu    sync.Mutex
+	conns map[chan []byte]struct{}
+	open  atomic.Int64
+	peak  atomic.Int64
+	total atomic.Int64
+	made  atomic.Int64
+}
+
+func origin(args []string) {
+	fs := flag.NewFlagSet("origin", flag.ExitOnError)
+	listen := fs.String("listen", "127.0.0.1:19180", "address to listen on")
+	rate := fs.Int("rate", 50, "events a second")
+	size := fs.Int("size", 64, "padding bytes in each event's data")
+	publish := fs.String("publish", "", "POST each event to this URL instead of serving streams")
+	_ = fs.Parse(args)
+
+	h := &hub{conns: map[chan []byte]struct{}{}}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /events", h.serve)
+	mux.HandleFunc("GET /__stats", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]int64{"open": h.open.Load(), "peak": h.peak.Load(), "total": h.total.Load(), "events": h.made.Load()})
+	})
+	mux.HandleFunc("POST /__reset", func(w http.ResponseWriter, r *http.Request) {
+		h.peak.Store(h.open.Load())
+		h.total.Store(0)
+		w.WriteHeader(http.StatusNoContent)
+	})
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := &http.Server{Handler: mux}
+	go func() { _ = srv.Serve(ln) }()
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	pad := strings.Repeat("x", *size)
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1}, Timeout: 5 * time.Second}
+	tick := time.NewTicker(time.Second / time.Duration(*rate))
+	defer tick.Stop()
+	for n := int64(1); ; n++ {
+		select {
+		case <-ctx.Done():
+			_ = srv.Close()
+			return
+		case <-tick.C:
+		}
+		h.made.Store(n)
+		data := fmt.Sprintf("%d %d %s", n, time.Now().UnixNano(), pad)
+		if *publish != "" {
+			resp, err := client.Post(*publish, "text/plain", strings.NewReader(data))
+			if err != nil {
+				log.Printf("publish: %v", err)
+				continue
+			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			continue
+		}
+		ev := []byte(fmt.Sprintf("id: %d\ndata: %s\n\n", n, data))
+		h.mu.Lock()
+		for c := range h.conns {
+			select {
+			case c <- ev:
+			default: // a connection this far behind loses events; subscribers count the gaps
+			}
+		}
+		h.mu.Unlock()
+	}
+}
+
+func (h *hub) serve(w http.ResponseWriter, r *http.Request) {
+	c := make(chan []byte, 1024)
+	h.mu.Lock()
+	h.conns[c] = struct{}{}
+	h.mu.Unlock()
+	n := h.open.Add(1)
+	h.total.Add(1)
+	for p := h.peak.Load(); n > p && !h.peak.CompareAndSwap(p, n); p = h.peak.Load() {
+	}
+	defer func() {
+		h.mu.Lock()
+		delete(h.conns, c)
+		h.mu.Unlock()
+		h.open.Add(-1)
+	}()
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+	for {
+		select {
+		case ev := <-c:
+			if _, err := w.Write(ev); err != nil {
+				return
+			}
+			if err := rc.Flush(); err != nil {
+				return
+			}
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+// ---------------------------------------------------------------- subscribe
+
+type result struct {
+	N           int     `json:"n"`
+	Connected   int     `json:"connected"`
+	Ready       int     `json:"ready"`
+	Stalled     int     `json:"stalled"`
+	Events      int64   `json:"events"`
+	MinPerSub   int64   `json:"min_events_per_subscriber"`
+	MaxPerSub   int64   `json:"max_events_per_subscriber"`
+	Gaps        int64   `json:"gaps"`
+	Repeats     int64   `json:"repeats"`
+	Ended       int     `json:"ended"`
+	P50us       int64   `json:"p50_us"`
+	P99us       int64   `json:"p99_us"`
+	P999us      int64   `json:"p999_us"`
+	MaxUs       int64   `json:"max_us"`
+	DurationSec float64 `json:"duration_s"`
+	// The proxy's processes (-pids): CPU % of one core over the window,
+	// resident memory (kB) before the first subscriber and at the end.
+	ProxyCPUPct  float64  `json:"proxy_cpu_pct"`
+	ProxyRSSIdle int64    `json:"proxy_rss_idle_kb"`
+	ProxyRSSLoad int64    `json:"proxy_rss_kb"`
+	Errors       []string `json:"errors,omitempty"`
+}
+
+type sub struct {
+	lat     []int32 // µs, during the window
+	events  int64
+	last    int64
+	gaps    int64
+	repeats int64
+	ready   atomic.Bool
+	ended   atomic.Bool
+}
+
+func subscribe(args []string) {
+	fs := flag.NewFlagSet("subscribe", flag.ExitOnError)
+	url := fs.String("url", "", "event stream URL")
+	n := fs.Int("n", 1000, "subscribers")
+	dur := fs.Duration("duration", 10*time.Second, "measurement window")
+	stalled := fs.Int("stalled", 0, "more subscribers that never read")
+	readyWait := fs.Duration("ready", 60*time.Second, "longest wait for every subscriber's first event")
+	pidList := fs.String("pids", "", "the proxy's process ids, comma-separated, for its CPU and memory")
+	_ = fs.Parse(args)
+	var pids []int
+	for _, f := range strings.Split(*pidList, ",") {
+		if p, err := strconv.Atoi(strings.TrimSpace(f)); err == nil {
+			pids = append(pids, p)
+		}
+	}
+	rssIdle := rssKB(pids)
+	if *url == "" {
+		log.Fatal("subscribe: -url is required")
+	}
+
+	var measuring atomic.Bool
+	var errMu sync.Mutex
+	var errs []string
+	fail := func(err error) {
+		errMu.Lock()
+		if len(errs) < 5 {
+			errs = append(errs, err.Error())
+		}
+		errMu.Unlock()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	tr := &http.Transport{MaxConnsPerHost: 0, MaxIdleConnsPerHost: *n, DisableCompression: true}
+	client := &http.Client{Transport: tr}
+
+	subs := make([]*sub, *n)
+	var wg sync.WaitGroup
+	dial := make(chan struct{}, 100) // dials at once
+	var connected atomic.Int64
+	for i := range subs {
+		s := &sub{}
+		subs[i] = s
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			dial <- struct{}{}
+			req, _ := http.NewRequestWithContext(ctx, "GET", *url, nil)
+			req.Header.Set("Accept", "text/event-stream")
+			resp, err := client.Do(req)
+			<-dial
+			if err != nil {
+				fail(err)
+				return
+			}
+			defer resp.Body.Close()
+			if resp.StatusCode != 200 {
+				fail(fmt.Errorf("status %d", resp.StatusCode))
+				return
+			}
+			connected.Add(1)
+			sc := bufio.NewScanner(resp.Body)
+			sc.Buffer(make([]byte, 64<<10), 1<<20)
+			for sc.Scan() {
+				line := sc.Bytes()
+				data, ok := bytes.CutPrefix(line, []byte("data: "))
+				if !ok {
+					continue
+				}
+				now := time.Now().UnixNano()
+				f := bytes.Fields(data)
+				if len(f) < 2 {
+					continue
+				}
+				seq, _ := strconv.ParseInt(string(f[0]), 10, 64)
+				at, _ := strconv.ParseInt(string(f[1]), 10, 64)
+				s.ready.Store(true)
+				if !measuring.Load() {
+					s.last = seq
+					continue
+				}
+				switch {
+				case s.last != 0 && seq <= s.last:
+					s.repeats++
+				case s.last != 0 && seq > s.last+1:
+					s.gaps += seq - s.last - 1
+				}
+				s.last = seq
+				s.events++
+				s.lat = append(s.lat, int32(min((now-at)/1000, 1<<31-1)))
+			}
+			if measuring.Load() && ctx.Err() == nil {
+				s.ended.Store(true)
+			}
+		}()
+	}
+	// Subscribers that stop reading: a request, then nothing.
+	var stalledConns []net.Conn
+	if *stalled > 0 {
+		host := strings.TrimPrefix(strings.TrimPrefix(*url, "http://"), "https://")
+		hostport, path, _ := strings.Cut(host, "/")
+		for range *stalled {
+			c, err := net.Dial("tcp", hostport)
+			if err != nil {
+				fail(err)
+				continue
+			}
+			fmt.Fprintf(c, "GET /%s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path, hostport)
+			stalledConns = append(stalledConns, c)
+		}
+	}
+
+	deadline := time.Now().Add(*readyWait)
+	ready := 0
+	for time.Now().Before(deadline) {
+		ready = 0
+		for _, s := range subs {
+			if s.ready.Load() {
+				ready++
+			}
+		}
+		if ready == *n {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	measuring.Store(true)
+	start := time.Now()
+	cpu0 := cpuTicks(pids)
+	time.Sleep(*dur)
+	measuring.Store(false)
+	elapsed := time.Since(start)
+	cpu1 := cpuTicks(pids)
+	rssLoad := rssKB(pids)
+	cancel()
+	for _, c := range stalledConns {
+		c.Close()
+	}
+	wg.Wait()
+
+	res := result{N: *n, Connected: int(connected.Load()), Ready: ready, Stalled: len(stalledConns), DurationSec: elapsed.Seconds(), Errors: errs,
+		ProxyRSSIdle: rssIdle, ProxyRSSLoad: rssLoad}
+	if len(pids) > 0 {
+		// Linux counts CPU time in ticks of 1/100 s (USER_HZ).
+		res.ProxyCPUPct = float64(cpu1-cpu0) / 100 / elapsed.Seconds() * 100
+	}
+	var all []int32
+	res.MinPerSub = -1
+	for _, s := range subs {
+		res.Events += s.events
+		res.Gaps += s.gaps
+		res.Repeats += s.repeats
+		if s.ended.Load() {
+			res.Ended++
+		}
+		if res.MinPerSub < 0 || s.events < res.MinPerSub {
+			res.MinPerSub = s.events
+		}
+		res.MaxPerSub = max(res.MaxPerSub, s.events)
+		all = append(all, s.lat...)
+	}
+	slices.Sort(all)
+	q := func(p float64) int64 {
+		if len(all) == 0 {
+			return 0
+		}
+		return int64(all[min(int(p*float64(len(all))), len(all)-1)])
+	}
+	res.P50us, res.P99us, res.P999us = q(0.50), q(0.99), q(0.999)
+	if len(all) > 0 {
+		res.MaxUs = int64(all[len(all)-1])
+	}
+	b, _ := json.Marshal(res)
+	fmt.Printf("SUBJSON %s\n", b)
+}
+
+// cpuTicks sums utime and stime of the processes (/proc/<pid>/stat).
+func cpuTicks(pids []int) int64 {
+	var sum int64
+	for _, p := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p))
+		if err != nil {
+			continue
+		}
+		// The command may hold spaces; the fields follow its closing paren.
+		rest := b[bytes.LastIndexByte(b, ')')+2:]
+		f := strings.Fields(string(rest))
+		if len(f) > 12 {
+			u, _ := strconv.ParseInt(f[11], 10, 64)
+			s, _ := strconv.ParseInt(f[12], 10, 64)
+			sum += u + s
+		}
+	}
+	return sum
+}
+
+// rssKB sums VmRSS of the processes.
+func rssKB(pids []int) int64 {
+	var sum int64
+	for _, p := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+				kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+				sum += kb
+			}
+		}
+	}
+	return sum
+}
+
+// ---------------------------------------------------------------- report
+
+// row is one line of results.jsonl, as bench/sse.sh writes it.
+type row struct {
+	System        string `json:"system"`
+	Subscribers   int    `json:"subscribers"`
+	Stalled       int    `json:"stalled"`
+	UpstreamPeak  int64  `json:"upstream_peak"`
+	UpstreamTotal int64  `json:"upstream_total"`
+	Sub           result `json:"sub"`
+}
+
+func report(args []string) {
+	if len(args) != 1 {
+		log.Fatal("usage: sse report results.jsonl")
+	}
+	b, err := os.ReadFile(args[0])
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("| system | subscribers | stalled | upstream connections (peak) | events delivered | gaps / repeats | p50 | p99 | p99.9 | proxy CPU | proxy RSS idle → loaded | RSS per subscriber |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		if len(bytes.TrimSpace(line)) == 0 {
+			continue
+		}
+		var r row
+		if err := json.Unmarshal(line, &r); err != nil {
+			log.Fatalf("%s: %v", line, err)
+		}
+		s := r.Sub
+		perSub := "—"
+		if s.N > 0 && s.ProxyRSSLoad > 0 {
+			perSub = fmt.Sprintf("%.1f KiB", float64(s.ProxyRSSLoad-s.ProxyRSSIdle)/float64(s.N))
+		}
+		ms := func(us int64) string { return fmt.Sprintf("%.2f ms", float64(us)/1000) }
+		fmt.Printf("| %s | %d | %d | %d | %d (%d–%d each) | %d / %d | %s | %s | %s | %.0f %% | %.1f → %.1f MiB | %s |\n",
+			r.System, r.Subscribers, r.Stalled, r.UpstreamPeak, s.Events, max(s.MinPerSub, 0), s.MaxPerSub, s.Gaps, s.Repeats,
+			ms(s.P50us), ms(s.P99us), ms(s.P999us), s.ProxyCPUPct,
+			float64(s.ProxyRSSIdle)/1024, float64(s.ProxyRSSLoad)/1024, perSub)
+	}
+}

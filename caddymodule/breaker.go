@@ -101,6 +101,18 @@ type BreakerOptions struct {
 
 	// Response statuses that count as failures. Default: [502, 503, 504].
 	Status []int `json:"status,omitempty"`
+
+	// How long a GET or HEAD request waits for the upstream's response
+	// headers. Past it the upstream request is cut, its clients get 504
+	// Gateway Timeout (`Cache-Status: ...; fwd-status=504;
+	// detail="upstream-timeout"`, or a copy within `stale_if_error`), and
+	// it counts as a failure: a hung upstream trips the breaker like a
+	// failing one. Once the headers are in, the body takes as long as it
+	// takes. Requests with a body (uploads, writes) and other methods are
+	// never cut. An endpoint that holds requests longer on purpose (long
+	// polling) needs a larger value, or 0. Default: 30s; 0 turns it off;
+	// at most 1h.
+	Timeout *caddy.Duration `json:"timeout,omitempty"`
 }
 
 // config turns the options into the engine's breaker settings; zero fields
@@ -145,6 +157,7 @@ func (o *BreakerOptions) config() coalesce.BreakerConfig {
 //		open     <duration>
 //		probes   <n>
 //		status   <code...>
+//		timeout  <duration>
 //	}
 func (h *Handler) unmarshalBreaker(d *caddyfile.Dispenser) error {
 	o := &BreakerOptions{}
@@ -222,8 +235,14 @@ func (h *Handler) unmarshalBreaker(d *caddyfile.Dispenser) error {
 				}
 				o.Status = append(o.Status, n)
 			}
+		case "timeout":
+			var dur caddy.Duration
+			if dur, err = parseDuration(d); err == nil && time.Duration(dur) > time.Hour {
+				err = d.Errf("timeout must be at most 1h (got %s): it bounds the wait for response headers; write a shorter duration, or 0 to turn it off", d.Val())
+			}
+			o.Timeout = &dur
 		default:
-			return d.Errf("unrecognized breaker option %q (want failures, ratio, open, probes or status)", opt)
+			return d.Errf("unrecognized breaker option %q (want failures, ratio, open, probes, status or timeout)", opt)
 		}
 		if err != nil {
 			return err

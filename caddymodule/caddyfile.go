@@ -49,6 +49,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			open     <duration>      # time open before half-open probes; default 10s
 //			probes   <n>             # requests that test a half-open upstream; default 1
 //			status   <code...>       # statuses that count as failures; default 502 503 504
+//			timeout  <duration>      # GET/HEAD without response headers this long: cut, 504, a failure; default 30s; 0 = off
 //		}
 //		sse {                        # fan out event streams: one upstream stream per key
 //			replay          <n>          # events kept for Last-Event-ID; default 256
@@ -163,7 +164,7 @@ func once(d *caddyfile.Dispenser, seen map[string]string) error {
 // durationExamples are sensible values of each duration option, for errors.
 var durationExamples = map[string]string{
 	"ttl": "50ms", "stale": "5s", "stale_if_error": "1m", "max_wait": "10s",
-	"hit_for_miss": "5s", "open": "10s",
+	"hit_for_miss": "5s", "open": "10s", "timeout": "30s",
 }
 
 // parseDuration reads exactly one duration argument, never negative.

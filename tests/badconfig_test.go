@@ -62,6 +62,11 @@ func TestBadConfigFailsValidateWithTheLineAndWhatToDo(t *testing.T) {
 		{name: "negative breaker ratio", option: "breaker {\n\t\t\tratio -0.1\n\t\t}", line: "Caddyfile:7", says: []string{"ratio", `"-0.1"`}, advice: []string{"e.g. 0.5"}},
 		{name: "breaker ratio that is not a number", option: "breaker {\n\t\t\tratio half\n\t\t}", line: "Caddyfile:7", says: []string{"ratio", `"half"`}, advice: []string{"e.g. 0.5"}},
 		{name: "zero breaker failures", option: "breaker {\n\t\t\tfailures 0\n\t\t}", line: "Caddyfile:7", says: []string{"failures", `"0"`}, advice: []string{"must be a positive whole number"}},
+		{name: "negative breaker timeout", option: "breaker {\n\t\t\ttimeout -1s\n\t\t}", line: "Caddyfile:7", says: []string{"timeout", "negative"}, advice: []string{"write 0 or a positive duration"}},
+		{name: "breaker timeout that is not a duration", option: "breaker {\n\t\t\ttimeout soon\n\t\t}", line: "Caddyfile:7", says: []string{"timeout", `"soon"`, "not a duration"}, advice: []string{"write e.g."}},
+		{name: "breaker timeout without a value", option: "breaker {\n\t\t\ttimeout\n\t\t}", line: "Caddyfile:7", says: []string{"timeout", "needs a duration"}, advice: []string{"e.g. timeout 30s"}},
+		{name: "breaker timeout of a day", option: "breaker {\n\t\t\ttimeout 24h\n\t\t}", line: "Caddyfile:7", says: []string{"timeout", "at most 1h"}, advice: []string{"0 to turn it off"}},
+		{name: "breaker timeout with two values", option: "breaker {\n\t\t\ttimeout 1s 2s\n\t\t}", line: "Caddyfile:7", says: []string{"timeout", `"2s"`}, advice: []string{"remove"}},
 		// lb_policy breaker.
 		{name: "unknown inner lb_policy", option: "ttl 50ms", proxy: "lb_policy breaker round_robbin", line: "Caddyfile:9", says: []string{"round_robbin", "unknown"}, advice: []string{"round_robin"}},
 		{name: "breaker inside breaker", option: "ttl 50ms", proxy: "lb_policy breaker breaker", line: "Caddyfile:9", says: []string{"breaker", "cannot be breaker again"}, advice: []string{"e.g.", "lb_policy breaker round_robin"}},

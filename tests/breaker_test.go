@@ -2,6 +2,7 @@ package tests
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"slices"
@@ -11,6 +12,10 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddytest"
 )
 
 // The circuit breaker, end to end: real upstreams on 127.0.0.1 behind the
@@ -471,5 +476,320 @@ func TestBreakerDeadUpstreamUnderTenSecondsOfLoad(t *testing.T) {
 		requests.Load(), afterDeath.Load(), refusals.Load())
 	if n := afterDeath.Load(); n > 5+1 {
 		t.Errorf("%d requests reached the dead upstream; want at most 5 to trip it and 1 probe", n)
+	}
+}
+
+// upstreamTimeout is the Cache-Status of a leader's request cut by the
+// breaker's timeout.
+const upstreamTimeout = `caddy-coalesce; fwd=uri-miss; fwd-status=504; detail="upstream-timeout"`
+
+// hungUpstream is a listener that accepts connections and reads each
+// request's head but never answers, as a wedged process does. heads counts
+// the requests that reached it.
+func hungUpstream(t *testing.T) (hung *rawUpstream, heads *atomic.Int64) {
+	heads = new(atomic.Int64)
+	hung = newRawUpstream(t, func(c net.Conn) {
+		if readRequestHead(c) == nil {
+			heads.Add(1)
+		}
+		holdUntilClosed(c)
+	})
+	return hung, heads
+}
+
+func TestBreakerTimeoutCutsAHungUpstreamAndTrips(t *testing.T) {
+	const open = 2 * time.Second
+	hung, heads := hungUpstream(t)
+	startCaddy(t, breakerSite("breaker {\nfailures 2\ntimeout 500ms\nopen 2s\n}", hung.addr(), ""))
+	client := newClient(t)
+	client.Timeout = 5 * time.Second
+
+	// Different URLs: nothing collapses, each request is the upstream's.
+	for i, method := range []string{"GET", "HEAD"} {
+		f := get(client, method, baseURL+pathFor(t, "/"+strconv.Itoa(i)))
+		if f.err != nil || f.status != http.StatusGatewayTimeout || f.cacheStatus() != upstreamTimeout {
+			t.Fatalf("%s %d to a hung upstream: %d %q %v; want 504 %q", method, i, f.status, f.cacheStatus(), f.err, upstreamTimeout)
+		}
+		if f.took < 400*time.Millisecond || f.took > 3*time.Second {
+			t.Errorf("%s %d was cut after %s, want about the timeout of 500ms", method, i, f.took)
+		}
+	}
+	tripped := time.Now()
+	// Two cuts were two failures: the rest are answered at once, without
+	// the upstream.
+	for i, f := range together(20, func(i int) fetched {
+		return get(client, "GET", baseURL+pathFor(t, "/open"+strconv.Itoa(i)))
+	}) {
+		if !isBreakerOpen(f, 2) {
+			t.Errorf("client %d after two cuts: %d Retry-After %q %q %v", i, f.status, f.header.Get("Retry-After"), f.cacheStatus(), f.err)
+		}
+	}
+	if n := heads.Load(); n != 2 {
+		t.Fatalf("the hung upstream received %d requests while its breaker was open, want the 2 that tripped it", n)
+	}
+
+	// After open: one probe goes through and is cut in turn; everybody
+	// else is answered as while open.
+	time.Sleep(time.Until(tripped.Add(open + 100*time.Millisecond)))
+	probes := 0
+	for i, f := range together(10, func(i int) fetched {
+		return get(client, "GET", baseURL+pathFor(t, "/probe"+strconv.Itoa(i)))
+	}) {
+		switch {
+		case f.status == http.StatusGatewayTimeout && f.cacheStatus() == upstreamTimeout:
+			probes++
+		case isBreakerOpen(f, 2):
+		default:
+			t.Errorf("client %d when the breaker half-opened: %d %q %v", i, f.status, f.cacheStatus(), f.err)
+		}
+	}
+	if n := heads.Load(); probes != 1 || n != 3 {
+		t.Errorf("half-open, probes 1: %d probes cut, %d requests reached the hung upstream; want 1 and 3", probes, n)
+	}
+}
+
+func TestBreakerTimeoutSkipsAHungPoolMember(t *testing.T) {
+	live := newUpstream(t, func(w http.ResponseWriter, r *http.Request) { _, _ = fmt.Fprint(w, "live") })
+	hung, heads := hungUpstream(t)
+	startCaddy(t, breakerSite("breaker {\nfailures 2\ntimeout 500ms\nopen 10s\n}", live.addr+" "+hung.addr(), "lb_policy breaker round_robin"))
+	client := newClient(t)
+	client.Timeout = 5 * time.Second
+	warm(t, client, 30)
+
+	cut := 0
+	for i := 0; heads.Load() < 2 && i < 10; i++ {
+		switch f := get(client, "GET", baseURL+pathFor(t, "/seq"+strconv.Itoa(i))); {
+		case f.err == nil && f.status == http.StatusOK && f.body == "live":
+		case f.err == nil && f.status == http.StatusGatewayTimeout && f.cacheStatus() == upstreamTimeout:
+			cut++
+		default:
+			t.Fatalf("request %d to a pool with a hung member: %d %q %q %v", i, f.status, clip(f.body), f.cacheStatus(), f.err)
+		}
+	}
+	if cut != 2 {
+		t.Fatalf("%d requests were cut, want the 2 sent to the hung member", cut)
+	}
+	// Its breaker is open: the hung member is skipped, every request goes
+	// to the live one.
+	expectAll(t, together(30, func(i int) fetched {
+		return get(client, "GET", baseURL+pathFor(t, "/open"+strconv.Itoa(i)))
+	}), http.StatusOK, "live")
+	if n := heads.Load(); n != 2 {
+		t.Errorf("the hung member received %d requests, want only the 2 that tripped its breaker", n)
+	}
+}
+
+func TestBreakerTimeoutCutsRequestsSentAlone(t *testing.T) {
+	var hang atomic.Bool
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if hang.Load() {
+			<-r.Context().Done()
+			return
+		}
+		w.Header().Set("Set-Cookie", "s=1")
+		_, _ = fmt.Fprint(w, "private")
+	})
+	startCaddy(t, breakerSite("breaker {\nfailures 2\ntimeout 300ms\n}", "{up}", ""), up)
+	client := newClient(t)
+	client.Timeout = 5 * time.Second
+	url := baseURL + pathFor(t, "")
+	if f := get(client, "GET", url); f.status != http.StatusOK || !strings.Contains(f.cacheStatus(), "detail=set-cookie") {
+		t.Fatalf("priming: %d %q", f.status, f.cacheStatus())
+	}
+	hang.Store(true)
+	// The key is hit-for-miss now: its next GET goes upstream on its own.
+	if f := get(client, "GET", url); f.err != nil || f.status != http.StatusGatewayTimeout || f.cacheStatus() != upstreamTimeout {
+		t.Errorf("an uncollapsible GET to a hung upstream: %d %q %v; want 504 %q", f.status, f.cacheStatus(), f.err, upstreamTimeout)
+	}
+	// A bypassed GET (Range) keeps its fwd.
+	want := `caddy-coalesce; fwd=bypass; fwd-status=504; detail="upstream-timeout"`
+	if f := get(client, "GET", baseURL+pathFor(t, "/range"), "Range: bytes=0-3"); f.err != nil || f.status != http.StatusGatewayTimeout || f.cacheStatus() != want {
+		t.Errorf("a bypassed GET to a hung upstream: %d %q %v; want 504 %q", f.status, f.cacheStatus(), f.err, want)
+	}
+	// Both were failures.
+	if f := get(client, "GET", baseURL+pathFor(t, "/after"), "Range: bytes=0-3"); !isBreakerOpen(f, 10) {
+		t.Errorf("after two cuts: %d %q %v; want the open breaker's 503", f.status, f.cacheStatus(), f.err)
+	}
+}
+
+func TestBreakerTimeoutBoundsOnlyTheWaitForHeadersOfRequestsWithoutABody(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.Method != http.MethodGet:
+			body, _ := io.ReadAll(r.Body)
+			time.Sleep(time.Second)
+			_, _ = fmt.Fprintf(w, "wrote %s", body)
+		case strings.HasSuffix(r.URL.Path, "/slow-body"):
+			w.Header().Set("Content-Type", "text/plain")
+			w.WriteHeader(http.StatusOK)
+			http.NewResponseController(w).Flush()
+			time.Sleep(time.Second)
+			_, _ = fmt.Fprint(w, "slow body")
+		default:
+			time.Sleep(time.Second)
+			_, _ = fmt.Fprint(w, "late")
+		}
+	})
+	startCaddy(t, breakerSite("breaker {\ntimeout 300ms\n}", "{up}", ""), up)
+	client := newClient(t)
+	client.Timeout = 5 * time.Second
+
+	// Writes are never cut: they may not be safe to repeat, and their
+	// upstream may take its time.
+	for _, method := range []string{"POST", "PUT", "PATCH"} {
+		req, _ := http.NewRequest(method, baseURL+pathFor(t, "/"+method), strings.NewReader("x"))
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("%s: %v", method, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || string(body) != "wrote x" {
+			t.Errorf("%s that takes 1s with timeout 300ms: %d %q; want it answered", method, resp.StatusCode, body)
+		}
+	}
+	// Headers in time, body late: the body takes as long as it takes.
+	if f := get(client, "GET", baseURL+pathFor(t, "/slow-body")); f.err != nil || f.status != http.StatusOK || f.body != "slow body" {
+		t.Errorf("a GET whose headers came at once and body after 1s: %d %q %q %v", f.status, f.body, f.cacheStatus(), f.err)
+	}
+	// Headers late: cut.
+	if f := get(client, "GET", baseURL+pathFor(t, "/late")); f.err != nil || f.status != http.StatusGatewayTimeout || f.cacheStatus() != upstreamTimeout {
+		t.Errorf("a GET whose headers come after 1s with timeout 300ms: %d %q %q %v; want 504", f.status, f.body, f.cacheStatus(), f.err)
+	}
+}
+
+func TestHalfOpenProbeThatStreamsReleasesItsFollowersUpstream(t *testing.T) {
+	big := strings.Repeat("s", 64<<10) // above max_body: the leader streams it
+	for _, probes := range []int{1, 2} {
+		t.Run("probes "+strconv.Itoa(probes), func(t *testing.T) {
+			var bad atomic.Bool
+			bad.Store(true)
+			gate := make(chan struct{})
+			up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+				if bad.Load() {
+					http.Error(w, "down", http.StatusBadGateway)
+					return
+				}
+				<-gate
+				_, _ = fmt.Fprint(w, big)
+			})
+			options := fmt.Sprintf("max_body 1KiB\nbreaker {\nfailures 2\nopen 1s\nprobes %d\n}", probes)
+			startCaddy(t, breakerSite(options, "{up}", ""), up)
+			client := newClient(t)
+			warm(t, client, 10)
+			for i := range 2 {
+				get(client, "GET", baseURL+pathFor(t, "/fail"+strconv.Itoa(i)))
+			}
+			if f := get(client, "GET", baseURL+pathFor(t, "/tripped")); !isBreakerOpen(f, 1) {
+				t.Fatalf("not tripped: %d %q", f.status, f.cacheStatus())
+			}
+			bad.Store(false)
+			time.Sleep(1100 * time.Millisecond) // open 1s: the next request is a probe
+
+			path := pathFor(t, "/stream")
+			leader := make(chan fetched, 1)
+			go func() { leader <- get(client, "GET", baseURL+path) }()
+			if !waitFor(5*time.Second, func() bool { return up.inflight.Load() == 1 }) {
+				t.Fatal("the probe never reached the upstream")
+			}
+			followers := make(chan []fetched, 1)
+			go func() { followers <- herd(client, 4, "GET", baseURL+path) }()
+			if !waitFor(5*time.Second, func() bool { return followersWaiting(t, client, path) == 4 }) {
+				t.Fatalf("%d followers joined the probe's flight, want 4", followersWaiting(t, client, path))
+			}
+			close(gate) // the upstream answers, healthy, with a body too large to share
+			got := append([]fetched{<-leader}, <-followers...)
+			for i, f := range got {
+				if f.err != nil || f.status != http.StatusOK || f.body != big {
+					t.Errorf("client %d of the probe's flight: %d %q %q %v; the upstream answered it", i, f.status, clip(f.body), f.cacheStatus(), f.err)
+				}
+			}
+		})
+	}
+}
+
+// The breaker's state changes are logged; a log sink that stalls must not
+// stall the requests to that upstream.
+
+// stalledLog is a log writer (`output test_stalled`) that holds every write
+// while it is armed, as a sink that stalls does (a full pipe, a hung disk).
+type stalledLog struct{}
+
+var logStall struct {
+	mu      sync.Mutex
+	gate    chan struct{} // nil: writes pass; otherwise they wait for it to close
+	waiting atomic.Int64  // writes held now
+}
+
+// armLogStall makes the writes of test_stalled logs wait; the returned
+// function releases them (again and again harmlessly).
+func armLogStall() (release func()) {
+	gate := make(chan struct{})
+	logStall.mu.Lock()
+	logStall.gate = gate
+	logStall.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			logStall.mu.Lock()
+			logStall.gate = nil
+			logStall.mu.Unlock()
+			close(gate)
+		})
+	}
+}
+
+func (stalledLog) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{ID: "caddy.logging.writers.test_stalled", New: func() caddy.Module { return new(stalledLog) }}
+}
+func (stalledLog) String() string                                   { return "test_stalled" }
+func (stalledLog) WriterKey() string                                { return "test_stalled" }
+func (stalledLog) OpenWriter() (io.WriteCloser, error)              { return stalledWriter{}, nil }
+func (*stalledLog) UnmarshalCaddyfile(d *caddyfile.Dispenser) error { d.Next(); return nil }
+
+type stalledWriter struct{}
+
+func (stalledWriter) Write(p []byte) (int, error) {
+	logStall.mu.Lock()
+	gate := logStall.gate
+	logStall.mu.Unlock()
+	if gate != nil {
+		logStall.waiting.Add(1)
+		<-gate
+		logStall.waiting.Add(-1)
+	}
+	return len(p), nil
+}
+func (stalledWriter) Close() error { return nil }
+
+func init() { caddy.RegisterModule(stalledLog{}) }
+
+func TestBreakerStateChangeLoggedToAStalledSinkDelaysNoOtherRequest(t *testing.T) {
+	up, _ := failingUpstream(t, true)
+	global := strings.TrimSuffix(globalOptions, "}\n") + "\tlog breakers {\n\t\toutput test_stalled\n\t\tinclude http.handlers.coalesce\n\t}\n}\n"
+	release := armLogStall()
+	t.Cleanup(release)
+	caddytest.NewTester(t).InitServer(global+withUpstreams(breakerSite("breaker {\nfailures 2\nopen 10s\n}", "{up}", ""), []*upstream{up}), "caddyfile")
+	client := newClient(t)
+	client.Timeout = 5 * time.Second
+
+	get(client, "GET", baseURL+pathFor(t, "/1"))
+	tripping := make(chan fetched, 1)
+	go func() { tripping <- get(client, "GET", baseURL+pathFor(t, "/2")) }() // trips the breaker: a log line
+	if !waitFor(5*time.Second, func() bool { return logStall.waiting.Load() > 0 }) {
+		t.Fatal("the breaker's state change was never logged")
+	}
+	// The sink holds the line; every other request to that upstream is
+	// answered at once all the same.
+	for i, f := range together(10, func(i int) fetched {
+		return get(client, "GET", baseURL+pathFor(t, "/open"+strconv.Itoa(i)))
+	}) {
+		if !isBreakerOpen(f, 10) || f.took > 2*time.Second {
+			t.Errorf("client %d while the log sink stalls: %d %q after %s %v", i, f.status, f.cacheStatus(), f.took, f.err)
+		}
+	}
+	release()
+	if f := <-tripping; f.status != http.StatusServiceUnavailable {
+		t.Errorf("the request that tripped the breaker: %d %v; want the upstream's own 503", f.status, f.err)
 	}
 }

@@ -678,3 +678,100 @@ func TestWithSeveralUpstreamsTheEngineAnswersOnlyWhenAllRefuse(t *testing.T) {
 }
 
 type memberKey struct{}
+
+func TestBreakerReportsStateChangesOutsideItsLockInOrder(t *testing.T) {
+	stall := make(chan struct{})
+	reporting := make(chan struct{}, 1)
+	var mu sync.Mutex
+	var got []string
+	set := NewBreakers(func(c BreakerChange) {
+		if c.From == BreakerClosed && c.To == BreakerOpen {
+			reporting <- struct{}{}
+			<-stall // a log sink that stalls
+		}
+		mu.Lock()
+		got = append(got, fmt.Sprintf("%s>%s", c.From, c.To))
+		mu.Unlock()
+	})
+	b := set.Breaker("a:80", testBreakerConfig(20*time.Millisecond))
+	pass(b, failure)
+	pass(b, failure)
+	tripped := make(chan struct{})
+	go func() {
+		defer close(tripped)
+		pass(b, failure)
+	}()
+	<-reporting
+	// While the opening is being reported, the breaker serves everybody
+	// else, and changes state again.
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		for b.State() != BreakerHalfOpen {
+			time.Sleep(time.Millisecond)
+		}
+		pass(b, success) // the probe: closed again
+		for range 100 {
+			pass(b, success)
+			_ = b.status(time.Now())
+		}
+	}()
+	select {
+	case <-served:
+	case <-time.After(10 * time.Second):
+		close(stall)
+		t.Fatal("the breaker is held while one of its state changes is reported")
+	}
+	close(stall)
+	<-tripped
+	mu.Lock()
+	defer mu.Unlock()
+	if s := strings.Join(got, " "); s != "closed>open open>half-open half-open>closed" {
+		t.Errorf("changes reported %q, want closed>open open>half-open half-open>closed, in that order", s)
+	}
+}
+
+// lbPolicy plays reverse_proxy with `lb_policy breaker` over members: the
+// first member whose breaker takes the request answers it with the status
+// that member's entry in statuses holds; none: 503 as reverse_proxy's.
+func lbPolicy(members []string, statuses map[string]*atomic.Int64) Next {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		pick := PickFrom(r.Context())
+		pick.Begin(r)
+		for _, u := range members {
+			if pick.Ready(u) && pick.Take(u) {
+				w.WriteHeader(int(statuses[u].Load()))
+				return nil
+			}
+		}
+		pick.NoneReady(members)
+		return &StatusError{Status: http.StatusServiceUnavailable, Err: errors.New("no upstreams available")}
+	}
+}
+
+func TestAProbeSlotTheHandlerGuessedPassesToThePolicy(t *testing.T) {
+	status := new(atomic.Int64)
+	status.Store(http.StatusBadGateway)
+	next := lbPolicy([]string{"a:80"}, map[string]*atomic.Int64{"a:80": status})
+	e := newBrEngine(t, func(c *Config) {
+		c.Breaker = testBreakerConfig(20 * time.Millisecond)
+		c.Hooks.Upstream = func(*http.Request) string { return "" }
+	})
+	for i := range 3 {
+		brGet(e, next, "/fail"+strconv.Itoa(i))
+	}
+	if s := e.guard.breaker("a:80").State(); s != BreakerOpen {
+		t.Fatalf("a:80 is %s after 3 failures", s)
+	}
+	status.Store(http.StatusOK)
+	time.Sleep(30 * time.Millisecond) // open 20ms: the next request is the probe
+	// A minute without a steered request: the engine guesses its one seen
+	// upstream again before the policy runs.
+	e.seen.steeredAt.Store(time.Now().Add(-2 * steerForget).UnixNano())
+	if w := brGet(e, next, "/probe"); w.Code != http.StatusOK {
+		t.Fatalf("the probe to a healthy member: %d %q; the request competed with itself for the probe slot", w.Code, w.Header().Get("Cache-Status"))
+	}
+	if s := e.guard.breaker("a:80").State(); s != BreakerClosed {
+		t.Errorf("after a good probe a:80 is %s, want closed", s)
+	}
+}

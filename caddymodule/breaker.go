@@ -30,7 +30,9 @@ var breakers = coalesce.NewBreakers(func(c coalesce.BreakerChange) {
 // once, by whichever config is current.
 var breakerLogger atomic.Pointer[zap.Logger]
 
-// logBreakerChange runs under the breaker's lock: it only logs.
+// logBreakerChange is told a change after the breaker's lock is released,
+// by the request that caused it: a stalled log sink holds up that request
+// only.
 func logBreakerChange(c coalesce.BreakerChange) {
 	log := breakerLogger.Load()
 	if log == nil {

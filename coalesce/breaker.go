@@ -184,6 +184,7 @@ var (
 
 // ticket is a request that a breaker let through; it must be reported
 // exactly once, or a half-open breaker keeps its probe slot forever.
+// Reporting it delivers the state changes it caused.
 type ticket func(error)
 
 func (t ticket) report(v verdict) {
@@ -217,6 +218,12 @@ type Breaker struct {
 	// read under gobreaker's lock (ReadyToTrip and OnStateChange both run
 	// under it), never elsewhere.
 	tripped gobreaker.Counts
+
+	// changes are the state changes gobreaker made under its lock, waiting
+	// to be told to onChange once it is released (see deliver).
+	changesMu  sync.Mutex
+	changes    []BreakerChange
+	delivering bool
 }
 
 func newBreaker(upstream string, cfg BreakerConfig, onChange func(BreakerChange)) *Breaker {
@@ -257,7 +264,9 @@ func (b *Breaker) readyToTrip(c gobreaker.Counts) bool {
 }
 
 // stateChanged runs under gobreaker's lock: it must not call the breaker's
-// methods (State would deadlock), and neither may onChange.
+// methods (State would deadlock). It only queues the change: onChange (a
+// log line, a metric) could take its time, and every request to the
+// upstream would wait for it on that lock.
 func (b *Breaker) stateChanged(_ string, from, to gobreaker.State) {
 	ch := BreakerChange{Upstream: b.upstream, From: stateOf(from), To: stateOf(to)}
 	switch {
@@ -283,8 +292,49 @@ func (b *Breaker) stateChanged(_ string, from, to gobreaker.State) {
 		b.openUntil.Store(ch.Until.UnixNano())
 	}
 	if b.onChange != nil {
-		b.onChange(ch)
+		b.changesMu.Lock()
+		b.changes = append(b.changes, ch)
+		b.changesMu.Unlock()
 	}
+}
+
+// deliver tells onChange the queued state changes. It runs after each call
+// into gobreaker, outside its lock. One caller delivers at a time and takes
+// over the changes the others queue meanwhile, so that changes are told in
+// the order they happened, and only the caller that delivers waits for a
+// slow onChange (golang-lru calls its eviction callback after Unlock for
+// the same reason).
+func (b *Breaker) deliver() {
+	b.changesMu.Lock()
+	if b.delivering || len(b.changes) == 0 {
+		b.changesMu.Unlock()
+		return
+	}
+	b.delivering = true
+	defer func() {
+		// Also when onChange panics: the next caller delivers the rest.
+		b.changesMu.Lock()
+		b.delivering = false
+		b.changesMu.Unlock()
+	}()
+	for len(b.changes) > 0 {
+		batch := b.changes
+		b.changes = nil
+		b.changesMu.Unlock()
+		for _, ch := range batch {
+			b.onChange(ch)
+		}
+		b.changesMu.Lock()
+	}
+	b.changesMu.Unlock()
+}
+
+// state is gobreaker's state now; asking may turn an open breaker whose
+// time is up half-open.
+func (b *Breaker) state() gobreaker.State {
+	s := b.cb.State()
+	b.deliver()
+	return s
 }
 
 // Upstream is the address the breaker is for.
@@ -292,12 +342,12 @@ func (b *Breaker) Upstream() string { return b.upstream }
 
 // State is the breaker's state now (an open breaker whose time is up turns
 // half-open here).
-func (b *Breaker) State() BreakerState { return stateOf(b.cb.State()) }
+func (b *Breaker) State() BreakerState { return stateOf(b.state()) }
 
 // ready reports whether a request would be let through now: closed, or
 // half-open with a probe slot free. Allow is the authoritative check.
 func (b *Breaker) ready() bool {
-	switch b.cb.State() {
+	switch b.state() {
 	case gobreaker.StateClosed:
 		return true
 	case gobreaker.StateHalfOpen:
@@ -313,8 +363,12 @@ func (b *Breaker) ready() bool {
 func (b *Breaker) allow(now time.Time) (ticket, time.Time, bool) {
 	b.lastUsed.Store(now.UnixNano())
 	done, err := b.cb.Allow()
+	b.deliver()
 	if err == nil {
-		return done, time.Time{}, true
+		return func(err error) {
+			done(err)
+			b.deliver()
+		}, time.Time{}, true
 	}
 	return nil, b.retryAt(now), false
 }
@@ -366,8 +420,9 @@ type Breakers struct {
 type breakerID struct{ upstream, settings string }
 
 // NewBreakers makes an empty set. onChange (may be nil) is told of every
-// state change of every breaker, once; it runs under that breaker's lock and
-// must not call back into it.
+// state change of every breaker, once, in order, after the breaker's lock
+// is released, by the request that caused the change (or by the next one
+// to ask the breaker, while that one is still telling an earlier change).
 func NewBreakers(onChange func(BreakerChange)) *Breakers {
 	return &Breakers{onChange: onChange, byID: map[breakerID]*Breaker{}, byUpstream: map[string][]*Breaker{}}
 }
@@ -406,7 +461,8 @@ func (s *Breakers) get(upstream, settings string, cfg BreakerConfig) *Breaker {
 // as the pruned one was.
 func (s *Breakers) pruneLocked(now time.Time) {
 	for id, b := range s.byID {
-		if now.Sub(time.Unix(0, b.lastUsed.Load())) < pruneIdle || b.State() != BreakerClosed {
+		// Not b.State(): that delivers changes, which must not wait under s.mu.
+		if now.Sub(time.Unix(0, b.lastUsed.Load())) < pruneIdle || b.cb.State() != gobreaker.StateClosed {
 			continue
 		}
 		delete(s.byID, id)

@@ -112,9 +112,10 @@ type BreakerOptions struct {
 	// failing one. Once the headers are in, the body takes as long as it
 	// takes. Requests with a body (uploads, writes) and other methods are
 	// never cut. An endpoint that holds requests longer on purpose (long
-	// polling) needs a larger value, or 0. Default: 30s; 0 turns it off;
-	// at most 1h.
-	Timeout *caddy.Duration `json:"timeout,omitempty"`
+	// polling) needs a larger value, or none. Default (0 or absent): 30s.
+	// A negative duration (-1, the Caddyfile's `timeout 0`) turns it off.
+	// At most 1h.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
 }
 
 // config turns the options into the engine's breaker settings; zero fields
@@ -146,6 +147,9 @@ func (o *BreakerOptions) config() coalesce.BreakerConfig {
 	}
 	if o.Status != nil {
 		c.Statuses = o.Status
+	}
+	if o.Timeout != 0 {
+		c.Timeout = time.Duration(o.Timeout)
 	}
 	return c
 }
@@ -238,11 +242,9 @@ func (h *Handler) unmarshalBreaker(d *caddyfile.Dispenser) error {
 				o.Status = append(o.Status, n)
 			}
 		case "timeout":
-			var dur caddy.Duration
-			if dur, err = parseDuration(d); err == nil && time.Duration(dur) > time.Hour {
+			if o.Timeout, err = parseDurationOrOff(d); err == nil && time.Duration(o.Timeout) > coalesce.MaxBreakerTimeout {
 				err = d.Errf("timeout must be at most 1h (got %s): it bounds the wait for response headers; write a shorter duration, or 0 to turn it off", d.Val())
 			}
-			o.Timeout = &dur
 		default:
 			return d.Errf("unrecognized breaker option %q (want failures, ratio, open, probes, status or timeout)", opt)
 		}

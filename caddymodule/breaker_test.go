@@ -251,3 +251,55 @@ func TestBreakerStateChangesAreLoggedOnceEach(t *testing.T) {
 		t.Errorf("the opening line does not say which upstream and what tripped it: %v", opened)
 	}
 }
+
+func TestCaddyfileBreakerTimeout(t *testing.T) {
+	for input, want := range map[string]time.Duration{
+		"breaker {\n timeout 750ms\n}": 750 * time.Millisecond,
+		"breaker {\n timeout 0\n}":     coalesce.Off,
+	} {
+		h, err := parseCoalesce(t, "coalesce {\n"+input+"\n}")
+		if err != nil {
+			t.Fatalf("%q: %v", input, err)
+		}
+		if got := h.Breaker.config().Timeout; got != want {
+			t.Errorf("%q: timeout %s, want %s", input, got, want)
+		}
+	}
+	if h, _ := parseCoalesce(t, "coalesce {\n breaker {\n failures 3\n }\n}"); h.Breaker.config().Timeout != 30*time.Second {
+		t.Errorf("a breaker block without timeout: %s, want the default 30s", h.Breaker.config().Timeout)
+	}
+	for input, want := range map[string]string{
+		"breaker {\n timeout -1s\n}":             "timeout must not be negative",
+		"breaker {\n timeout 2h\n}":              "timeout must be at most 1h (got 2h)",
+		"breaker {\n timeout\n}":                 "timeout needs a duration, e.g. timeout 30s",
+		"breaker {\n timeout 1s 2s\n}":           `timeout takes one duration, got another argument "2s"`,
+		"breaker {\n timeout later\n}":           `timeout: "later" is not a duration`,
+		"breaker {\n timeout 1s\n timeout 2s\n}": "timeout is given twice (first at Testfile:3)",
+	} {
+		if _, err := parseCoalesce(t, "coalesce {\n"+input+"\n}"); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: got %v, want an error saying %q", input, err, want)
+		}
+	}
+	for raw, want := range map[string]time.Duration{
+		`{}`:                           30 * time.Second,
+		`{"breaker":{}}`:               30 * time.Second,
+		`{"breaker":{"timeout":"5s"}}`: 5 * time.Second,
+		`{"breaker":{"timeout":0}}`:    30 * time.Second,
+		`{"breaker":{"timeout":-1}}`:   coalesce.Off,
+	} {
+		var h Handler
+		if err := json.Unmarshal([]byte(raw), &h); err != nil {
+			t.Fatal(err)
+		}
+		if got := h.config().Breaker.Timeout; got != want || h.Validate() != nil {
+			t.Errorf("%s: timeout %s (%v), want %s", raw, got, h.Validate(), want)
+		}
+	}
+	var h Handler
+	if err := json.Unmarshal([]byte(`{"breaker":{"timeout":"2h"}}`), &h); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Validate(); err == nil || !strings.Contains(err.Error(), "timeout must be at most 1h") {
+		t.Errorf("a timeout of 2h in JSON: %v", err)
+	}
+}

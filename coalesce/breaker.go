@@ -15,7 +15,8 @@ import (
 // BreakerConfig configures the circuit breaker that each upstream gets. The
 // zero value of every field means its default: BreakerConfig{} trips on 5
 // consecutive failures, stays open 10s, then lets one probe through; 502,
-// 503 and 504 are failures.
+// 503 and 504 are failures, and so is a GET without response headers after
+// 30s.
 type BreakerConfig struct {
 	// Disabled turns the breakers off: every request goes upstream.
 	Disabled bool
@@ -39,7 +40,20 @@ type BreakerConfig struct {
 	// Statuses are the response statuses that count as failures; transport
 	// errors always do. Empty: 502, 503 and 504.
 	Statuses []int
+	// Timeout bounds the wait for the response headers of a GET or HEAD
+	// request without a body: past it the upstream request is cut, answered
+	// 504 (ErrUpstreamTimeout) and counted as a failure, so that a hung
+	// upstream trips the breaker. 0: DefaultBreakerTimeout (30s). Off (a
+	// negative duration): no bound. At most MaxBreakerTimeout.
+	Timeout time.Duration
 }
+
+// MaxBreakerTimeout is the largest BreakerConfig.Timeout: a longer wait for
+// response headers is a typo (1h for 1s), or wants no bound at all (Off).
+const MaxBreakerTimeout = time.Hour
+
+// DefaultBreakerTimeout is BreakerConfig.Timeout when it is 0.
+const DefaultBreakerTimeout = 30 * time.Second
 
 // DefaultBreakerConfig is BreakerConfig{} with its defaults written out.
 // The ratio mode, when Ratio is set, waits for 20 answers within a rolling
@@ -67,6 +81,9 @@ func (c BreakerConfig) WithDefaults() BreakerConfig {
 	}
 	if len(c.Statuses) == 0 {
 		c.Statuses = []int{502, 503, 504}
+	}
+	if c.Timeout == 0 {
+		c.Timeout = DefaultBreakerTimeout
 	}
 	return c
 }
@@ -97,6 +114,9 @@ func (c BreakerConfig) Validate() error {
 	if c.Probes < 1 || c.Probes > 10_000 {
 		bad("probes is how many requests test a half-open upstream, from 1 to 10000 (got %d)", c.Probes)
 	}
+	if c.Timeout > MaxBreakerTimeout {
+		bad("timeout must be at most %s (got %s): it bounds the wait for response headers; write a shorter duration, or 0 to turn it off (-1 in JSON)", MaxBreakerTimeout, c.Timeout)
+	}
 	for _, s := range c.Statuses {
 		if s < 100 || s > 599 {
 			bad("status %d is not an HTTP status code (100-599)", s)
@@ -106,7 +126,9 @@ func (c BreakerConfig) Validate() error {
 }
 
 // fingerprint tells breaker settings apart: an upstream has one breaker per
-// distinct setting, shared by every handler that uses it.
+// distinct setting, shared by every handler that uses it. Timeout is not
+// one of them: it is how the handler judges a request, not how the breaker
+// counts.
 func (c BreakerConfig) fingerprint() string {
 	return fmt.Sprintf("failures=%d ratio=%g min=%d window=%s open=%s probes=%d status=%v",
 		c.Failures, c.Ratio, c.MinRequests, c.Window, c.Open, c.Probes, c.Statuses)

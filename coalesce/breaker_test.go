@@ -775,3 +775,44 @@ func TestAProbeSlotTheHandlerGuessedPassesToThePolicy(t *testing.T) {
 		t.Errorf("after a good probe a:80 is %s, want closed", s)
 	}
 }
+
+func TestACutRequestIsAnswered504WithNothingOfWhatArrivedTooLate(t *testing.T) {
+	// next plays reverse_proxy whose upstream's header arrives just as the
+	// timeout cuts the request: copied into the header map, then written
+	// after the cut.
+	next := func(w http.ResponseWriter, r *http.Request) error {
+		w.Header().Set("Content-Length", "5")
+		w.Header().Set("X-Upstream", "late")
+		<-r.Context().Done()
+		if !errors.Is(context.Cause(r.Context()), ErrUpstreamTimeout) {
+			return r.Context().Err()
+		}
+		w.WriteHeader(http.StatusOK)
+		_, _ = w.Write([]byte("late!"))
+		return nil
+	}
+	e := newBrEngine(t, func(c *Config) { c.Breaker.Timeout = 50 * time.Millisecond })
+	for _, tc := range []struct {
+		name, cacheStatus string
+		header            []string
+	}{
+		{"leader", `caddy-coalesce; fwd=uri-miss; fwd-status=504; detail="upstream-timeout"`, nil},
+		{"bypassed", `caddy-coalesce; fwd=bypass; fwd-status=504; detail="upstream-timeout"`, []string{"Range", "bytes=0-1"}},
+	} {
+		w := httptest.NewRecorder()
+		r := httptest.NewRequest(http.MethodGet, "http://api.example/"+tc.name, nil)
+		w.Header().Set("X-Before", "kept") // set by a handler in front
+		if tc.header != nil {
+			r.Header.Set(tc.header[0], tc.header[1])
+		}
+		err := e.Serve(w, r, next)
+		var se *StatusError
+		if !errors.As(err, &se) || se.Status != http.StatusGatewayTimeout || !errors.Is(err, ErrUpstreamTimeout) {
+			t.Errorf("%s: %v, want a 504 StatusError for ErrUpstreamTimeout", tc.name, err)
+		}
+		h := w.Header()
+		if w.Body.Len() != 0 || h.Get("Content-Length") != "" || h.Get("X-Upstream") != "" || h.Get("X-Before") != "kept" || h.Get("Cache-Status") != tc.cacheStatus {
+			t.Errorf("%s: body %q header %v; want nothing of the late answer, X-Before kept, Cache-Status %q", tc.name, w.Body, h, tc.cacheStatus)
+		}
+	}
+}

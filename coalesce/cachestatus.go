@@ -32,6 +32,8 @@ type cacheStatus struct {
 	// collapsed: the response was shared with this request by its leader.
 	collapsed bool
 	detail    string
+	// quoteDetail writes detail as a string even when it is a token.
+	quoteDetail bool
 	// detailTTL writes the ttl in milliseconds as the detail
 	// (detail="ttl-ms=37"), the precision a micro-cache needs.
 	detailTTL bool
@@ -73,15 +75,15 @@ func (cs cacheStatus) append(b []byte) []byte {
 		b = append(b, '"')
 	case cs.detail != "":
 		b = append(b, "; detail="...)
-		b = appendDetail(b, cs.detail)
+		b = appendDetail(b, cs.detail, cs.quoteDetail)
 	}
 	return b
 }
 
-// appendDetail writes d as a token when it is one (RFC 8941 §3.3.4), else
-// as a quoted string.
-func appendDetail(b []byte, d string) []byte {
-	if isToken(d) {
+// appendDetail writes d as a token when it is one (RFC 8941 §3.3.4) and
+// quote is not set, else as a quoted string.
+func appendDetail(b []byte, d string, quote bool) []byte {
+	if !quote && isToken(d) {
 		return append(b, d...)
 	}
 	b = append(b, '"')

@@ -24,6 +24,7 @@ func TestZeroConfigMeansTheDocumentedDefaults(t *testing.T) {
 			Open:        10 * time.Second,
 			Probes:      1,
 			Statuses:    []int{502, 503, 504},
+			Timeout:     30 * time.Second,
 		},
 	}
 	if !reflect.DeepEqual(got, want) {

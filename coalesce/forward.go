@@ -53,7 +53,14 @@ func (e *Engine) forward(w http.ResponseWriter, r *http.Request, next Next, key 
 		return err
 	}
 	defer pass.release()
-	err := next(sw, ur)
+	err := pass.send(next, sw, ur)
+	if pass.timedOut() {
+		pass.settle(ur, err, 0)
+		w.Header().Add("Cache-Status", cutStatus(member.fwd, false).String())
+		ev.Detail = detailUpstreamTimeout
+		e.observe(r, ev)
+		return errCut
+	}
 	if until := pass.settle(ur, err, sw.status); !until.IsZero() && err != nil && sw.status == 0 {
 		return e.refuse(w, r, key, until)
 	}

@@ -2,6 +2,7 @@ package coalesce
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"time"
 
@@ -78,6 +79,9 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 		a.stale.writeStale(w, r, false, time.Now())
 		ev.Outcome, ev.Detail = OutcomeStaleIfError, detailStaleIfError
 		return nil
+	case errors.Is(a.err, ErrUpstreamTimeout):
+		w.Header().Add("Cache-Status", cutStatus(fwd, false).String())
+		return a.err
 	case a.err != nil:
 		w.Header().Add("Cache-Status", cacheStatus{fwd: fwd, detail: a.detail}.String())
 		return a.err
@@ -122,8 +126,11 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 			return cacheStatus{fwd: fwd, detail: reason}.String()
 		})
 	defer rec.finish() // also when next panics: no late flush after the handler
-	err := next(rec, ur)
+	err := pass.send(next, rec, ur)
 	rec.finish()
+	if pass.timedOut() {
+		err = errCut
+	}
 	a := answer{waiters: f.Waiters(), flight: time.Since(f.Started())}
 
 	if rec.streaming {
@@ -171,6 +178,9 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 	if err != nil {
 		f.Publish(&result{err: err}, nil)
 		a.detail, a.err = detailUpstreamError, err
+		if pass.timedOut() {
+			a.detail = detailUpstreamTimeout
+		}
 		return a
 	}
 

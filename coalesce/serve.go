@@ -119,6 +119,10 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 		w.Header().Add("Cache-Status", cacheStatus{fwd: fwd, collapsed: true, detail: "leader-failed"}.String())
 		e.observe(r, Event{Outcome: OutcomeError, Key: key, Wait: waited})
 		return &StatusError{Status: http.StatusBadGateway, Err: ErrLeaderFailed}
+	case res.err != nil && errors.Is(res.err, ErrUpstreamTimeout):
+		w.Header().Add("Cache-Status", cutStatus(fwd, true).String())
+		e.observe(r, Event{Outcome: OutcomeError, Key: key, Wait: waited, Detail: detailUpstreamTimeout})
+		return res.err
 	case res.err != nil:
 		w.Header().Add("Cache-Status", cacheStatus{fwd: fwd, collapsed: true, detail: detailUpstreamError}.String())
 		e.observe(r, Event{Outcome: OutcomeError, Key: key, Wait: waited})

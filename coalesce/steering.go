@@ -153,6 +153,8 @@ type passage struct {
 	pick    *Pick
 	pre     *Breaker // the one known upstream, asked before next
 	preDone ticket
+	// cut: the breaker's timeout cut the request (see send).
+	cut     bool
 	settled bool
 }
 
@@ -215,6 +217,9 @@ func (p *passage) settle(r *http.Request, err error, status int) time.Time {
 	p.settled = true
 	e, g := p.e, p.e.guard
 	v := e.verdict(r, err, status)
+	if p.cut {
+		v = failure
+	}
 	now := time.Now()
 	if pk := p.pick; pk.used {
 		// The policy decided; what the engine let through is not counted.
@@ -268,8 +273,9 @@ func (p *passage) release() {
 	p.pick.done = nil
 }
 
-// verdict classifies an upstream request: its context ended (every client
-// went away, or a refresh's own timeout) or it was the client's cancel:
+// verdict classifies an upstream request (one the breaker's timeout cut is
+// a failure before it gets here): its context ended (every client went
+// away, or a refresh's own timeout) or it was the client's cancel:
 // excluded; an error that Hooks.UpstreamFailed calls a failure, or a status
 // in Statuses: failure; anything else: success.
 func (e *Engine) verdict(r *http.Request, err error, status int) verdict {

@@ -1,0 +1,168 @@
+package coalesce
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"sync/atomic"
+	"time"
+)
+
+// The breaker's timeout: an upstream that accepts a request and never
+// answers ends only when its clients give up, and a client giving up is
+// not the upstream's failure. So the wait for response headers is bounded
+// (BreakerConfig.Timeout); a request cut at the bound is answered 504 and
+// counts as a failure.
+
+// ErrUpstreamTimeout is the error of an upstream request cut because its
+// response headers did not arrive within BreakerConfig.Timeout.
+var ErrUpstreamTimeout = errors.New("coalesce: no response headers from the upstream within the breaker's timeout")
+
+const detailUpstreamTimeout = "upstream-timeout"
+
+// errCut is what a cut request answers its clients.
+var errCut = &StatusError{Status: http.StatusGatewayTimeout, Err: ErrUpstreamTimeout}
+
+// cutStatus is the Cache-Status member of an answer to a cut request; fwd
+// says why it went upstream.
+func cutStatus(fwd string, collapsed bool) cacheStatus {
+	return cacheStatus{fwd: fwd, fwdStatus: http.StatusGatewayTimeout, collapsed: collapsed, detail: detailUpstreamTimeout, quoteDetail: true}
+}
+
+// cuttable reports whether the timeout may cut r: a GET or HEAD without a
+// body. A request with a body (an upload, a write) may not be safe to send
+// again and may take long for good reasons.
+func cuttable(r *http.Request) bool {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		return false
+	}
+	// As bypassReason tells a body: HTTP/1.1 chunked bodies come in
+	// TransferEncoding, HTTP/2 bodies without a length as ContentLength -1.
+	return r.ContentLength <= 0 && len(r.TransferEncoding) == 0 && len(r.Header.Values("Transfer-Encoding")) == 0 &&
+		(r.ContentLength == 0 || r.ProtoMajor != 2)
+}
+
+// send calls next with r under the passage: a request the timeout may cut
+// goes with a context that is cancelled, with ErrUpstreamTimeout as its
+// cause, when the timeout passes before the response headers; afterwards
+// the passage knows (cut). Nothing the handler writes after the cut goes
+// out (reverse_proxy writes 499 for its cancelled request): the caller
+// answers.
+func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error {
+	if p == nil || p.e.guard.cfg.Timeout <= 0 || !cuttable(r) {
+		return next(w, r)
+	}
+	ctx, cancel := context.WithCancelCause(r.Context())
+	hw := &headerWatch{ResponseWriter: w}
+	if _, buffers := w.(*recorder); !buffers {
+		hw.header = w.Header().Clone()
+	}
+	hw.timer = time.AfterFunc(p.e.guard.cfg.Timeout, func() {
+		if hw.state.CompareAndSwap(headersDue, headersLate) {
+			cancel(ErrUpstreamTimeout)
+		}
+	})
+	defer func() {
+		hw.timer.Stop()
+		cancel(nil)
+		p.cut = hw.state.Load() == headersLate
+	}()
+	return next(hw, r.WithContext(ctx))
+}
+
+// timedOut reports whether the timeout cut the request send sent.
+func (p *passage) timedOut() bool { return p != nil && p.cut }
+
+// States of a headerWatch.
+const (
+	headersDue  int32 = iota // waiting for the response headers; the timer runs
+	headersIn                // they arrived in time; the timer is stopped
+	headersLate              // the timer fired first: the request is cut
+)
+
+// headerWatch stops the timeout's timer when the response headers arrive
+// (a final status: 1xx responses go through and the timer runs on), and
+// drops what is written after a cut. http.ResponseController reaches the
+// writer beneath through Unwrap.
+type headerWatch struct {
+	http.ResponseWriter
+	state atomic.Int32
+	timer *time.Timer
+	// header is the header the handler fills until the response headers go
+	// out, when the writer beneath would send its own as it is (a recorder
+	// keeps its own until it decides): the answer to a cut request must not
+	// carry part of an upstream header that arrived too late.
+	header http.Header
+}
+
+func (w *headerWatch) Header() http.Header {
+	if w.header != nil && w.state.Load() != headersIn {
+		return w.header
+	}
+	return w.ResponseWriter.Header()
+}
+
+// install makes h the header of the writer beneath.
+func (w *headerWatch) install(h http.Header) {
+	dst := w.ResponseWriter.Header()
+	for k := range dst {
+		if _, ok := h[k]; !ok {
+			delete(dst, k)
+		}
+	}
+	for k, v := range h {
+		dst[k] = v
+	}
+}
+
+// arrived reports whether the response may go out: its headers came before
+// the cut.
+func (w *headerWatch) arrived() bool {
+	if w.state.CompareAndSwap(headersDue, headersIn) {
+		w.timer.Stop()
+		if w.header != nil {
+			w.install(w.header)
+		}
+		return true
+	}
+	return w.state.Load() == headersIn
+}
+
+func (w *headerWatch) WriteHeader(code int) {
+	if code >= 100 && code < 200 && code != http.StatusSwitchingProtocols {
+		switch w.state.Load() {
+		case headersIn:
+			w.ResponseWriter.WriteHeader(code)
+		case headersDue:
+			if w.header == nil {
+				w.ResponseWriter.WriteHeader(code)
+				return
+			}
+			// An interim response goes out with the header as the
+			// handler set it; the header beneath is put back after.
+			saved := w.ResponseWriter.Header().Clone()
+			w.install(w.header)
+			w.ResponseWriter.WriteHeader(code)
+			w.install(saved)
+		}
+		return
+	}
+	if w.arrived() {
+		w.ResponseWriter.WriteHeader(code)
+	}
+}
+
+func (w *headerWatch) Write(b []byte) (int, error) {
+	if w.arrived() {
+		return w.ResponseWriter.Write(b)
+	}
+	return 0, ErrUpstreamTimeout
+}
+
+func (w *headerWatch) Flush() {
+	if w.arrived() {
+		_ = http.NewResponseController(w.ResponseWriter).Flush()
+	}
+}
+
+func (w *headerWatch) Unwrap() http.ResponseWriter { return w.ResponseWriter }

@@ -26,22 +26,23 @@ func (e *Engine) bypass(w http.ResponseWriter, r *http.Request, next Next, detai
 		sw.tag()
 		return err
 	}
-	return e.forward(w, r, next, Key{}, member, ev)
+	return e.forward(w, r, next, Key{}, member, ev, nil)
 }
 
 // uncollapsible sends the request upstream by itself, as the followers of a
 // response that cannot be shared do, and requests for a key marked
-// hit-for-miss.
-func (e *Engine) uncollapsible(w http.ResponseWriter, r *http.Request, next Next, key Key, detail, fwd string) error {
+// hit-for-miss. admitted is the breaker that let a follower's flight
+// through (see admit).
+func (e *Engine) uncollapsible(w http.ResponseWriter, r *http.Request, next Next, key Key, detail, fwd string, admitted *Breaker) error {
 	member := cacheStatus{fwd: fwd, detail: detail}
-	return e.forward(w, r, next, key, member, Event{Outcome: OutcomeUncollapsible, Key: key, Detail: detail, Upstream: true})
+	return e.forward(w, r, next, key, member, Event{Outcome: OutcomeUncollapsible, Key: key, Detail: detail, Upstream: true}, admitted)
 }
 
 // forward sends r upstream on its own under the breaker. member is its
 // Cache-Status member; key is zero for a bypassed request (no stored copy
 // can stand in for it).
-func (e *Engine) forward(w http.ResponseWriter, r *http.Request, next Next, key Key, member cacheStatus, ev Event) error {
-	ur, pass, until := e.admit(r)
+func (e *Engine) forward(w http.ResponseWriter, r *http.Request, next Next, key Key, member cacheStatus, ev Event, admitted *Breaker) error {
+	ur, pass, until := e.admit(r, admitted)
 	if !until.IsZero() {
 		return e.refuse(w, r, key, until)
 	}

@@ -22,6 +22,10 @@ type result struct {
 	stale  *entry
 	err    error
 	reason string // why followers cannot use resp
+	// admitted is the breaker that let the flight through, when its upstream
+	// answered with no failure: followers that cannot use the answer go
+	// upstream on its account (see admit).
+	admitted *Breaker
 	// openUntil: the upstream's breaker is open until then; followers are
 	// answered 503 with Retry-After.
 	openUntil time.Time
@@ -109,17 +113,22 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		}
 	}()
 
-	ur, pass, until := e.admit(upstreamRequest(r, f.Context()))
+	ur, pass, until := e.admit(upstreamRequest(r, f.Context()), nil)
 	if !until.IsZero() {
 		return e.refuseFlight(f, key, r, until)
 	}
 	defer pass.release()
-	rec := newRecorder(w, e.cfg.MaxBody,
+	var rec *recorder
+	rec = newRecorder(w, e.cfg.MaxBody,
 		func(reason string) {
 			// A response that cannot be buffered is healthy but cannot be
 			// shared or stored: the followers go on their own, the copy it
-			// replaces goes, and so do the next requests for a while.
-			f.Publish(&result{reason: reason}, nil)
+			// replaces goes, and so do the next requests for a while. It is
+			// judged now, by its status: a stream may last for hours, and a
+			// half-open probe would keep its slot as long. (rec.mu is held:
+			// rec.status is set.)
+			pass.settle(ur, nil, rec.status)
+			f.Publish(&result{reason: reason, admitted: pass.admitted()}, nil)
 			e.markHitForMiss(key)
 		},
 		func(reason string) string {
@@ -186,7 +195,7 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 
 	a.resp = newResponse(rec.status, rec.header, rec.buf.Bytes(), r)
 	if ok, reason := shareable(a.resp.Status, a.resp.Header, a.resp.cc); !ok {
-		f.Publish(&result{reason: reason}, nil)
+		f.Publish(&result{reason: reason, admitted: pass.admitted()}, nil)
 		e.markHitForMiss(key)
 		a.detail = reason
 		return a
@@ -207,7 +216,7 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		// key in demand: stored whatever the doorkeeper says.
 		a.stored = e.store(key, a.resp, r, f.Started(), a.waiters > 0 || fwd == fwdStale)
 	}
-	f.Publish(&result{resp: a.resp}, nil)
+	f.Publish(&result{resp: a.resp, admitted: pass.admitted()}, nil)
 	return a
 }
 

@@ -79,13 +79,13 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 		}
 	}
 	if e.hitForMiss.has(key, now) {
-		return e.uncollapsible(w, r, next, key, detailUncollapsible, fwdURIMiss)
+		return e.uncollapsible(w, r, next, key, detailUncollapsible, fwdURIMiss, nil)
 	}
 	if alone {
 		if f, ok := e.reg.Follow(string(key[:])); ok {
 			return e.follow(w, r, next, f, key, fwd)
 		}
-		return e.uncollapsible(w, r, next, key, detailAuthorization, fwdURIMiss)
+		return e.uncollapsible(w, r, next, key, detailAuthorization, fwdURIMiss, nil)
 	}
 
 	f, role := e.reg.Join(r.Context(), string(key[:]), flightNote{method: r.Method, path: r.URL.Path})
@@ -95,7 +95,7 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 	case registry.Leader:
 		return e.lead(w, r, next, f, key, fwd)
 	default:
-		return e.uncollapsible(w, r, next, key, "registry-full", fwdURIMiss)
+		return e.uncollapsible(w, r, next, key, "registry-full", fwdURIMiss, nil)
 	}
 }
 
@@ -132,15 +132,15 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 		e.observe(r, Event{Outcome: OutcomeStaleIfError, Key: key, Wait: waited, Detail: detailStaleIfError})
 		return nil
 	case res.stale != nil:
-		return e.uncollapsible(w, r, next, key, detailVaryMismatch, fwdVaryMiss)
+		return e.uncollapsible(w, r, next, key, detailVaryMismatch, fwdVaryMiss, nil)
 	case !res.openUntil.IsZero():
 		writeOpen(w, r, true, res.openUntil)
 		e.observe(r, Event{Outcome: OutcomeBreakerOpen, Key: key, Wait: waited, Detail: detailBreakerOpen})
 		return nil
 	case res.resp == nil:
-		return e.uncollapsible(w, r, next, key, res.reason, fwdURIMiss)
+		return e.uncollapsible(w, r, next, key, res.reason, fwdURIMiss, res.admitted)
 	case !res.resp.matchesVary(r):
-		return e.uncollapsible(w, r, next, key, detailVaryMismatch, fwdVaryMiss)
+		return e.uncollapsible(w, r, next, key, detailVaryMismatch, fwdVaryMiss, res.admitted)
 	}
 	res.resp.write(w, r, cacheStatus{fwd: fwd, fwdStatus: res.resp.Status, collapsed: true}, 0)
 	e.observe(r, Event{Outcome: OutcomeCollapsed, Key: key, Wait: waited})

@@ -192,19 +192,19 @@ func (e *Engine) serveStream(w http.ResponseWriter, r *http.Request, next Next) 
 		_ = sub.Serve(w)
 		return nil
 	case fanout.ReplayMiss:
-		return e.uncollapsible(w, r, next, key, detailReplayMiss, fwdURIMiss)
+		return e.uncollapsible(w, r, next, key, detailReplayMiss, fwdURIMiss, nil)
 	case fanout.Full:
-		return e.uncollapsible(w, r, next, key, "max-subscribers", fwdURIMiss)
+		return e.uncollapsible(w, r, next, key, "max-subscribers", fwdURIMiss, nil)
 	case fanout.Answered:
 		a := sub.Answer
 		if a.Truncated {
 			// Too large to share: everybody asks for it on their own.
-			return e.uncollapsible(w, r, next, key, "too-large", fwdURIMiss)
+			return e.uncollapsible(w, r, next, key, "too-large", fwdURIMiss, nil)
 		}
 		resp := newResponse(a.Status, a.Header.Clone(), a.Body, r)
 		if ok, reason := shareable(resp.Status, resp.Header, resp.cc); !ok {
 			if !sub.Started {
-				return e.uncollapsible(w, r, next, key, reason, fwdURIMiss)
+				return e.uncollapsible(w, r, next, key, reason, fwdURIMiss, nil)
 			}
 			resp.write(w, r, cacheStatus{fwd: fwdURIMiss, fwdStatus: resp.Status, detail: reason}, 0)
 			e.observe(r, Event{Outcome: outcome, Key: key, Detail: reason, Upstream: true})
@@ -291,7 +291,7 @@ func (e *Engine) openStream(r *http.Request, next Next) fanout.Open {
 		h.Del("If-None-Match")
 		h.Del("If-Modified-Since")
 
-		ur, pass, until := e.admit(ur)
+		ur, pass, until := e.admit(ur, nil)
 		if !until.IsZero() {
 			return &refusedError{until: until}
 		}

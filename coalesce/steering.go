@@ -36,8 +36,16 @@ import (
 //     whose breakers let the request through and takes the probe slots, and
 //     the engine only reports the outcome to the breaker the policy chose.
 //     Once a policy has been seen, the engine stops guessing for a while
-//     (steerForget), so that probe slots are never taken twice. The policy
-//     needs no learning: it is exact from the first request.
+//     (steerForget). When it guesses again and the guess took a probe slot,
+//     the slot passes to the policy if it picks that member, and goes back
+//     if it picks another: a request never competes with itself for a
+//     probe. The policy needs no learning: it is exact from the first
+//     request.
+//   - A follower whose flight's answer it cannot use goes upstream on its
+//     own, on its flight's account (admitted): the breaker that let the
+//     flight through lets it through too, without a probe slot of its own,
+//     unless it is open, so that no client is refused because its own
+//     flight holds the probe.
 //   - Nothing seen yet (the first requests of an engine): requests go on,
 //     and teach it.
 //
@@ -149,43 +157,59 @@ func (s *seenUpstreams) update(b *Breaker, now time.Time) {
 // passage is one upstream request's way through the breakers: what was let
 // through before next, and where the outcome goes afterwards.
 type passage struct {
-	e       *Engine
-	pick    *Pick
-	pre     *Breaker // the one known upstream, asked before next
-	preDone ticket
+	e    *Engine
+	pick *Pick
+	pre  *Breaker // the one known upstream, asked before next; its ticket is pick.held
 	// cut: the breaker's timeout cut the request (see send).
 	cut     bool
 	settled bool
+	// answered is the breaker the outcome went to, and ok whether the
+	// outcome was not a failure: then the flight's followers may go on its
+	// account (admitted).
+	answered *Breaker
+	ok       bool
 }
 
 // admit is asked before r goes upstream. It returns the request to send
 // (carrying a Pick for a load-balancing policy) and its passage, or, when
 // the upstream's breaker refuses, the time it lets requests through again.
-// The passage (nil when breakers are off) must be settled or released.
-func (e *Engine) admit(r *http.Request) (*http.Request, *passage, time.Time) {
+// admitted is the breaker that let the request's flight through, for a
+// follower that goes upstream on its own (nil otherwise). The passage (nil
+// when breakers are off) must be settled or released.
+func (e *Engine) admit(r *http.Request, admitted *Breaker) (*http.Request, *passage, time.Time) {
 	g := e.guard
 	if g == nil {
 		return r, nil, time.Time{}
 	}
 	now := time.Now()
-	p := &passage{e: e, pick: &Pick{set: g.set, cfg: g.cfg, settings: g.settings}}
+	p := &passage{e: e, pick: &Pick{set: g.set, cfg: g.cfg, settings: g.settings, admitted: admitted}}
 	if now.UnixNano()-e.seen.steeredAt.Load() > int64(steerForget) {
 		if e.hooks.Upstream == nil {
 			p.pre = g.breaker(defaultUpstream)
 		} else if seen := e.seen.load(); len(seen) == 1 {
 			p.pre = seen[0].b
-		} else if until := refusingUntil(seen, now); !until.IsZero() {
+		} else if until := refusingUntil(seen, now); !until.IsZero() && !p.pick.onFlightsAccount(admitted) {
 			return r, nil, until
 		}
 		if p.pre != nil {
 			done, retry, ok := p.pre.allow(now)
-			if !ok {
+			if !ok && !p.pick.onFlightsAccount(p.pre) {
 				return r, nil, retry
 			}
-			p.preDone = done
+			p.pick.held, p.pick.heldDone = p.pre, done
 		}
 	}
 	return r.WithContext(context.WithValue(r.Context(), pickKey{}, p.pick)), p, time.Time{}
+}
+
+// admitted is the breaker that let this request through on a healthy
+// answer, for the followers of its flight that go upstream on their own;
+// nil when the answer was a failure or nothing was counted.
+func (p *passage) admitted() *Breaker {
+	if p == nil || !p.ok {
+		return nil
+	}
+	return p.answered
 }
 
 // refusingUntil returns, when every one of several upstreams refuses
@@ -221,14 +245,14 @@ func (p *passage) settle(r *http.Request, err error, status int) time.Time {
 		v = failure
 	}
 	now := time.Now()
-	if pk := p.pick; pk.used {
-		// The policy decided; what the engine let through is not counted.
+	pk := p.pick
+	if pk.used {
+		// The policy decided; a guess it did not take is not counted.
 		e.seen.steeredAt.Store(now.UnixNano())
-		p.preDone.report(excluded)
-		if pk.done != nil {
-			pk.done.report(v)
+		pk.releaseHeld()
+		if pk.chosen != nil {
+			p.count(pk.chosen, pk.done, v, now)
 			pk.done = nil
-			e.seen.saw(pk.chosen, now)
 		}
 		if err != nil && !pk.none.IsZero() {
 			return pk.none
@@ -241,24 +265,37 @@ func (p *passage) settle(r *http.Request, err error, status int) time.Time {
 	}
 	if up == "" {
 		// The request reached no upstream.
-		p.preDone.report(excluded)
+		pk.releaseHeld()
 		return time.Time{}
 	}
 	b := g.breaker(up)
-	e.seen.saw(b, now)
-	if b == p.pre {
-		p.preDone.report(v)
-		return time.Time{}
+	var done ticket
+	if b == pk.held {
+		done, pk.held, pk.heldDone = pk.heldDone, nil, nil
+	} else {
+		// Another upstream answered than the one guessed (the engine is
+		// still learning, or serves a pool without the policy): the guess
+		// is not counted.
+		pk.releaseHeld()
 	}
-	// Another upstream answered than the one guessed (the engine is still
-	// learning, or serves a pool without the policy): the guess is not
-	// counted, and the outcome goes to the upstream that answered, if its
-	// breaker takes it (an open one does not).
-	p.preDone.report(excluded)
-	if done, _, ok := b.allow(now); ok {
-		done.report(v)
-	}
+	p.count(b, done, v, now)
 	return time.Time{}
+}
+
+// count reports v to b with the ticket done that b gave the request; with
+// none (the request went on its flight's account, or to another upstream
+// than the one guessed), the outcome is counted if b takes it now (an open
+// breaker, or a half-open one with its probe slots taken, does not).
+func (p *passage) count(b *Breaker, done ticket, v verdict, now time.Time) {
+	p.e.seen.saw(b, now)
+	p.answered, p.ok = b, v != failure
+	if done == nil {
+		var ok bool
+		if done, _, ok = b.allow(now); !ok {
+			return
+		}
+	}
+	done.report(v)
 }
 
 // release reports a request that ended without settle (a panic) as not
@@ -268,7 +305,7 @@ func (p *passage) release() {
 		return
 	}
 	p.settled = true
-	p.preDone.report(excluded)
+	p.pick.releaseHeld()
 	p.pick.done.report(excluded)
 	p.pick.done = nil
 }
@@ -322,6 +359,29 @@ type Pick struct {
 	// none is set when the last selection found every member refusing: when
 	// the first of them lets requests through again.
 	none time.Time
+
+	// held is the breaker the engine guessed before the policy ran, and
+	// heldDone the ticket it gave (nil when it let the request through on
+	// its flight's account): passed on when the policy takes that member,
+	// given back when it takes another.
+	held     *Breaker
+	heldDone ticket
+	// admitted is the breaker that let the request's flight through (see
+	// passage.admitted).
+	admitted *Breaker
+}
+
+// onFlightsAccount reports whether b, which refused the request, lets it
+// through all the same: b let its flight through, and is half-open (its
+// probe slots are taken, by that flight among others), not open.
+func (p *Pick) onFlightsAccount(b *Breaker) bool {
+	return b != nil && b == p.admitted && b.State() == BreakerHalfOpen
+}
+
+// releaseHeld gives the guessed ticket back, uncounted.
+func (p *Pick) releaseHeld() {
+	p.heldDone.report(excluded)
+	p.held, p.heldDone = nil, nil
 }
 
 type pickKey struct{}
@@ -355,7 +415,8 @@ func (p *Pick) Begin(req *http.Request) {
 
 // Ready reports whether upstream's breaker would let this request through.
 func (p *Pick) Ready(upstream string) bool {
-	return p.set.get(upstream, p.settings, p.cfg).ready()
+	b := p.set.get(upstream, p.settings, p.cfg)
+	return b == p.held || b.ready() || p.onFlightsAccount(b)
 }
 
 // Tried reports whether this request already went to upstream (and failed
@@ -374,9 +435,16 @@ func (p *Pick) Tried(upstream string) bool {
 // should choose another member.
 func (p *Pick) Take(upstream string) bool {
 	b := p.set.get(upstream, p.settings, p.cfg)
-	done, _, ok := b.allow(time.Now())
-	if !ok {
-		return false
+	var done ticket
+	if b == p.held {
+		// The engine's guess: its ticket is this request's.
+		done, p.held, p.heldDone = p.heldDone, nil, nil
+	} else {
+		p.releaseHeld()
+		var ok bool
+		if done, _, ok = b.allow(time.Now()); !ok && !p.onFlightsAccount(b) {
+			return false
+		}
 	}
 	p.chosen, p.done = b, done
 	p.tried = append(p.tried, upstream)

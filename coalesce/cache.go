@@ -273,34 +273,41 @@ func (c *microCache) get(k Key, now time.Time) *entry {
 	return e
 }
 
+// admits decides whether a response of size bytes that only one client
+// asked for (a lone leader) may be stored under k: while k's shard has room
+// it may, but it may push other entries out only for a key asked for
+// before, as TinyLFU's doorkeeper admits. Traffic of keys asked for once
+// (ids, crawlers, cache busting) then costs no entry, no store and no
+// eviction, and never pushes out entries that are asked for again. Every
+// call records k, so that the key's next miss is stored. (Room may be
+// taken between admits and put: then put evicts, as for a herd.)
+func (c *microCache) admits(k Key, size int64) bool {
+	if c.door.seen(k) {
+		return true
+	}
+	s := c.shard(k)
+	s.mu.Lock()
+	full := s.lru.Len() >= s.maxEntries || s.bytes+size > s.maxBytes
+	if full && s.lru.Contains(k) {
+		full = false // it replaces its own entry
+	}
+	s.mu.Unlock()
+	if full {
+		c.unadmitted.Add(1)
+	}
+	return !full
+}
+
 // put stores e under k, replacing what was there, and evicts least recently
 // used entries until the shard is within its budgets. An entry larger than
 // the whole shard budget is not stored, nor one whose URL was written since
 // its request went upstream.
 func (c *microCache) put(k Key, e *entry) bool {
-	return c.store(k, e, true)
-}
-
-// admit is put for a response only one client asked for (a lone leader):
-// while the cache has room it is stored, but it pushes other entries out
-// only for a key asked for before, as TinyLFU's doorkeeper admits. Traffic
-// of keys asked for once (ids, crawlers, cache busting) then costs no
-// store and no eviction, and never pushes out entries that are asked for
-// again. Every call records k, so that the key's next miss is stored.
-func (c *microCache) admit(k Key, e *entry) bool {
-	return c.store(k, e, c.door.seen(k))
-}
-
-func (c *microCache) store(k Key, e *entry, mayEvict bool) bool {
 	s := c.shard(k)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.lru.Remove(k)
 	if e.size > s.maxBytes {
-		return false
-	}
-	if !mayEvict && (s.lru.Len() >= s.maxEntries || s.bytes+e.size > s.maxBytes) {
-		c.unadmitted.Add(1)
 		return false
 	}
 	idx := c.urlShard(e.url)

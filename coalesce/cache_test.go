@@ -429,13 +429,14 @@ func TestNewEntryFollowsTheOriginsFreshness(t *testing.T) {
 func TestDoorkeeperAdmitsKeysAskedForBeforeWhenTheCacheIsFull(t *testing.T) {
 	c := newMicroCache(16, 1<<20) // one entry per shard
 	now := time.Now()
+	admit := func(k Key, e *entry) bool { return c.admits(k, e.size) && c.put(k, e) }
 	first := map[uint8]int{} // shard -> the key that filled it
 	for i := 0; len(first) < 16; i++ {
 		sh := keyN(i)[0] % 16
 		if _, ok := first[sh]; ok {
 			continue
 		}
-		if !c.admit(keyN(i), entryFor(10, now, time.Hour)) {
+		if !admit(keyN(i), entryFor(10, now, time.Hour)) {
 			t.Fatalf("key %d not stored in an empty shard", i)
 		}
 		first[sh] = i
@@ -446,13 +447,13 @@ func TestDoorkeeperAdmitsKeysAskedForBeforeWhenTheCacheIsFull(t *testing.T) {
 			newcomer = i
 		}
 	}
-	if c.admit(keyN(newcomer), entryFor(10, now, time.Hour)) {
+	if admit(keyN(newcomer), entryFor(10, now, time.Hour)) {
 		t.Error("a key asked for once pushed an entry out of a full cache")
 	}
 	if c.get(keyN(first[0]), now) == nil {
 		t.Error("the entry of the full shard was pushed out")
 	}
-	if !c.admit(keyN(newcomer), entryFor(10, now, time.Hour)) {
+	if !admit(keyN(newcomer), entryFor(10, now, time.Hour)) {
 		t.Error("a key asked for the second time was not stored")
 	}
 	if c.get(keyN(newcomer), now) == nil || c.get(keyN(first[0]), now) != nil {

@@ -271,15 +271,19 @@ func (e *Engine) staleIfErrorCopy(key Key, r *http.Request) *entry {
 // when the origin and the configuration allow. inDemand: more than one
 // client wanted it; otherwise the cache's doorkeeper decides (admit).
 func (e *Engine) store(key Key, resp *Response, r *http.Request, requested time.Time, inDemand bool) bool {
-	ent, _ := newEntry(resp, entryLifetimes{ttl: e.cfg.TTL, stale: e.cfg.Stale, staleIfError: e.cfg.StaleIfError}, requested, time.Now())
+	lt := entryLifetimes{ttl: e.cfg.TTL, stale: e.cfg.Stale, staleIfError: e.cfg.StaleIfError}
+	if lt == (entryLifetimes{}) {
+		return false // collapse only
+	}
+	if !inDemand && !e.cache.admits(key, resp.size()) {
+		return false // before the entry is built: the all-miss path
+	}
+	ent, _ := newEntry(resp, lt, requested, time.Now())
 	if ent == nil {
 		e.cache.remove(key)
 		return false
 	}
 	ent.url = requestURL(r)
 	e.hitForMiss.clear(key)
-	if inDemand {
-		return e.cache.put(key, ent)
-	}
-	return e.cache.admit(key, ent)
+	return e.cache.put(key, ent)
 }

@@ -1,6 +1,7 @@
 package coalesce
 
 import (
+	"errors"
 	"math"
 	"net/http"
 	"net/textproto"
@@ -256,14 +257,14 @@ type freshness struct {
 // seconds: a response dated this very second is 0 seconds old, not 0.9.
 func responseFreshness(h http.Header, cc cacheControl, requested, received time.Time) freshness {
 	var lifetime time.Duration
-	date, dateErr := http.ParseTime(h.Get("Date"))
+	date, dateErr := parseHTTPTime(h.Get("Date"))
 	switch {
 	case cc.sMaxAge >= 0:
 		lifetime = lifetimeSeconds(cc.sMaxAge)
 	case cc.maxAge >= 0:
 		lifetime = lifetimeSeconds(cc.maxAge)
 	case len(h.Values("Expires")) > 0:
-		expires, err := http.ParseTime(h.Get("Expires"))
+		expires, err := parseHTTPTime(h.Get("Expires"))
 		if err != nil {
 			return freshness{explicit: true} // invalid: already expired
 		}
@@ -282,6 +283,17 @@ func responseFreshness(h http.Header, cc cacheControl, requested, received time.
 		age = max(age, received.Truncate(time.Second).Sub(date))
 	}
 	return freshness{explicit: true, left: lifetime - max(age, 0)}
+}
+
+var errNoTime = errors.New("no HTTP date")
+
+// parseHTTPTime is http.ParseTime without its three failed parses (and
+// their errors' allocations) for an absent field.
+func parseHTTPTime(v string) (time.Time, error) {
+	if v == "" {
+		return time.Time{}, errNoTime
+	}
+	return http.ParseTime(v)
 }
 
 // lifetimeSeconds converts delta-seconds; RFC 9111 §1.2.2: a lifetime

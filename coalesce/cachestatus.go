@@ -152,4 +152,6 @@ const (
 	detailAbandoned            = "abandoned"
 	detailUncollapsible        = "uncollapsible"
 	detailVaryMismatch         = "vary-mismatch"
+	// A follower of a refresh that Close cancelled went upstream alone.
+	detailClosed = "closed"
 )

@@ -163,8 +163,13 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		// refresh's own timeout. A handler that returned no error after the
 		// cancel (a plain http.Handler) may have written nothing or a part:
 		// not stored. The followers of a refresh that timed out get the
-		// stale-if-error copy, or 504.
-		if ent := e.staleIfErrorCopy(key, r); ent != nil {
+		// stale-if-error copy, or 504. Those of a refresh that Close
+		// cancelled (the engine's config is being unloaded while its
+		// requests finish) go upstream on their own, as if nothing had
+		// happened: they never asked for the refresh.
+		if e.stop.Err() != nil {
+			f.Publish(&result{reason: detailClosed}, nil)
+		} else if ent := e.staleIfErrorCopy(key, r); ent != nil {
 			f.Publish(&result{stale: ent}, nil)
 		} else {
 			f.Publish(&result{err: &StatusError{Status: http.StatusGatewayTimeout, Err: ErrWaitTimeout}}, nil)

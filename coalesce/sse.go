@@ -215,6 +215,11 @@ func (e *Engine) serveStream(w http.ResponseWriter, r *http.Request, next Next) 
 		return nil
 	case fanout.Failed:
 		var refused *refusedError
+		if errors.Is(sub.Err, ErrUpstreamTimeout) {
+			w.Header().Add("Cache-Status", cutStatus(fwdURIMiss, collapsed).String())
+			e.observe(r, Event{Outcome: outcome, Key: key, Detail: detailUpstreamTimeout, Upstream: sub.Started})
+			return sub.Err
+		}
 		if errors.As(sub.Err, &refused) {
 			writeOpen(w, r, collapsed, refused.until)
 			e.observe(r, Event{Outcome: OutcomeBreakerOpen, Key: key, Detail: detailBreakerOpen})
@@ -228,7 +233,7 @@ func (e *Engine) serveStream(w http.ResponseWriter, r *http.Request, next Next) 
 		}
 		return sub.Err
 	case fanout.TimedOut:
-		w.Header().Add("Cache-Status", cacheStatus{fwd: fwdURIMiss, collapsed: true, detail: "wait-timeout"}.String())
+		w.Header().Add("Cache-Status", cacheStatus{fwd: fwdURIMiss, collapsed: collapsed, detail: "wait-timeout"}.String())
 		e.observe(r, Event{Outcome: OutcomeTimeout, Key: key})
 		return &StatusError{Status: http.StatusGatewayTimeout, Err: ErrWaitTimeout}
 	case fanout.Closed:
@@ -299,7 +304,13 @@ func (e *Engine) openStream(r *http.Request, next Next) fanout.Open {
 		// The breaker hears the outcome when the header arrives: a stream
 		// lasts for hours, and a half-open breaker's probe must not.
 		hw := &headerWriter{ResponseWriter: w, onHeader: func(status int) { pass.settle(ur, nil, status) }}
-		err := next(hw, ur)
+		// Under the breaker's timeout: an upstream that sends no header in
+		// time is cut, counted as a failure and answered 504.
+		err := pass.send(next, hw, ur)
+		if pass.timedOut() {
+			pass.settle(ur, err, 0)
+			return errCut
+		}
 		if !hw.wrote {
 			if until := pass.settle(ur, err, 0); !until.IsZero() && err != nil {
 				return &refusedError{until: until}

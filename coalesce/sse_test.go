@@ -213,3 +213,26 @@ func TestEventStreamBreakerOpenAnswers503(t *testing.T) {
 		t.Errorf("upstream requests: %d, want 1 (the breaker answers the second)", got)
 	}
 }
+
+func TestEventStreamUpstreamWithoutHeadersIsCutByTheBreakerTimeout(t *testing.T) {
+	hung := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		<-r.Context().Done() // never answers
+	})
+	e := newEngine(t, func(c *Config) {
+		c.SSE = &SSEConfig{Linger: Off}
+		c.Breaker.Timeout = 200 * time.Millisecond
+		c.MaxWait = 10 * time.Second
+	})
+	srv := newServer(t, e.Handler(hung))
+	start := time.Now()
+	resp, _ := openStream(t, srv.URL+"/s")
+	if resp.StatusCode != http.StatusGatewayTimeout {
+		t.Fatalf("status %d, want 504 from the breaker's timeout", resp.StatusCode)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("the cut took %s", took)
+	}
+	if cs := resp.Header.Get("Cache-Status"); !strings.Contains(cs, `detail="upstream-timeout"`) {
+		t.Errorf("Cache-Status %q, want the cut's detail", cs)
+	}
+}

@@ -85,7 +85,7 @@ func (sub *subscriber) await(out Outcome) *Subscription {
 	default:
 	}
 	sub.leave()
-	return &Subscription{Outcome: other}
+	return &Subscription{Outcome: other, Started: out == Started}
 }
 
 // leave takes the subscriber out of its stream and its owner, once.

@@ -274,13 +274,13 @@ func (e *Engine) staleIfErrorCopy(key Key, r *http.Request) *entry {
 
 // store keeps resp, the answer to r sent upstream at requested, under key
 // when the origin and the configuration allow. inDemand: more than one
-// client wanted it; otherwise the cache's doorkeeper decides (admit).
+// client wanted it; otherwise the cache's doorkeeper decides (admits).
 func (e *Engine) store(key Key, resp *Response, r *http.Request, requested time.Time, inDemand bool) bool {
 	lt := entryLifetimes{ttl: e.cfg.TTL, stale: e.cfg.Stale, staleIfError: e.cfg.StaleIfError}
 	if lt == (entryLifetimes{}) {
 		return false // collapse only
 	}
-	if !inDemand && !e.cache.admits(key, resp.size()) {
+	if ok, _, _ := storable(resp.Status, resp.cc); ok && !inDemand && !e.cache.admits(key, resp.size()) {
 		return false // before the entry is built: the all-miss path
 	}
 	ent, _ := newEntry(resp, lt, requested, time.Now())

@@ -143,9 +143,10 @@ func addStats(a, b coalesce.Stats) coalesce.Stats {
 	return coalesce.Stats{
 		Registry: sum,
 		Cache: coalesce.CacheStats{
-			Entries:   a.Cache.Entries + b.Cache.Entries,
-			Bytes:     a.Cache.Bytes + b.Cache.Bytes,
-			Evictions: a.Cache.Evictions + b.Cache.Evictions,
+			Entries:    a.Cache.Entries + b.Cache.Entries,
+			Bytes:      a.Cache.Bytes + b.Cache.Bytes,
+			Evictions:  a.Cache.Evictions + b.Cache.Evictions,
+			Unadmitted: a.Cache.Unadmitted + b.Cache.Unadmitted,
 		},
 		Uncollapsible: a.Uncollapsible + b.Uncollapsible,
 		HotKeysBytes:  a.HotKeysBytes + b.HotKeysBytes,

@@ -2,9 +2,10 @@ import { useEffect, useState } from 'react'
 
 // useSessions polls the sessions every second, as the app's hook did: every
 // component that uses it has its own timer and sends its own requests, past
-// the browser's HTTP cache so that a poll never shows an old answer (the
-// browser would otherwise hold back identical requests of one tab while the
-// first is answered, and answer them itself).
+// the browser's HTTP cache so that a poll never shows an old answer. (Through
+// the cache, Chromium holds back identical requests of a tab while the first
+// is answered: it answers them itself, or, for an answer it may not store,
+// sends them one after another.)
 export function useSessions() {
   const [sessions, setSessions] = useState(null)
   const [requests, setRequests] = useState(0)

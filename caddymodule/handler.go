@@ -96,7 +96,8 @@ type Handler struct {
 	MaxFlights int `json:"max_flights,omitempty"`
 
 	// The circuit breaker each upstream gets: after `failures` consecutive
-	// failures (transport errors, 502, 503, 504) the handler answers for
+	// failures (transport errors, 502, 503, 504, a GET without response
+	// headers within `timeout`) the handler answers for
 	// the upstream for `open` (a stale copy within `stale_if_error`, else
 	// 503 with Retry-After) instead of calling it. Default: on, with the
 	// defaults of its fields; `{"off": true}` turns it off.

@@ -117,7 +117,7 @@ type hotCounter struct {
 	count, overcount           uint64
 	upstream, hit, coll, stale uint64
 	prevCount                  uint64 // the key's count in the previous window when this one began
-	identities                 [4]uint64
+	identities                 [16]uint64
 	alerted                    bool
 	pos                        int // in the heap
 }
@@ -175,7 +175,7 @@ func (h *HotKeys) Record(r *http.Request, ev Event, now time.Time) (HotKey, bool
 	if ev.Upstream {
 		c.upstream++
 	}
-	c.identities[(ident>>6)&3] |= 1 << (ident & 63)
+	c.identities[(ident>>6)&15] |= 1 << (ident & 63)
 	s.cur.fix(c.pos)
 	var row HotKey
 	alert := false
@@ -228,9 +228,10 @@ func (h *HotKeys) row(c *hotCounter, prev uint64, now time.Time, period int64) H
 	return k
 }
 
-// distinct estimates the number of distinct values set in a 256-bit
-// bitmap by linear counting.
-func distinct(bm [4]uint64) int {
+// distinct estimates the number of distinct values set in a 1024-bit
+// bitmap by linear counting (ten identities share a bit with a chance of
+// about 4 %, two bits with one of under 0.1 %).
+func distinct(bm [16]uint64) int {
 	set := 0
 	for _, w := range bm {
 		set += bits.OnesCount64(w)
@@ -238,11 +239,11 @@ func distinct(bm [4]uint64) int {
 	if set == 0 {
 		return 0
 	}
-	zeros := 256 - set
+	zeros := 1024 - set
 	if zeros == 0 {
 		zeros = 1 // saturated: a lower bound
 	}
-	return int(math.Round(-256 * math.Log(float64(zeros)/256)))
+	return int(math.Round(-1024 * math.Log(float64(zeros)/1024)))
 }
 
 // advance moves the shard's windows to period.

@@ -318,6 +318,17 @@ func (c *microCache) put(k Key, e *entry) bool {
 	}
 	idx.add(e.url, k)
 	idx.mu.Unlock()
+	// Entries past every use (fresh, stale, stale-if-error) leave first, and
+	// are not evictions: entries are put in the order they were stored, so
+	// the least recently used are the first to die, and under key churn the
+	// cache holds what can still answer, not max_memory of dead copies.
+	for {
+		_, old, ok := s.lru.GetOldest()
+		if !ok || e.stored.Before(old.stale) || e.stored.Before(old.staleIfError) {
+			break
+		}
+		s.lru.RemoveOldest()
+	}
 	for s.bytes+e.size > s.maxBytes {
 		if _, _, ok := s.lru.RemoveOldest(); !ok {
 			break

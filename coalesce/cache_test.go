@@ -494,3 +494,24 @@ func TestDoorkeeperForgetsAndRarelyErrs(t *testing.T) {
 		t.Error("the doorkeeper never forgets")
 	}
 }
+
+// Under key churn (every URL asked for once) the cache must not fill its
+// byte budget with copies past every use: a put drops the dead entries at
+// the old end of its shard, so the cache holds what can still answer.
+func TestPutDropsDeadEntriesBeforeTheBudgetFills(t *testing.T) {
+	c := newMicroCache(10_000, 64<<20)
+	start := time.Now()
+	const n = 2000
+	for i := range n {
+		now := start.Add(time.Duration(i) * time.Millisecond)
+		c.put(keyN(i), entryFor(16<<10, now, 50*time.Millisecond))
+	}
+	// At the end, entries of the last 50 ms are alive, and each shard may
+	// keep the ones that died since its own last put: about 50 more.
+	if st := c.stats(); st.Entries > 100 || st.Evictions != 0 {
+		t.Errorf("after %d puts 1ms apart, each alive for 50ms: %+v; want at most 100 entries, no evictions", n, st)
+	}
+	if c.get(keyN(n-1), start.Add(n*time.Millisecond)) == nil {
+		t.Error("the last entry, still fresh, is gone")
+	}
+}

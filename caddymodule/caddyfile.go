@@ -36,6 +36,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		max_body        <size>       # largest response buffered for sharing; default 1MiB
 //		max_entries     <n>          # micro-cache entries; default 10000
 //		max_memory      <size>       # micro-cache bytes; default 64MiB
+//		max_flight_memory <size>     # bytes all flights buffer at once; past it leaders stream; default 64MiB
 //		key_headers     <field...>   # more request headers that make responses differ
 //		identity_headers <field...>  # more headers that identify the requester
 //		public                       # leave identity out of the key (public endpoints only)
@@ -88,6 +89,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.MaxBody, err = parseSize(d)
 		case "max_memory":
 			h.MaxMemory, err = parseSize(d)
+		case "max_flight_memory":
+			h.MaxFlightMemory, err = parseSize(d)
 		case "max_entries":
 			h.MaxEntries, err = parseCount(d)
 		case "max_flights":
@@ -142,7 +145,7 @@ func (h *Handler) unmarshalExtra(d *caddyfile.Dispenser, opt string) error {
 	case "sse":
 		return h.unmarshalSSE(d)
 	}
-	return d.Errf("unrecognized coalesce option %q; the options are ttl, stale, stale_if_error, max_wait, max_body, max_entries, max_memory, key_headers, identity_headers, public, hit_for_miss, max_flights, zone, breaker and sse (see the README)", opt)
+	return d.Errf("unrecognized coalesce option %q; the options are ttl, stale, stale_if_error, max_wait, max_body, max_entries, max_memory, max_flight_memory, key_headers, identity_headers, public, hit_for_miss, max_flights, zone, breaker and sse (see the README)", opt)
 }
 
 // once fails when the option d is at was already given in this block (at

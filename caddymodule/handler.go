@@ -70,6 +70,14 @@ type Handler struct {
 	// Default: 64 MiB.
 	MaxMemory int64 `json:"max_memory,omitempty"`
 
+	// The most bytes all flights of this handler buffer at once while
+	// their leaders' clients read them (responses up to max_body each).
+	// Past it, a new leader streams its response to its own client without
+	// buffering it, and its followers send their own requests
+	// (Cache-Status detail "flight-memory"); nothing is stored from such a
+	// flight. At least max_body. Default: 64 MiB.
+	MaxFlightMemory int64 `json:"max_flight_memory,omitempty"`
+
 	// More request header fields whose values make responses differ; they
 	// become part of the key.
 	KeyHeaders []string `json:"key_headers,omitempty"`
@@ -159,6 +167,7 @@ func (h *Handler) config() coalesce.Config {
 		MaxBody:         h.MaxBody,
 		MaxEntries:      h.MaxEntries,
 		MaxMemory:       h.MaxMemory,
+		MaxFlightMemory: h.MaxFlightMemory,
 		KeyHeaders:      h.KeyHeaders,
 		IdentityHeaders: h.IdentityHeaders,
 		Public:          h.Public,

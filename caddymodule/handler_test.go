@@ -15,14 +15,15 @@ import (
 // "none" becomes a negative duration, an option left out stays out.
 func TestCaddyfileWritesNoneAsANegativeDuration(t *testing.T) {
 	for input, want := range map[string]string{
-		"coalesce":                               `{}`,
-		"coalesce {\n ttl 0\n}":                  `{"ttl":-1}`,
-		"coalesce {\n ttl 200ms\n}":              `{"ttl":200000000}`,
-		"coalesce {\n max_wait 0\n}":             `{"max_wait":-1}`,
-		"coalesce {\n hit_for_miss 0\n}":         `{"hit_for_miss":-1}`,
-		"coalesce {\n stale 0\n}":                `{}`,
-		"coalesce {\n ttl 0\n stale 5s\n}":       `{"ttl":-1,"stale":5000000000}`,
-		"coalesce {\n max_entries 5\n zone a\n}": `{"max_entries":5,"zone":"a"}`,
+		"coalesce":                                `{}`,
+		"coalesce {\n ttl 0\n}":                   `{"ttl":-1}`,
+		"coalesce {\n ttl 200ms\n}":               `{"ttl":200000000}`,
+		"coalesce {\n max_wait 0\n}":              `{"max_wait":-1}`,
+		"coalesce {\n hit_for_miss 0\n}":          `{"hit_for_miss":-1}`,
+		"coalesce {\n stale 0\n}":                 `{}`,
+		"coalesce {\n ttl 0\n stale 5s\n}":        `{"ttl":-1,"stale":5000000000}`,
+		"coalesce {\n max_entries 5\n zone a\n}":  `{"max_entries":5,"zone":"a"}`,
+		"coalesce {\n max_flight_memory 32MiB\n}": `{"max_flight_memory":33554432}`,
 	} {
 		h, err := parseCoalesce(t, input)
 		if err != nil {
@@ -58,7 +59,7 @@ func TestJSONZeroMeansTheDefaultAndNegativeMeansNone(t *testing.T) {
 		}
 	}
 	var h Handler
-	if c := h.config().WithDefaults(); c.MaxBody != coalesce.DefaultMaxBody || c.MaxEntries != coalesce.DefaultMaxEntries || c.MaxMemory != coalesce.DefaultMaxMemory || c.MaxFlights != coalesce.DefaultMaxFlights {
+	if c := h.config().WithDefaults(); c.MaxBody != coalesce.DefaultMaxBody || c.MaxEntries != coalesce.DefaultMaxEntries || c.MaxMemory != coalesce.DefaultMaxMemory || c.MaxFlights != coalesce.DefaultMaxFlights || c.MaxFlightMemory != coalesce.DefaultMaxFlightMemory {
 		t.Errorf("a bare handler: %+v, want the defaults", c)
 	}
 }

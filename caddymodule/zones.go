@@ -154,5 +154,6 @@ func addStats(a, b coalesce.Stats) coalesce.Stats {
 			Streams:     a.Streams.Streams + b.Streams.Streams,
 			Subscribers: a.Streams.Subscribers + b.Streams.Subscribers,
 		},
+		FlightBytes: a.FlightBytes + b.FlightBytes,
 	}
 }

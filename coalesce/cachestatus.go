@@ -150,6 +150,7 @@ const (
 	detailStaleWhileRevalidate = "stale-while-revalidate"
 	detailUpstreamError        = "upstream-error"
 	detailAbandoned            = "abandoned"
+	detailFlightMemory         = "flight-memory"
 	detailUncollapsible        = "uncollapsible"
 	detailVaryMismatch         = "vary-mismatch"
 	// A follower of a refresh that Close cancelled went upstream alone.

@@ -53,6 +53,12 @@ type Config struct {
 	MaxEntries int
 	// MaxMemory bounds the micro-cache's bytes, bodies and headers. 0: 64 MiB.
 	MaxMemory int64
+	// MaxFlightMemory bounds the bytes all flights buffer at once, while
+	// their leaders' clients read them. Past it, a new leader streams its
+	// response to its own client without buffering it, and its followers
+	// go upstream on their own (detail "flight-memory"). At least MaxBody.
+	// 0: 64 MiB.
+	MaxFlightMemory int64
 	// KeyHeaders are more request headers whose values make responses
 	// differ (added to the key). nil: none.
 	KeyHeaders []string
@@ -128,13 +134,14 @@ const Off time.Duration = -1
 
 // Defaults of the fields whose zero value means a default.
 const (
-	DefaultTTL        = 50 * time.Millisecond
-	DefaultMaxWait    = 10 * time.Second
-	DefaultMaxBody    = 1 << 20
-	DefaultMaxEntries = 10_000
-	DefaultMaxMemory  = 64 << 20
-	DefaultHitForMiss = 5 * time.Second
-	DefaultMaxFlights = 100_000
+	DefaultTTL             = 50 * time.Millisecond
+	DefaultMaxWait         = 10 * time.Second
+	DefaultMaxBody         = 1 << 20
+	DefaultMaxEntries      = 10_000
+	DefaultMaxMemory       = 64 << 20
+	DefaultMaxFlightMemory = 64 << 20
+	DefaultHitForMiss      = 5 * time.Second
+	DefaultMaxFlights      = 100_000
 )
 
 // DefaultConfig is the configuration of a bare `coalesce`: Config{} with
@@ -163,6 +170,9 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.MaxMemory == 0 {
 		c.MaxMemory = DefaultMaxMemory
+	}
+	if c.MaxFlightMemory == 0 {
+		c.MaxFlightMemory = DefaultMaxFlightMemory
 	}
 	if c.MaxFlights == 0 {
 		c.MaxFlights = DefaultMaxFlights
@@ -211,6 +221,11 @@ func (c Config) Validate() error {
 	}
 	if c.MaxMemory <= 0 {
 		errs = append(errs, fmt.Errorf("max_memory must be positive (got %d)", c.MaxMemory))
+	}
+	if c.MaxFlightMemory <= 0 {
+		errs = append(errs, fmt.Errorf("max_flight_memory must be positive (got %d)", c.MaxFlightMemory))
+	} else if c.MaxBody > 0 && c.MaxFlightMemory < c.MaxBody {
+		errs = append(errs, fmt.Errorf("max_flight_memory (%d bytes) is smaller than max_body (%d bytes): no response of max_body could be shared; write at least max_body, e.g. max_flight_memory 64MiB", c.MaxFlightMemory, c.MaxBody))
 	}
 	if c.MaxFlights <= 0 {
 		errs = append(errs, fmt.Errorf("max_flights must be positive (got %d)", c.MaxFlights))

@@ -10,13 +10,14 @@ import (
 func TestZeroConfigMeansTheDocumentedDefaults(t *testing.T) {
 	got := Config{}.WithDefaults()
 	want := Config{
-		TTL:        50 * time.Millisecond,
-		MaxWait:    10 * time.Second,
-		MaxBody:    1 << 20,
-		MaxEntries: 10_000,
-		MaxMemory:  64 << 20,
-		HitForMiss: 5 * time.Second,
-		MaxFlights: 100_000,
+		TTL:             50 * time.Millisecond,
+		MaxWait:         10 * time.Second,
+		MaxBody:         1 << 20,
+		MaxEntries:      10_000,
+		MaxMemory:       64 << 20,
+		MaxFlightMemory: 64 << 20,
+		HitForMiss:      5 * time.Second,
+		MaxFlights:      100_000,
 		Breaker: BreakerConfig{
 			Failures:    5,
 			MinRequests: 20,

@@ -101,9 +101,11 @@ type core struct {
 	cache *microCache
 	// hitForMiss marks the keys whose responses could not be shared.
 	hitForMiss *marks
-	guard      *guard // nil when breakers are off
-	hotKeys    *HotKeys
-	hub        *fanout.Hub // nil when sse is off
+	// flightMemory is what all flights may buffer at once.
+	flightMemory flightMemory
+	guard        *guard // nil when breakers are off
+	hotKeys      *HotKeys
+	hub          *fanout.Hub // nil when sse is off
 
 	// stop ends when the engine is closed: it cancels running refreshes.
 	// closeMu orders a refresh's start (refreshes.Add) before Close's Wait.
@@ -123,16 +125,17 @@ func New(cfg Config) (*Engine, error) {
 	}
 	stop, stopAll := context.WithCancel(context.Background())
 	c := &core{
-		cfg:        cfg,
-		keys:       newKeyDeriver(cfg.IdentityHeaders, cfg.Public, cfg.KeyHeaders),
-		reg:        registry.New[*result](registry.Options{MaxFlights: cfg.MaxFlights}),
-		cache:      newMicroCache(cfg.MaxEntries, cfg.MaxMemory),
-		hitForMiss: newMarks(cfg.MaxEntries),
-		guard:      newGuard(cfg),
-		hotKeys:    NewHotKeys(cfg.HotKeys, cfg.IdentityHeaders),
-		hub:        newHub(cfg),
-		stop:       stop,
-		stopAll:    stopAll,
+		cfg:          cfg,
+		keys:         newKeyDeriver(cfg.IdentityHeaders, cfg.Public, cfg.KeyHeaders),
+		reg:          registry.New[*result](registry.Options{MaxFlights: cfg.MaxFlights}),
+		cache:        newMicroCache(cfg.MaxEntries, cfg.MaxMemory),
+		hitForMiss:   newMarks(cfg.MaxEntries),
+		flightMemory: flightMemory{max: cfg.MaxFlightMemory},
+		guard:        newGuard(cfg),
+		hotKeys:      NewHotKeys(cfg.HotKeys, cfg.IdentityHeaders),
+		hub:          newHub(cfg),
+		stop:         stop,
+		stopAll:      stopAll,
 	}
 	return c.engine(cfg.Hooks), nil
 }
@@ -196,6 +199,8 @@ type Stats struct {
 	HotKeysBytes int64 `json:"hot_keys_bytes"`
 	// Streams are the event streams fanned out now and their subscribers.
 	Streams fanout.Stats `json:"streams"`
+	// FlightBytes is what flights buffer now, against MaxFlightMemory.
+	FlightBytes int64 `json:"flight_bytes"`
 }
 
 // Stats returns a snapshot.
@@ -203,7 +208,8 @@ func (e *Engine) Stats() Stats {
 	e.hitForMiss.mu.RLock()
 	n := e.hitForMiss.lru.Len()
 	e.hitForMiss.mu.RUnlock()
-	st := Stats{Registry: e.reg.Stats(), Cache: e.cache.stats(), Uncollapsible: n, HotKeysBytes: e.hotKeys.MemoryBytes()}
+	st := Stats{Registry: e.reg.Stats(), Cache: e.cache.stats(), Uncollapsible: n, HotKeysBytes: e.hotKeys.MemoryBytes(),
+		FlightBytes: e.flightMemory.used.Load()}
 	if e.hub != nil {
 		st.Streams = e.hub.Stats()
 	}

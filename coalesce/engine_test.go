@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1848,5 +1849,98 @@ func TestRefreshMeetingAnUnbufferableResponseDropsTheCopy(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// slowClient is a client's ResponseWriter whose first body write waits for
+// release, as a client that reads slowly holds its leader's buffer.
+type slowClient struct {
+	*httptest.ResponseRecorder
+	writing chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func newSlowClient() *slowClient {
+	return &slowClient{ResponseRecorder: httptest.NewRecorder(), writing: make(chan struct{}), release: make(chan struct{})}
+}
+
+func (c *slowClient) Write(p []byte) (int, error) {
+	c.once.Do(func() { close(c.writing) })
+	<-c.release
+	return c.ResponseRecorder.Write(p)
+}
+
+// max_flight_memory bounds what all flights buffer at once: while one
+// leader's slow client holds a buffered response, a leader that would go
+// past the budget streams to its own client, its followers go upstream on
+// their own, and the key is not marked: once the memory is free, the next
+// flight buffers and shares again.
+func TestFlightMemoryBoundsWhatFlightsBufferAtOnce(t *testing.T) {
+	const size = 48 << 10
+	body := strings.Repeat("b", size)
+	g := newGate(t)
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		if r.URL.Path == "/b" && n == 2 {
+			g.wait(r) // the first flight for /b: held until its follower waits
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(size))
+		io.WriteString(w, body)
+	})
+	e := newEngine(t, func(c *Config) {
+		c.MaxBody = 64 << 10
+		c.MaxFlightMemory = 64 << 10
+	})
+	serve := func(w http.ResponseWriter, path string) <-chan error {
+		return async(func() error { return e.Serve(w, httptest.NewRequest("GET", path, nil), o.next) })
+	}
+
+	// /a: buffered, held while its client reads slowly.
+	slow := newSlowClient()
+	a := serve(slow, "/a")
+	receive(t, slow.writing, "the slow client's first write")
+	if got := e.Stats().FlightBytes; got != size {
+		t.Fatalf("flight bytes while /a is written: %d, want %d", got, size)
+	}
+
+	// /b: no room left; its leader streams and its follower goes upstream.
+	leader := httptest.NewRecorder()
+	b := serve(leader, "/b")
+	waitFor(t, "the leader of /b upstream", func() bool { return o.calls.Load() == 2 })
+	follower := httptest.NewRecorder()
+	bf := serve(follower, "/b")
+	waitWaiters(t, e, 1)
+	g.open()
+	if err := receive(t, b, "the leader of /b"); err != nil {
+		t.Fatal(err)
+	}
+	if err := receive(t, bf, "the follower of /b"); err != nil {
+		t.Fatal(err)
+	}
+	if leader.Body.Len() != size || !strings.Contains(leader.Header().Get("Cache-Status"), "detail=flight-memory") {
+		t.Errorf("leader of /b: %d bytes, Cache-Status %q; want the whole body, streamed (detail=flight-memory)", leader.Body.Len(), leader.Header().Get("Cache-Status"))
+	}
+	if follower.Body.Len() != size || !strings.Contains(follower.Header().Get("Cache-Status"), "detail=flight-memory") {
+		t.Errorf("follower of /b: %d bytes, Cache-Status %q; want the whole body from its own request (detail=flight-memory)", follower.Body.Len(), follower.Header().Get("Cache-Status"))
+	}
+	if n := o.calls.Load(); n != 3 {
+		t.Errorf("upstream calls: %d, want 3 (/a, and /b's leader and follower each)", n)
+	}
+
+	close(slow.release)
+	if err := receive(t, a, "the slow client of /a"); err != nil || slow.Body.Len() != size {
+		t.Fatalf("/a: %v, %d bytes", err, slow.Body.Len())
+	}
+	if got := e.Stats().FlightBytes; got != 0 {
+		t.Errorf("flight bytes after every flight: %d, want 0", got)
+	}
+	// The budget says nothing about /b: it is not hit-for-miss, and the
+	// next flight buffers and stores it.
+	if st := e.Stats(); st.Uncollapsible != 0 {
+		t.Errorf("%d keys marked hit-for-miss, want none", st.Uncollapsible)
+	}
+	next := httptest.NewRecorder()
+	if err := e.Serve(next, httptest.NewRequest("GET", "/b", nil), o.next); err != nil || !strings.Contains(next.Header().Get("Cache-Status"), "stored") {
+		t.Errorf("/b once the memory is free: %v, Cache-Status %q; want it stored", err, next.Header().Get("Cache-Status"))
 	}
 }

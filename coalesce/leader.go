@@ -57,12 +57,23 @@ type answer struct {
 	// long it ran until the upstream answered or failed.
 	waiters int
 	flight  time.Duration
+	// rec holds resp's body against the flights' memory budget until done.
+	rec *recorder
+}
+
+// done tells that the answer has been written: its buffer no longer counts
+// against the flights' memory budget.
+func (a answer) done() {
+	if a.rec != nil {
+		a.rec.releaseMemory()
+	}
 }
 
 // lead runs the flight for its client and writes the answer to it.
 func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string) error {
 	defer f.Leave()
 	a := e.fly(w, r, next, f, key, fwd)
+	defer a.done()
 	if !a.refused.IsZero() {
 		ev := Event{Outcome: OutcomeBreakerOpen, Key: key, Detail: detailBreakerOpen, Waiters: a.waiters}
 		if a.stale != nil {
@@ -103,8 +114,12 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 // that asked. fly publishes on every path, also when next panics (the panic
 // goes on); the caller leaves the flight.
 func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string) answer {
+	var rec *recorder
 	defer func() {
 		if p := recover(); p != nil {
+			if rec != nil {
+				rec.releaseMemory()
+			}
 			// Release the followers with an error before the panic goes on
 			// (http.ErrAbortHandler, for one, is how reverse_proxy aborts a
 			// response whose upstream broke mid-body).
@@ -118,7 +133,6 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		return e.refuseFlight(f, key, r, until)
 	}
 	defer pass.release()
-	var rec *recorder
 	rec = newRecorder(w, e.cfg.MaxBody,
 		func(reason string) {
 			// A response that cannot be buffered is healthy but cannot be
@@ -126,21 +140,26 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 			// replaces goes, and so do the next requests for a while. It is
 			// judged now, by its status: a stream may last for hours, and a
 			// half-open probe would keep its slot as long. (rec.mu is held:
-			// rec.status is set.)
+			// rec.status is set.) A full flight memory budget says nothing
+			// about the response: the followers go, the copy and the key stay
+			// as they are.
 			pass.settle(ur, nil, rec.status)
 			f.Publish(&result{reason: reason, admitted: pass.admitted()}, nil)
-			e.markHitForMiss(key)
+			if reason != detailFlightMemory {
+				e.markHitForMiss(key)
+			}
 		},
 		func(reason string) string {
 			return cacheStatus{fwd: fwd, detail: reason}.String()
 		})
+	rec.memory = &e.flightMemory
 	defer rec.finish() // also when next panics: no late flush after the handler
 	err := pass.send(next, rec, ur)
 	rec.finish()
 	if pass.timedOut() {
 		err = errCut
 	}
-	a := answer{waiters: f.Waiters(), flight: time.Since(f.Started())}
+	a := answer{waiters: f.Waiters(), flight: time.Since(f.Started()), rec: rec}
 
 	if rec.streaming {
 		pass.settle(ur, err, rec.status)

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -40,6 +41,11 @@ type recorder struct {
 	headerAt    time.Time
 	knownLength bool
 	buf         bytes.Buffer
+
+	// memory is the budget all flights buffer from (nil: none); reserved
+	// is what this recorder holds of it.
+	memory   *flightMemory
+	reserved int64
 
 	streaming    bool
 	streamReason string
@@ -89,6 +95,8 @@ func (rec *recorder) writeHeader(status int) {
 		rec.stream("trailers")
 	case rec.knownLength && cl > rec.maxBody:
 		rec.stream("too-large")
+	case rec.knownLength && !rec.reserve(cl):
+		rec.stream(detailFlightMemory)
 	case rec.knownLength:
 		rec.buf.Grow(int(cl))
 	}
@@ -116,11 +124,45 @@ func (rec *recorder) Write(p []byte) (int, error) {
 	if rec.streaming {
 		return rec.w.Write(p)
 	}
-	if int64(rec.buf.Len()+len(p)) > rec.maxBody {
+	n := int64(rec.buf.Len() + len(p))
+	if n > rec.maxBody {
 		rec.stream("too-large")
 		return rec.w.Write(p)
 	}
+	if !rec.reserve(n) {
+		rec.stream(detailFlightMemory)
+		return rec.w.Write(p)
+	}
 	return rec.buf.Write(p)
+}
+
+// reserve makes sure the recorder holds n bytes of the flights' memory
+// budget; false when the budget cannot give what is missing.
+func (rec *recorder) reserve(n int64) bool {
+	if rec.memory == nil || n <= rec.reserved {
+		return true
+	}
+	if !rec.memory.take(n - rec.reserved) {
+		return false
+	}
+	rec.reserved = n
+	return true
+}
+
+// releaseMemory gives back what the recorder holds of the budget: when its
+// buffer has gone to the client (a stream), or when the flight's owner has
+// written the buffered response. Calling it again is harmless.
+func (rec *recorder) releaseMemory() {
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	rec.releaseLocked()
+}
+
+func (rec *recorder) releaseLocked() {
+	if rec.reserved > 0 {
+		rec.memory.give(rec.reserved)
+		rec.reserved = 0
+	}
 }
 
 // Flush forwards flushes while streaming. While buffering it is held back,
@@ -188,8 +230,9 @@ func (rec *recorder) stream(reason string) {
 	rec.w.WriteHeader(rec.status)
 	if rec.buf.Len() > 0 {
 		_, _ = rec.w.Write(rec.buf.Bytes())
-		rec.buf = bytes.Buffer{}
 	}
+	rec.buf = bytes.Buffer{}
+	rec.releaseLocked()
 }
 
 // complete reports whether the recorded body is what the headers promised.
@@ -200,3 +243,28 @@ func (rec *recorder) complete() bool {
 	}
 	return true
 }
+
+// flightMemory is the budget of bytes all flights of an engine may buffer
+// at once (max_flight_memory). Past it a new leader streams its response to
+// its own client instead of buffering it, and its followers go upstream on
+// their own: a thousand slow clients of distinct large responses hold at
+// most the budget, not a body each.
+type flightMemory struct {
+	max  int64
+	used atomic.Int64
+}
+
+// take reserves n bytes; false when that would go past the budget.
+func (m *flightMemory) take(n int64) bool {
+	for {
+		used := m.used.Load()
+		if used+n > m.max {
+			return false
+		}
+		if m.used.CompareAndSwap(used, used+n) {
+			return true
+		}
+	}
+}
+
+func (m *flightMemory) give(n int64) { m.used.Add(-n) }

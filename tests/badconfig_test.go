@@ -33,6 +33,8 @@ func TestBadConfigFailsValidateWithTheLineAndWhatToDo(t *testing.T) {
 		{name: "negative max_body", option: "max_body -1", line: "Caddyfile:6", says: []string{"max_body", "-1"}, advice: []string{"write e.g."}},
 		{name: "max_memory with an unknown unit", option: "max_memory 64XB", line: "Caddyfile:6", says: []string{"max_memory", "64XB"}, advice: []string{"write e.g."}},
 		{name: "max_memory of two terabytes", option: "max_memory 2TiB", line: "Caddyfile:6", says: []string{"max_memory", "1TiB"}, advice: []string{"write e.g."}},
+		{name: "max_flight_memory with an unknown unit", option: "max_flight_memory 32XB", line: "Caddyfile:6", says: []string{"max_flight_memory", "32XB"}, advice: []string{"write e.g."}},
+		{name: "max_flight_memory below max_body", option: "max_body 4MiB\n\t\tmax_flight_memory 1MiB", line: "Caddyfile:7", says: []string{"max_flight_memory", "smaller than max_body"}, advice: []string{"write at least max_body"}},
 		// hot_key_rate.
 		{name: "hot_key_rate without a window", option: "hot_key_rate 20", line: "Caddyfile:6", says: []string{"hot_key_rate", "requests per duration"}, advice: []string{"e.g. 20/1m"}},
 		{name: "hot_key_rate of no requests", option: "hot_key_rate 0/1m", line: "Caddyfile:6", says: []string{"hot_key_rate", "positive number"}, advice: []string{"write e.g. 20/1m"}},

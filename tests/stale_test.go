@@ -4,8 +4,10 @@ import (
 	"fmt"
 	"net/http"
 	"regexp"
+	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // failable answers body until failing is set, then 503.
@@ -79,5 +81,43 @@ func TestStaleIfErrorFromAFreshCopyShowsANegativeTTL(t *testing.T) {
 	f := get(client, "GET", url, "Cache-Control: no-cache")
 	if f.status != 200 || f.body != "good" || !staleIfErrorStatus.MatchString(f.cacheStatus()) {
 		t.Errorf("failing upstream: %d %q (%s), want the stale-if-error copy with a negative ttl", f.status, f.body, f.cacheStatus())
+	}
+}
+
+// A refresh that meets a healthy response too large to buffer must not
+// keep the old copy: the next request goes upstream on its own and gets
+// the new, whole response (and no refresh fetches a body to throw away at
+// every expiry).
+func TestRefreshMeetingALargerResponseStopsServingTheOldCopy(t *testing.T) {
+	large := strings.Repeat("L", 4096)
+	var grown atomic.Bool
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if grown.Load() {
+			_, _ = fmt.Fprint(w, large)
+			return
+		}
+		_, _ = fmt.Fprint(w, "small")
+	})
+	startCaddy(t, site("ttl 50ms\n\t\tstale 1h\n\t\tmax_body 1KiB\n\t\tzone stale-grown"), up)
+	client := newClient(t)
+	url := baseURL + freshPath(t)
+	if f := get(client, "GET", url); f.status != 200 || f.body != "small" {
+		t.Fatalf("first request: %d %q %v", f.status, f.body, f.err)
+	}
+	grown.Store(true)
+	time.Sleep(100 * time.Millisecond) // past ttl
+	if f := get(client, "GET", url); f.body != "small" || !strings.Contains(f.cacheStatus(), "stale-while-revalidate") {
+		t.Fatalf("within stale: %d %q (%s), want the stale copy", f.status, f.body, f.cacheStatus())
+	}
+	eventually(t, "the refresh", func() bool { return up.Calls() == 2 && up.inflight.Load() == 0 })
+	eventually(t, "the refresh's flight to end", func() bool {
+		return scrapeMetrics(t, client).get(t, "caddy_coalesce_inflight_flights", "handler", "stale-grown") == 0
+	})
+	f := get(client, "GET", url)
+	if f.status != 200 || f.body != large || strings.Contains(f.cacheStatus(), "fwd=stale") {
+		t.Errorf("after the refresh met the larger response: %d, %d bytes (%s); want the whole new response from the upstream", f.status, len(f.body), f.cacheStatus())
+	}
+	if n := up.Calls(); n != 3 {
+		t.Errorf("upstream calls: %d, want 3", n)
 	}
 }

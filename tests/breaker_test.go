@@ -804,3 +804,26 @@ func TestBreakerStateChangeLoggedToAStalledSinkDelaysNoOtherRequest(t *testing.T
 		t.Errorf("the request that tripped the breaker: %d %v; want the upstream's own 503", f.status, f.err)
 	}
 }
+
+func TestAfterAMinuteIdleTheHandlersGuessDoesNotRefuseThePolicysProbe(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a minute idle")
+	}
+	// A handler that has seen no request steered by lb_policy breaker for a
+	// minute guesses its one seen upstream again before the policy runs.
+	up, bad := failingUpstream(t, true)
+	startCaddy(t, breakerSite("breaker {\nfailures 2\nopen 1s\n}", "{up}", "lb_policy breaker"), up)
+	client := newClient(t)
+	for i := range 2 {
+		get(client, "GET", baseURL+pathFor(t, "/fail"+strconv.Itoa(i)))
+	}
+	if f := get(client, "GET", baseURL+pathFor(t, "/tripped")); !isBreakerOpen(f, 1) {
+		t.Fatalf("not tripped: %d %q", f.status, f.cacheStatus())
+	}
+	bad.Store(false)
+	time.Sleep(61 * time.Second) // the handler's steering is forgotten after a minute
+	// Open is long over: this request is the probe, to a healthy upstream.
+	if f := get(client, "GET", baseURL+pathFor(t, "/probe")); f.err != nil || f.status != http.StatusOK || f.body != "good" {
+		t.Fatalf("the probe after a minute idle: %d %q %q %v; the handler's guess took the probe slot the policy needed", f.status, clip(f.body), f.cacheStatus(), f.err)
+	}
+}

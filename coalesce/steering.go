@@ -204,7 +204,7 @@ func (e *Engine) admit(r *http.Request, admitted *Breaker) (*http.Request, *pass
 
 // admitted is the breaker that let this request through on a healthy
 // answer, for the followers of its flight that go upstream on their own;
-// nil when the answer was a failure or nothing was counted.
+// nil when the answer was a failure or reached no upstream.
 func (p *passage) admitted() *Breaker {
 	if p == nil || !p.ok {
 		return nil
@@ -345,7 +345,9 @@ func (e *Engine) verdict(r *http.Request, err error, status int) verdict {
 // upstream, the policy chooses a member whose breaker lets the request
 // through (taking a probe slot when half-open), and the engine reports the
 // outcome to that member's breaker when the request is done. Its methods are
-// called from the request's goroutine only.
+// called from the request's goroutine, or, once the response headers are
+// in, under the leader's recorder lock (a late flush that turns the
+// response into a stream settles the passage).
 type Pick struct {
 	set      *Breakers
 	cfg      BreakerConfig

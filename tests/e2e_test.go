@@ -72,21 +72,31 @@ func TestBuiltBinaryEndToEnd(t *testing.T) {
 	dir := t.TempDir()
 	bin := buildCaddy(t, dir, false)
 
+	adminPort, port := freePort(t), freePort(t)
+	// The herds' upstream requests are answered once the herd waits (50
+	// clients on /herd, 10 on /cookie); anything else at once.
+	admin := fmt.Sprintf("http://127.0.0.1:%d", adminPort)
+	herdGate, cookieGate := newHerdGateAt(t, 50, admin), newHerdGateAt(t, 10, admin)
 	var seq atomic.Int64
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case strings.HasPrefix(r.URL.Path, "/cookie"):
+			if !cookieGate.hold(r.Context(), r.URL.Path) {
+				return
+			}
 			n := seq.Add(1)
-			time.Sleep(300 * time.Millisecond)
 			w.Header().Set("Set-Cookie", fmt.Sprintf("session=s%d; Path=/", n))
 			_, _ = fmt.Fprintf(w, "hello s%d", n)
+		case r.URL.Path == "/herd":
+			if !herdGate.hold(r.Context(), r.URL.Path) {
+				return
+			}
+			_, _ = fmt.Fprint(w, "answer for "+r.URL.Path)
 		default:
-			time.Sleep(500 * time.Millisecond)
 			_, _ = fmt.Fprint(w, "answer for "+r.URL.Path)
 		}
 	})
 
-	adminPort, port := freePort(t), freePort(t)
 	caddyfile := fmt.Sprintf(`{
 	admin 127.0.0.1:%d
 	default_bind 127.0.0.1

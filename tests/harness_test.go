@@ -360,7 +360,12 @@ func flightClients(t testing.TB, client *http.Client, path string) int {
 // /coalesce/inflight lists them. It returns what went wrong instead of
 // failing a test, for goroutines other than the test's.
 func flightsFor(client *http.Client, path string) (waiters, clients int, err error) {
-	resp, err := client.Get(adminURL + "/coalesce/inflight?limit=1000")
+	return flightsAt(client, adminURL, path)
+}
+
+// flightsAt is flightsFor on the Caddy whose admin endpoint is admin.
+func flightsAt(client *http.Client, admin, path string) (waiters, clients int, err error) {
+	resp, err := client.Get(admin + "/coalesce/inflight?limit=1000")
 	if err != nil {
 		return 0, 0, fmt.Errorf("GET /coalesce/inflight: %v", err)
 	}
@@ -400,11 +405,12 @@ const gatherBound = 10 * time.Second
 // hoping that an upstream delay is long enough for it to arrive. A herd
 // that does not gather within gatherBound fails the test.
 type herdGate struct {
-	t     *testing.T
-	size  int
-	admin *http.Client
-	stop  chan struct{}
-	wg    sync.WaitGroup
+	t        *testing.T
+	size     int
+	admin    *http.Client
+	adminURL string // the admin endpoint of the Caddy the herd goes through
+	stop     chan struct{}
+	wg       sync.WaitGroup
 
 	mu    sync.Mutex
 	paths map[string]*gathering
@@ -416,9 +422,16 @@ type gathering struct {
 	open chan struct{} // closed when the herd is whole
 }
 
-// newHerdGate returns a gate for herds of size clients per path.
+// newHerdGate returns a gate for herds of size clients per path through
+// the in-process Caddy.
 func newHerdGate(t *testing.T, size int) *herdGate {
-	g := &herdGate{t: t, size: size, admin: newClient(t), stop: make(chan struct{}), paths: map[string]*gathering{}}
+	return newHerdGateAt(t, size, adminURL)
+}
+
+// newHerdGateAt is newHerdGate for herds through the Caddy whose admin
+// endpoint is admin (a process the test started).
+func newHerdGateAt(t *testing.T, size int, admin string) *herdGate {
+	g := &herdGate{t: t, size: size, admin: newClient(t), adminURL: admin, stop: make(chan struct{}), paths: map[string]*gathering{}}
 	t.Cleanup(func() {
 		close(g.stop)
 		g.wg.Wait()
@@ -469,7 +482,7 @@ func (g *herdGate) watch(path string, p *gathering) {
 	defer close(p.open)
 	deadline := time.Now().Add(gatherBound)
 	for {
-		followers, _, err := flightsFor(g.admin, path)
+		followers, _, err := flightsAt(g.admin, g.adminURL, path)
 		g.mu.Lock()
 		held := p.held
 		g.mu.Unlock()

@@ -495,21 +495,32 @@ func TestUnshareableResponsesAreNotShared(t *testing.T) {
 		{"Vary", "*"},
 	} {
 		t.Run(h[0]+": "+h[1], func(t *testing.T) {
+			const n = 10
+			// The leader is held by g; each follower that goes upstream
+			// alone is held until all n-1 of them are there at once (or
+			// bound has passed).
 			g := newGate(t)
-			o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
-				if n == 1 {
+			var alone atomic.Int64
+			allAlone := make(chan struct{})
+			o := newOrigin(func(w http.ResponseWriter, r *http.Request, call int64) {
+				if call == 1 {
 					g.wait(r)
 				} else {
-					time.Sleep(200 * time.Millisecond)
+					if alone.Add(1) == n-1 {
+						close(allAlone)
+					}
+					select {
+					case <-allAlone:
+					case <-time.After(bound):
+					}
 				}
 				w.Header().Set(h[0], h[1])
-				fmt.Fprintf(w, "v%d", n)
+				fmt.Fprintf(w, "v%d", call)
 			})
 			ev := &events{}
 			e := newEngine(t, func(c *Config) { c.TTL = time.Second; c.Hooks.Observe = ev.observe })
 			srv := newServer(t, e.Handler(o))
 
-			const n = 10
 			start := time.Now()
 			replies := herd(t, e, o, g, n, func(int) reply { return get(t, srv, "/x") })
 			if calls := o.calls.Load(); calls != n {
@@ -525,10 +536,14 @@ func TestUnshareableResponsesAreNotShared(t *testing.T) {
 					t.Errorf("client %d: %s = %q", i, h[0], r.header.Get(h[0]))
 				}
 			}
-			// Followers go upstream all at once, never one after another:
-			// nine 200 ms calls in a row would take 1.8 s.
+			// Followers go upstream all at once, never one after another.
+			select {
+			case <-allAlone:
+			default:
+				t.Errorf("%d of the %d followers were at the upstream at once: they went one by one", alone.Load(), n-1)
+			}
 			if took := time.Since(start); took > 1200*time.Millisecond {
-				t.Errorf("the herd took %v: followers went upstream one by one", took)
+				t.Errorf("the herd took %v: followers waited for each other", took)
 			}
 			if got := ev.count(OutcomeUncollapsible); got != n-1 {
 				t.Errorf("%d uncollapsible followers observed, want %d", got, n-1)

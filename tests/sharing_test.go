@@ -65,12 +65,22 @@ func expectIdentitiesKeptApart(t *testing.T, header string, identities ...string
 }
 
 func TestConcurrentSetCookieResponsesAreEachClientsOwn(t *testing.T) {
-	var seq atomic.Int64
-	// The leader is answered once the herd of 10 waits; every answer takes
-	// 300ms, so followers that queued would take 3s in all.
+	var seq, alone atomic.Int64
+	// The leader is answered once the herd of 10 waits; then each follower,
+	// sent upstream on its own, is held until all 9 are there at once (or
+	// 10s have passed).
+	allAlone := make(chan struct{})
 	up := newUpstream(t, newHerdGate(t, 10).wrap(func(w http.ResponseWriter, r *http.Request) {
 		n := seq.Add(1)
-		time.Sleep(300 * time.Millisecond)
+		if n > 1 {
+			if alone.Add(1) == 9 {
+				close(allAlone)
+			}
+			select {
+			case <-allAlone:
+			case <-time.After(10 * time.Second):
+			}
+		}
 		w.Header().Set("Set-Cookie", fmt.Sprintf("session=s%d; Path=/; HttpOnly", n))
 		_, _ = fmt.Fprintf(w, "hello s%d", n)
 	}))
@@ -101,6 +111,11 @@ func TestConcurrentSetCookieResponsesAreEachClientsOwn(t *testing.T) {
 		seen[name] = true
 	}
 	// Followers go upstream all at once, not one after another.
+	select {
+	case <-allAlone:
+	default:
+		t.Errorf("%d of the 9 followers were at the upstream at once; followers of an unshareable response must not queue", alone.Load())
+	}
 	if took > 3*time.Second {
 		t.Errorf("the herd took %s; followers of an unshareable response must not queue", took)
 	}

@@ -234,7 +234,12 @@ type Breaker struct {
 	onChange func(BreakerChange)
 
 	openUntil atomic.Int64 // unix ns: while open, when probes begin
-	lastUsed  atomic.Int64 // unix ns, to prune idle breakers
+	// fleetUntil (unix ns): the fleet opened this upstream's breaker until
+	// then (sharedbreaker.go); fleetFailing: this server has seen the
+	// fleet's tally of its failures grow since the last success.
+	fleetUntil   atomic.Int64
+	fleetFailing atomic.Bool
+	lastUsed     atomic.Int64 // unix ns, to prune idle breakers
 
 	// tripped are the counts ReadyToTrip saw when it said yes. Written and
 	// read under gobreaker's lock (ReadyToTrip and OnStateChange both run
@@ -364,11 +369,19 @@ func (b *Breaker) Upstream() string { return b.upstream }
 
 // State is the breaker's state now (an open breaker whose time is up turns
 // half-open here).
-func (b *Breaker) State() BreakerState { return stateOf(b.state()) }
+func (b *Breaker) State() BreakerState {
+	if !b.fleetOpenUntil(time.Now()).IsZero() {
+		return BreakerOpen
+	}
+	return stateOf(b.state())
+}
 
 // ready reports whether a request would be let through now: closed, or
 // half-open with a probe slot free. Allow is the authoritative check.
 func (b *Breaker) ready() bool {
+	if !b.fleetOpenUntil(time.Now()).IsZero() {
+		return false
+	}
 	switch b.state() {
 	case gobreaker.StateClosed:
 		return true
@@ -384,6 +397,9 @@ func (b *Breaker) ready() bool {
 // again.
 func (b *Breaker) allow(now time.Time) (ticket, time.Time, bool) {
 	b.lastUsed.Store(now.UnixNano())
+	if until := b.fleetOpenUntil(now); !until.IsZero() {
+		return nil, until, false
+	}
 	done, err := b.cb.Allow()
 	b.deliver()
 	if err == nil {
@@ -398,6 +414,9 @@ func (b *Breaker) allow(now time.Time) (ticket, time.Time, bool) {
 // retryAt is when a refused request may try again: when an open breaker
 // starts probing, or in a second while half-open probes decide.
 func (b *Breaker) retryAt(now time.Time) time.Time {
+	if until := b.fleetOpenUntil(now); !until.IsZero() {
+		return until
+	}
 	if until := time.Unix(0, b.openUntil.Load()); until.After(now) {
 		return until
 	}

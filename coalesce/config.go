@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/edge-coalesce/caddy-coalesce/coalesce/fanout"
+	"github.com/edge-coalesce/caddy-coalesce/coalesce/fleet"
 )
 
 // Limits of the configuration.
@@ -94,6 +95,13 @@ type Config struct {
 	// its engines (and across configuration reloads) so that every route to
 	// an upstream sees one state; nil gives the engine a set of its own.
 	Breakers *Breakers
+
+	// Shared turns on the shared tier of a fleet (see package fleet and
+	// shared.go): a local leader asks Redis for the entry, or for the
+	// fleet's leadership of the key, before it goes upstream, and breaker
+	// trips are shared. Its Zone must be the same on every server for the
+	// same handler. nil: every server acts alone.
+	Shared *fleet.Options
 
 	// Hooks connect the engine to its host server. Engines made by WithHooks
 	// share everything else.
@@ -242,6 +250,11 @@ func (c Config) Validate() error {
 	}
 	if err := c.Breaker.Validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if c.Shared != nil {
+		if err := c.Shared.Validate(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }

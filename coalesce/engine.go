@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/edge-coalesce/caddy-coalesce/coalesce/fanout"
+	"github.com/edge-coalesce/caddy-coalesce/coalesce/fleet"
 	"github.com/edge-coalesce/caddy-coalesce/registry"
 )
 
@@ -106,6 +107,7 @@ type core struct {
 	guard        *guard // nil when breakers are off
 	hotKeys      *HotKeys
 	hub          *fanout.Hub // nil when sse is off
+	tier         *fleet.Tier // nil without a shared tier
 
 	// stop ends when the engine is closed: it cancels running refreshes.
 	// closeMu orders a refresh's start (refreshes.Add) before Close's Wait.
@@ -136,6 +138,14 @@ func New(cfg Config) (*Engine, error) {
 		hub:          newHub(cfg),
 		stop:         stop,
 		stopAll:      stopAll,
+	}
+	if cfg.Shared != nil {
+		t, err := c.openTier(*cfg.Shared)
+		if err != nil {
+			stopAll()
+			return nil, err
+		}
+		c.tier = t
 	}
 	return c.engine(cfg.Hooks), nil
 }
@@ -169,6 +179,9 @@ func (e *Engine) Close() {
 	if e.hub != nil {
 		e.hub.Close() // every event stream, with its subscribers
 	}
+	if e.tier != nil {
+		_ = e.tier.Close()
+	}
 }
 
 // Handler wraps a plain http.Handler.
@@ -201,6 +214,8 @@ type Stats struct {
 	Streams fanout.Stats `json:"streams"`
 	// FlightBytes is what flights buffer now, against MaxFlightMemory.
 	FlightBytes int64 `json:"flight_bytes"`
+	// Shared is the shared tier's state and counts; nil without one.
+	Shared *SharedStats `json:"shared,omitempty"`
 }
 
 // Stats returns a snapshot.
@@ -212,6 +227,10 @@ func (e *Engine) Stats() Stats {
 		FlightBytes: e.flightMemory.used.Load()}
 	if e.hub != nil {
 		st.Streams = e.hub.Stats()
+	}
+	if e.tier != nil {
+		s := e.tier.Stats()
+		st.Shared = &s
 	}
 	return st
 }

@@ -29,6 +29,8 @@ type result struct {
 	// openUntil: the upstream's breaker is open until then; followers are
 	// answered 503 with Retry-After.
 	openUntil time.Time
+	// fleet: resp came from the shared tier (a Cache-Status detail).
+	fleet string
 }
 
 // answer is what a flight came to, for whoever leads it: the one response
@@ -59,6 +61,10 @@ type answer struct {
 	flight  time.Duration
 	// rec holds resp's body against the flights' memory budget until done.
 	rec *recorder
+	// shared is the entry the shared tier answered with (shared.go), and
+	// fleet says how (a Cache-Status detail).
+	shared *entry
+	fleet  string
 }
 
 // done tells that the answer has been written: its buffer no longer counts
@@ -88,6 +94,15 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 	ev := Event{Outcome: OutcomeLeader, Key: key, Upstream: true, Waiters: a.waiters, Flight: a.flight, Detail: a.detail, Abandoned: a.abandoned}
 	defer func() { e.observe(r, ev) }()
 	switch {
+	case a.fleet == detailSharedHit:
+		now := time.Now()
+		a.resp.write(w, r, cacheStatus{hit: true, ttl: a.shared.fresh.Sub(now), withTTL: true, detail: detailSharedHit}, now.Sub(a.shared.stored))
+		ev = Event{Outcome: OutcomeSharedHit, Key: key, Waiters: a.waiters, Detail: detailSharedHit}
+		return nil
+	case a.fleet == detailFleetFollower:
+		a.resp.write(w, r, cacheStatus{fwd: fwd, fwdStatus: a.resp.Status, collapsed: true, detail: detailFleetFollower}, 0)
+		ev = Event{Outcome: OutcomeFleetFollower, Key: key, Waiters: a.waiters, Wait: a.flight, Detail: detailFleetFollower}
+		return nil
 	case a.streamed, a.abandoned:
 		return a.err
 	case a.stale != nil:
@@ -127,6 +142,16 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 			panic(p)
 		}
 	}()
+
+	// Only a local leader asks the fleet (shared.go).
+	ent, how, lock := e.askFleet(f.Context(), r, key)
+	if ent != nil {
+		f.Publish(&result{resp: ent.resp, fleet: how}, nil)
+		return answer{resp: ent.resp, shared: ent, fleet: how, waiters: f.Waiters(), flight: time.Since(f.Started())}
+	}
+	// Whatever the flight comes to, the fleet's followers are woken;
+	// shareFlight below gives them the stored answer.
+	defer lock.Finish(context.Background(), nil, time.Time{}, time.Time{})
 
 	ur, pass, until := e.admit(upstreamRequest(r, f.Context()), nil)
 	if !until.IsZero() {
@@ -241,6 +266,12 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		a.stored = e.store(key, a.resp, r, f.Started(), a.waiters > 0 || fwd == fwdStale)
 	}
 	f.Publish(&result{resp: a.resp, admitted: pass.admitted()}, nil)
+	if a.stored && lock != nil {
+		e.shareFlight(lock, key)
+		if a.detail == "" {
+			a.detail = detailFleetLeader
+		}
+	}
 	return a
 }
 

@@ -142,7 +142,7 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 	case !res.resp.matchesVary(r):
 		return e.uncollapsible(w, r, next, key, detailVaryMismatch, fwdVaryMiss, res.admitted)
 	}
-	res.resp.write(w, r, cacheStatus{fwd: fwd, fwdStatus: res.resp.Status, collapsed: true}, 0)
+	res.resp.write(w, r, cacheStatus{fwd: fwd, fwdStatus: res.resp.Status, collapsed: true, detail: res.fleet}, 0)
 	e.observe(r, Event{Outcome: OutcomeCollapsed, Key: key, Wait: waited})
 	return nil
 }

@@ -296,6 +296,7 @@ func (p *passage) count(b *Breaker, done ticket, v verdict, now time.Time) {
 		}
 	}
 	done.report(v)
+	p.e.tellFleet(b, v)
 }
 
 // release reports a request that ended without settle (a panic) as not

@@ -152,6 +152,7 @@ func Open(opts Options) (*Tier, error) {
 	ro.ContextTimeoutEnabled = true
 	ro.MaxRetries = -1 // acting alone beats retrying
 	ro.DisableIdentity = true
+	ro.DialerRetries = 1 // one dial per operation: a refused one means down
 	ro.Protocol = 2
 	t := &Tier{
 		rdb:      redis.NewClient(ro),
@@ -183,6 +184,24 @@ func Open(opts Options) (*Tier, error) {
 	t.ps = t.rdb.Subscribe(context.Background())
 	go t.listen()
 	return t, nil
+}
+
+// MaxTimeout is the longest timeout allowed: a request may wait for Redis
+// this long before its server acts alone.
+const MaxTimeout = 10 * time.Second
+
+// Validate explains what is wrong with o, in words for an operator.
+func (o Options) Validate() error {
+	if _, err := ParseURL(o.URL); err != nil {
+		return err
+	}
+	if o.Timeout < 0 || o.Timeout > MaxTimeout {
+		return fmt.Errorf("shared: timeout is the longest one Redis operation may take, from 1ms to %s (got %s); default 50ms", MaxTimeout, o.Timeout)
+	}
+	if strings.ContainsAny(o.Prefix, " \t\r\n") {
+		return fmt.Errorf("shared: prefix %q must not contain white space", o.Prefix)
+	}
+	return nil
 }
 
 // ParseURL parses a redis:// or rediss:// URL, and says what is wrong with
@@ -272,24 +291,43 @@ func (t *Tier) do(ctx context.Context, op func(context.Context) (any, error)) (a
 	return v, err
 }
 
-// lookupScript answers a local leader in one round trip: the entry when
-// there is one, else the lock (taken when free). Reply: {entry, false} or
-// {false, 1 when the lock was taken}.
+// An entry is stored as "<fresh until, unix ms>|<value>", so that the
+// scripts tell a fresh entry from one kept for its stale windows.
+
+// lookupScript answers a local leader in one round trip: a fresh entry
+// when there is one; else the lock, taken when free, with the stale entry
+// if any. Reply: {entry or false, 1 when the lock was taken}.
 var lookupScript = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
-if v then return {v, 0} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, 1} end
-return {false, 0}
+if v then
+  local i = string.find(v, '|', 1, true)
+  if i and tonumber(string.sub(v, 1, i - 1)) > tonumber(ARGV[3]) then return {v, 2} end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {v, 1} end
+return {v, 0}
 `)
 
-// recheckScript answers a follower that has begun to listen: the entry
-// when the leader wrote one meanwhile, 0 when the leader has gone (its lock
-// was released or expired), 1 while it still leads.
+// recheckScript answers a follower that has begun to listen: a fresh
+// entry when the leader wrote one meanwhile, 0 when the leader has gone
+// (its lock was released or expired), 1 while it still leads.
 var recheckScript = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
-if v then return v end
+if v then
+  local i = string.find(v, '|', 1, true)
+  if i and tonumber(string.sub(v, 1, i - 1)) > tonumber(ARGV[1]) then return v end
+end
 return redis.call('EXISTS', KEYS[2])
 `)
+
+// unwrap splits a stored entry into its value and freshness.
+func unwrap(s string) (value []byte, fresh time.Time, ok bool) {
+	at, v, ok := strings.Cut(s, "|")
+	ms, err := strconv.ParseInt(at, 10, 64)
+	if !ok || err != nil {
+		return nil, time.Time{}, false
+	}
+	return []byte(v), time.UnixMilli(ms), true
+}
 
 // finishScript writes the entry (unless its ttl is 0), releases the lock
 // if it is still this leader's, and wakes the fleet's followers.
@@ -311,52 +349,62 @@ type Lock struct {
 	done  bool
 }
 
-// Lookup is a local leader's one question: the shared entry for key if
-// there is one, else the fleet's leadership of key (a lock that expires
-// after hold) if nobody holds it. With neither, another server leads: Wait
-// for it. An error means: act alone.
-func (t *Tier) Lookup(ctx context.Context, key string, hold time.Duration) (entry []byte, lock *Lock, err error) {
+// Lookup is a local leader's one question. A fresh shared entry for key
+// answers it (fresh is true, lock nil). Otherwise this server tries to
+// become the fleet's leader of key (a lock that expires after hold): lock
+// is set when it did; when it is nil, another server leads: Wait for it.
+// Either way entry is the stale entry Redis still keeps, if any. An error
+// means: act alone.
+func (t *Tier) Lookup(ctx context.Context, key string, hold time.Duration) (entry []byte, fresh bool, lock *Lock, err error) {
 	token := newToken()
 	v, err := t.do(ctx, func(ctx context.Context) (any, error) {
-		return lookupScript.Run(ctx, t.rdb, []string{t.entryKey(key), t.lockKey(key)}, token, max(hold.Milliseconds(), 1)).Slice()
+		return lookupScript.Run(ctx, t.rdb, []string{t.entryKey(key), t.lockKey(key)},
+			token, max(hold.Milliseconds(), 1), time.Now().UnixMilli()).Slice()
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, false, nil, err
 	}
 	reply := v.([]any)
 	if s, ok := reply[0].(string); ok {
-		return []byte(s), nil, nil
+		entry, _, _ = unwrap(s)
 	}
-	if n, _ := reply[1].(int64); n == 1 {
+	switch n, _ := reply[1].(int64); n {
+	case 2:
+		return entry, true, nil, nil
+	case 1:
 		t.stats.won.Add(1)
-		return nil, &Lock{t: t, key: key, token: token}, nil
+		return entry, false, &Lock{t: t, key: key, token: token}, nil
 	}
 	t.stats.lost.Add(1)
-	return nil, nil, nil
+	return entry, false, nil, nil
 }
 
-// Finish ends the leadership: with entry (kept for ttl) when the leader has
-// one to share, else with nothing, which sends the followers upstream. It
-// is safe to call more than once; only the first counts.
-func (l *Lock) Finish(ctx context.Context, entry []byte, ttl time.Duration) error {
+// Finish ends the leadership: with entry (fresh until fresh, kept until
+// keep) when the leader has one to share, else with nothing, which sends
+// the followers upstream. Only the first call counts; a nil Lock does
+// nothing.
+func (l *Lock) Finish(ctx context.Context, entry []byte, fresh, keep time.Time) error {
 	if l == nil || l.done {
 		return nil
 	}
 	l.done = true
 	msg, ms := l.key+":x", int64(0)
-	if entry != nil && ttl > 0 {
+	var value []byte
+	if ttl := time.Until(keep); entry != nil && ttl > 0 {
 		msg, ms = l.key+":e", max(ttl.Milliseconds(), 1)
+		value = append(strconv.AppendInt(nil, fresh.UnixMilli(), 10), '|')
+		value = append(value, entry...)
 	}
 	t := l.t
 	_, err := t.do(ctx, func(ctx context.Context) (any, error) {
 		return finishScript.Run(ctx, t.rdb, []string{t.entryKey(l.key), t.lockKey(l.key)},
-			entry, ms, l.token, t.flights, msg).Result()
+			value, ms, l.token, t.flights, msg).Result()
 	})
 	return err
 }
 
 // Wait waits up to limit for the fleet leader of key and returns the entry
-// it wrote. ErrNoEntry: it had none to share (or is gone);
+// it wrote (fresh or not: it is the leader's answer). ErrNoEntry: it had none to share (or is gone);
 // ErrWaitTimeout: it did not answer in time. Either way, and on any other
 // error, the caller goes upstream itself.
 func (t *Tier) Wait(ctx context.Context, key string, limit time.Duration) ([]byte, error) {
@@ -374,14 +422,16 @@ func (t *Tier) Wait(ctx context.Context, key string, limit time.Duration) ([]byt
 	// Listening began after the lock was found taken: the leader may have
 	// finished in between.
 	v, err := t.do(ctx, func(ctx context.Context) (any, error) {
-		return recheckScript.Run(ctx, t.rdb, []string{t.entryKey(key), t.lockKey(key)}).Result()
+		return recheckScript.Run(ctx, t.rdb, []string{t.entryKey(key), t.lockKey(key)}, time.Now().UnixMilli()).Result()
 	})
 	if err != nil {
 		return nil, err
 	}
 	switch v := v.(type) {
 	case string:
-		return []byte(v), nil
+		if e, _, ok := unwrap(v); ok {
+			return e, nil
+		}
 	case int64:
 		if v == 0 {
 			return nil, ErrNoEntry
@@ -403,8 +453,8 @@ func (t *Tier) Wait(ctx context.Context, key string, limit time.Duration) ([]byt
 	case <-t.done:
 		return nil, ErrNoEntry
 	}
-	e, err := t.do(ctx, func(ctx context.Context) (any, error) {
-		return t.rdb.Get(ctx, t.entryKey(key)).Bytes()
+	s, err := t.do(ctx, func(ctx context.Context) (any, error) {
+		return t.rdb.Get(ctx, t.entryKey(key)).Result()
 	})
 	if errors.Is(err, redis.Nil) {
 		return nil, ErrNoEntry
@@ -412,7 +462,11 @@ func (t *Tier) Wait(ctx context.Context, key string, limit time.Duration) ([]byt
 	if err != nil {
 		return nil, err
 	}
-	return e.([]byte), nil
+	e, _, ok := unwrap(s.(string))
+	if !ok {
+		return nil, ErrNoEntry
+	}
+	return e, nil
 }
 
 func (t *Tier) forget(key string, ch chan bool) {
@@ -473,7 +527,7 @@ func (t *Tier) listen() {
 			if !t.pause(backoff) {
 				return
 			}
-			backoff = min(2*backoff, downFor)
+			backoff = min(2*backoff, downFor/2)
 			continue
 		}
 		backoff = 50 * time.Millisecond

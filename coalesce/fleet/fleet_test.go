@@ -43,11 +43,11 @@ func TestFollowerWokenByLeadersEntry(t *testing.T) {
 	a, b := open(t, srv.URL(), "z", nil), open(t, srv.URL(), "z", nil)
 	ctx := context.Background()
 
-	entry, lock, err := a.Lookup(ctx, "k1", 5*time.Second)
+	entry, _, lock, err := a.Lookup(ctx, "k1", 5*time.Second)
 	if err != nil || entry != nil || lock == nil {
 		t.Fatalf("first lookup: entry %q lock %v err %v; want the lock", entry, lock, err)
 	}
-	entry, lock2, err := b.Lookup(ctx, "k1", 5*time.Second)
+	entry, _, lock2, err := b.Lookup(ctx, "k1", 5*time.Second)
 	if err != nil || entry != nil || lock2 != nil {
 		t.Fatalf("second lookup: entry %q lock %v err %v; want neither", entry, lock2, err)
 	}
@@ -61,7 +61,7 @@ func TestFollowerWokenByLeadersEntry(t *testing.T) {
 	}()
 	waitFor(t, "the follower to wait", func() bool { return b.Stats().Waits == 1 })
 	start := time.Now()
-	if err := lock.Finish(ctx, []byte("body"), time.Second); err != nil {
+	if err := lock.Finish(ctx, []byte("body"), time.Now().Add(time.Second), time.Now().Add(2*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	if e := <-got; string(e) != "body" {
@@ -71,11 +71,11 @@ func TestFollowerWokenByLeadersEntry(t *testing.T) {
 		t.Fatalf("follower woke %s after the entry was written", d)
 	}
 	// The entry answers the next lookup; another zone does not see it.
-	if e, _, _ := b.Lookup(ctx, "k1", time.Second); string(e) != "body" {
+	if e, fresh, _, _ := b.Lookup(ctx, "k1", time.Second); string(e) != "body" || !fresh {
 		t.Fatalf("lookup after finish: %q", e)
 	}
 	other := open(t, srv.URL(), "other", nil)
-	if e, l, _ := other.Lookup(ctx, "k1", time.Second); e != nil || l == nil {
+	if e, _, l, _ := other.Lookup(ctx, "k1", time.Second); e != nil || l == nil {
 		t.Fatalf("another zone saw the entry %q", e)
 	}
 }
@@ -84,16 +84,16 @@ func TestFollowerOfALeaderWithoutEntryGoesAlone(t *testing.T) {
 	srv := redistest.Start(t)
 	a, b := open(t, srv.URL(), "z", nil), open(t, srv.URL(), "z", nil)
 	ctx := context.Background()
-	_, lock, _ := a.Lookup(ctx, "k", 5*time.Second)
+	_, _, lock, _ := a.Lookup(ctx, "k", 5*time.Second)
 	res := make(chan error, 1)
 	go func() { _, err := b.Wait(ctx, "k", 5*time.Second); res <- err }()
 	waitFor(t, "the follower to wait", func() bool { return b.Stats().Waits == 1 })
-	lock.Finish(ctx, nil, 0)
+	lock.Finish(ctx, nil, time.Time{}, time.Time{})
 	if err := <-res; !errors.Is(err, ErrNoEntry) {
 		t.Fatalf("wait: %v, want ErrNoEntry", err)
 	}
 	// The lock is free again.
-	if _, l, _ := b.Lookup(ctx, "k", time.Second); l == nil {
+	if _, _, l, _ := b.Lookup(ctx, "k", time.Second); l == nil {
 		t.Fatal("the lock was not released")
 	}
 }
@@ -102,7 +102,7 @@ func TestDeadLeadersLockExpires(t *testing.T) {
 	srv := redistest.Start(t)
 	a, b := open(t, srv.URL(), "z", nil), open(t, srv.URL(), "z", nil)
 	ctx := context.Background()
-	if _, lock, _ := a.Lookup(ctx, "k", 300*time.Millisecond); lock == nil {
+	if _, _, lock, _ := a.Lookup(ctx, "k", 300*time.Millisecond); lock == nil {
 		t.Fatal("no lock")
 	}
 	a.Close() // the leader dies without finishing
@@ -114,7 +114,7 @@ func TestDeadLeadersLockExpires(t *testing.T) {
 		t.Fatalf("waited %s for a 200ms limit", d)
 	}
 	waitFor(t, "the dead leader's lock to expire", func() bool {
-		_, l, err := b.Lookup(ctx, "k", time.Second)
+		_, _, l, err := b.Lookup(ctx, "k", time.Second)
 		return err == nil && l != nil
 	})
 }
@@ -137,7 +137,7 @@ func TestRedisDownActsAloneAndComesBack(t *testing.T) {
 	calls := 0
 	for tier.State() != StateDown {
 		start := time.Now()
-		if _, _, err := tier.Lookup(ctx, "k", time.Second); err == nil {
+		if _, _, _, err := tier.Lookup(ctx, "k", time.Second); err == nil {
 			t.Fatal("lookup succeeded with Redis down")
 		}
 		if d := time.Since(start); d > time.Second {
@@ -147,12 +147,12 @@ func TestRedisDownActsAloneAndComesBack(t *testing.T) {
 			t.Fatal("the tier's breaker did not open")
 		}
 	}
-	if _, _, err := tier.Lookup(ctx, "k", time.Second); !errors.Is(err, ErrDown) {
+	if _, _, _, err := tier.Lookup(ctx, "k", time.Second); !errors.Is(err, ErrDown) {
 		t.Fatalf("lookup while down: %v, want ErrDown", err)
 	}
 	srv.Restart()
 	waitFor(t, "the tier to come back", func() bool {
-		_, _, err := tier.Lookup(ctx, "k2", time.Second)
+		_, _, _, err := tier.Lookup(ctx, "k2", time.Second)
 		return err == nil && tier.State() == StateUp
 	})
 	waitFor(t, "the tier to listen again", tier.listening.Load)

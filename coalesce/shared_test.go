@@ -1,0 +1,316 @@
+package coalesce
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/edge-coalesce/caddy-coalesce/coalesce/fleet"
+	"github.com/edge-coalesce/caddy-coalesce/internal/redistest"
+)
+
+// server is one server of a fleet: its engine, its own breakers (as a
+// separate process would have), in front of its own connection to the
+// upstream.
+type server struct {
+	e   *Engine
+	srv *httptest.Server
+}
+
+// newFleet starts n servers sharing redis, each in front of o.
+func newFleet(t *testing.T, redis *redistest.Server, n int, o *origin, change func(*Config)) []server {
+	t.Helper()
+	var out []server
+	for range n {
+		e := newEngine(t, func(c *Config) {
+			// A generous timeout: on a loaded machine under -race, 50ms
+			// would send a herd's leaders upstream alone.
+			c.Shared = &fleet.Options{URL: redis.URL(), Zone: "z", Prefix: "test:", Timeout: time.Second}
+			if change != nil {
+				change(c)
+			}
+		})
+		out = append(out, server{e: e, srv: newServer(t, e.Handler(o))})
+	}
+	for i, s := range out {
+		waitFor(t, fmt.Sprintf("server %d to listen to the fleet", i), func() bool { return s.e.Stats().Shared.Listening })
+	}
+	return out
+}
+
+// getAs is a GET to one server of the fleet, with the Host every server
+// is sent behind a load balancer.
+func getAs(t *testing.T, s server, path string, headers ...string) reply {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, s.srv.URL+path, nil)
+	if err != nil {
+		t.Error(err)
+		return reply{}
+	}
+	req.Host = "api.example"
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Add(headers[i], headers[i+1])
+	}
+	start := time.Now()
+	resp, err := s.srv.Client().Do(req)
+	if err != nil {
+		t.Errorf("GET %s: %v", path, err)
+		return reply{}
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Errorf("GET %s: reading body: %v", path, err)
+	}
+	return reply{status: resp.StatusCode, body: string(body), header: resp.Header, took: time.Since(start)}
+}
+
+// fleetWaits is how many local leaders of the fleet wait for another
+// server's flight now, and waiters how many local followers wait.
+func fleetWaiting(servers []server) (fleetWaits, waiters int64) {
+	for _, s := range servers {
+		st := s.e.Stats()
+		fleetWaits += int64(st.Shared.Waits)
+		waiters += st.Registry.Waiters
+	}
+	return
+}
+
+func TestFleetHerdMakesOneUpstreamCallPerIdentity(t *testing.T) {
+	redis := redistest.Start(t)
+	for _, identities := range []int{1, 2} {
+		t.Run(fmt.Sprintf("%d identities", identities), func(t *testing.T) {
+			g := newGate(t)
+			o := newOrigin(nil)
+			o.serve = func(w http.ResponseWriter, r *http.Request, n int64) {
+				g.wait(r)
+				// public: a shared cache stores an answer to a request with
+				// Authorization only when it says so (RFC 9111 §3.5).
+				w.Header().Set("Cache-Control", "public, max-age=60")
+				fmt.Fprintf(w, "v%d %s", n, r.Header.Get("Authorization"))
+			}
+			servers := newFleet(t, redis, 3, o, func(c *Config) { c.Shared.Prefix = "test:" + t.Name() + ":" })
+			const n = 300
+			chans := make([]<-chan reply, n)
+			for i := range n {
+				s := servers[i%3]
+				user := fmt.Sprintf("Bearer user%d", (i/3)%identities)
+				chans[i] = async(func() reply { return getAs(t, s, "/herd", "Authorization", user) })
+			}
+			// Every server has one local leader per identity: one of them
+			// per identity leads the fleet (upstream), the others wait for it.
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				w, f := fleetWaiting(servers)
+				if o.calls.Load() == int64(identities) && w == int64(2*identities) && f == int64(n-3*identities) {
+					break
+				}
+				if time.Now().After(deadline) {
+					g.open()
+					t.Fatalf("after 10s: %d upstream calls, %d fleet waits, %d local followers; want %d, %d, %d",
+						o.calls.Load(), w, f, identities, 2*identities, n-3*identities)
+				}
+				time.Sleep(time.Millisecond)
+			}
+			g.open()
+			bodies := map[string]int{}
+			for i, ch := range chans {
+				r := receive(t, ch, fmt.Sprintf("reply %d", i))
+				if r.status != 200 {
+					t.Fatalf("reply %d: %d %q", i, r.status, r.body)
+				}
+				bodies[r.body]++
+			}
+			if got := o.calls.Load(); got != int64(identities) {
+				t.Fatalf("%d upstream calls for %d identities over 3 servers, want %d", got, identities, identities)
+			}
+			if len(bodies) != identities {
+				t.Fatalf("bodies %v: want one per identity", bodies)
+			}
+		})
+	}
+}
+
+func TestSharedHitAndFleetFollowerSayHowInCacheStatus(t *testing.T) {
+	redis := redistest.Start(t)
+	o := numbered("Cache-Control", "max-age=60")
+	servers := newFleet(t, redis, 2, o, func(c *Config) { c.TTL = time.Second })
+	first := getAs(t, servers[0], "/a")
+	if !strings.Contains(first.cacheStatus(), "detail=fleet-leader") {
+		t.Fatalf("leader's Cache-Status %q", first.cacheStatus())
+	}
+	second := getAs(t, servers[1], "/a")
+	if second.body != first.body || !strings.Contains(second.cacheStatus(), "hit") || !strings.Contains(second.cacheStatus(), "detail=shared-hit") {
+		t.Fatalf("second server: %q %q, want a shared hit of %q", second.body, second.cacheStatus(), first.body)
+	}
+	// Kept locally: the next request is a local hit, without Redis.
+	third := getAs(t, servers[1], "/a")
+	if !strings.Contains(third.cacheStatus(), `detail="ttl-ms=`) || o.calls.Load() != 1 {
+		t.Fatalf("third request: %q, %d upstream calls", third.cacheStatus(), o.calls.Load())
+	}
+	if st := servers[1].e.Stats().Shared; st.SharedHits != 1 {
+		t.Fatalf("shared hits %d", st.SharedHits)
+	}
+}
+
+func TestWhatMayNotBeStoredStaysOffTheFleet(t *testing.T) {
+	redis := redistest.Start(t)
+	for _, c := range []struct{ name, header, value string }{
+		{"set-cookie", "Set-Cookie", "s=1"},
+		{"private", "Cache-Control", "private"},
+		{"no-store", "Cache-Control", "no-store"},
+		{"vary star", "Vary", "*"},
+		{"vary cookie", "Vary", "Cookie"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			o := numbered(c.header, c.value)
+			servers := newFleet(t, redis, 2, o, func(cfg *Config) {
+				cfg.TTL = time.Second
+				cfg.Shared.Prefix = "test:" + t.Name() + ":"
+			})
+			getAs(t, servers[0], "/p", "Cookie", "id=1")
+			r := getAs(t, servers[1], "/p", "Cookie", "id=1")
+			if strings.Contains(r.cacheStatus(), "shared-hit") || o.calls.Load() != 2 {
+				t.Fatalf("%s: second server %q after %d upstream calls; want its own call", c.name, r.cacheStatus(), o.calls.Load())
+			}
+		})
+	}
+}
+
+func TestRedisKilledMidLoadFailsNoRequestAndComesBack(t *testing.T) {
+	redis := redistest.Start(t)
+	o := numbered("Cache-Control", "max-age=60")
+	servers := newFleet(t, redis, 3, o, func(c *Config) { c.TTL = 200 * time.Millisecond })
+	var sent sync.WaitGroup
+	var mu sync.Mutex
+	var bad []string
+	stop := make(chan struct{})
+	load := func(w int) {
+		defer sent.Done()
+		for i := 0; i < 5000; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			r := getAs(t, servers[(w+i)%3], fmt.Sprintf("/k%d", i%7))
+			if r.status != 200 {
+				mu.Lock()
+				bad = append(bad, fmt.Sprintf("%d %q", r.status, r.cacheStatus()))
+				mu.Unlock()
+			}
+		}
+	}
+	for w := range 6 {
+		sent.Add(1)
+		go load(w)
+	}
+	leads := func() (n uint64) {
+		for _, s := range servers {
+			n += s.e.Stats().Shared.LeadershipsWon
+		}
+		return
+	}
+	waitFor(t, "the load to go through the tier", func() bool { return leads() >= 5 })
+	redis.Stop()
+	waitFor(t, "a server to find Redis down", func() bool {
+		for _, s := range servers {
+			if s.e.Stats().Shared.State == fleet.StateDown {
+				return true
+			}
+		}
+		return false
+	})
+	before := o.calls.Load()
+	waitFor(t, "requests answered without Redis", func() bool { return o.calls.Load() >= before+5 })
+	redis.Restart()
+	restarted := time.Now()
+	deadline := restarted.Add(5 * time.Second)
+	for _, s := range servers {
+		for st := s.e.Stats().Shared; st.State != fleet.StateUp || !st.Listening; st = s.e.Stats().Shared {
+			if time.Now().After(deadline) {
+				t.Fatalf("the tier is not back 5s after Redis: %+v", st)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	t.Logf("the tier was back %s after Redis", time.Since(restarted).Round(time.Millisecond))
+	close(stop)
+	sent.Wait()
+	if len(bad) > 0 {
+		t.Fatalf("%d failed requests, e.g. %s", len(bad), bad[0])
+	}
+	// Sharing works again.
+	getAs(t, servers[0], "/after")
+	if r := getAs(t, servers[1], "/after"); !strings.Contains(r.cacheStatus(), "shared-hit") {
+		t.Fatalf("after Redis came back: %q", r.cacheStatus())
+	}
+}
+
+func TestDeadUpstreamGetsFailuresPlusProbesFromTheFleet(t *testing.T) {
+	redis := redistest.Start(t)
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		http.Error(w, "down", http.StatusServiceUnavailable)
+	})
+	servers := newFleet(t, redis, 3, o, func(c *Config) {
+		c.Breaker = BreakerConfig{Failures: 5, Open: 10 * time.Second, Probes: 1}
+	})
+	statuses := map[int]int{}
+	for i := range 60 {
+		r := getAs(t, servers[i%3], fmt.Sprintf("/dead/%d", i))
+		statuses[r.status]++
+	}
+	if got := o.calls.Load(); got > 5+1 {
+		t.Fatalf("the dead upstream got %d requests from 3 servers (statuses %v), want at most failures 5 + probes 1", got, statuses)
+	}
+	if statuses[503] != 60 {
+		t.Fatalf("statuses %v", statuses)
+	}
+	for i, s := range servers {
+		for _, b := range s.e.guard.set.Snapshot() {
+			if b.State != BreakerOpen {
+				t.Fatalf("server %d: breaker of %s is %s", i, b.Upstream, b.State)
+			}
+		}
+	}
+}
+
+func TestFleetLeaderThatDiesLeavesItsWaitersToGoAlone(t *testing.T) {
+	redis := redistest.Start(t)
+	hung := newGate(t)
+	dead := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) { hung.wait(r) })
+	alive := numbered()
+	const maxWait = time.Second
+	cfg := func(c *Config) { c.MaxWait = maxWait }
+	leader := newFleet(t, redis, 1, dead, cfg)[0]
+	other := newFleet(t, redis, 1, alive, cfg)[0]
+
+	go getAs(t, leader, "/slow")
+	waitFor(t, "the fleet leader upstream", func() bool { return dead.calls.Load() == 1 })
+	start := time.Now()
+	chans := make([]<-chan reply, 10)
+	for i := range chans {
+		chans[i] = async(func() reply { return getAs(t, other, "/slow") })
+	}
+	for i, ch := range chans {
+		r := receive(t, ch, fmt.Sprintf("waiter %d", i))
+		if r.status != 200 || r.body != "v1" {
+			t.Fatalf("waiter %d: %d %q %q", i, r.status, r.body, r.cacheStatus())
+		}
+	}
+	if took := time.Since(start); took >= maxWait {
+		t.Fatalf("the waiters were answered after %s, max_wait is %s", took, maxWait)
+	}
+	if alive.calls.Load() != 1 {
+		t.Fatalf("the waiting server went upstream %d times, want once", alive.calls.Load())
+	}
+	if st := other.e.Stats().Shared; st.WaitTimeouts != 1 {
+		t.Fatalf("fleet wait timeouts %d", st.WaitTimeouts)
+	}
+	hung.open()
+}

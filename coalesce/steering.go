@@ -160,8 +160,10 @@ type passage struct {
 	e    *Engine
 	pick *Pick
 	pre  *Breaker // the one known upstream, asked before next; its ticket is pick.held
-	// cut: the breaker's timeout cut the request (see send).
-	cut     bool
+	// cut: the breaker's timeout cut the request (see send). Set when
+	// next returns, while the recorder's timer may report a stream (settle)
+	// from its own goroutine.
+	cut     atomic.Bool
 	settled bool
 	// answered is the breaker the outcome went to, and ok whether the
 	// outcome was not a failure: then the flight's followers may go on its
@@ -241,7 +243,7 @@ func (p *passage) settle(r *http.Request, err error, status int) time.Time {
 	p.settled = true
 	e, g := p.e, p.e.guard
 	v := e.verdict(r, err, status)
-	if p.cut {
+	if p.cut.Load() {
 		v = failure
 	}
 	now := time.Now()

@@ -65,13 +65,13 @@ func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error 
 	defer func() {
 		hw.timer.Stop()
 		cancel(nil)
-		p.cut = hw.state.Load() == headersLate
+		p.cut.Store(hw.state.Load() == headersLate)
 	}()
 	return next(hw, r.WithContext(ctx))
 }
 
 // timedOut reports whether the timeout cut the request send sent.
-func (p *passage) timedOut() bool { return p != nil && p.cut }
+func (p *passage) timedOut() bool { return p != nil && p.cut.Load() }
 
 // States of a headerWatch.
 const (

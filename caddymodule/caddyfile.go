@@ -59,6 +59,10 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			heartbeat       <duration>   # ":" comment after this much silence; default 15s; 0 = off
 //			max_subscribers <n>          # per stream; more go upstream on their own; default 10000
 //		}
+//		shared redis://[user:password@]host:port[/db] {  # a fleet's shared tier (rediss:// for TLS)
+//			prefix  <string>         # starts every Redis key; default coalesce:
+//			timeout <duration>       # longest one Redis operation; then act alone; default 50ms
+//		}
 //	}
 //
 // A bare `coalesce` uses the defaults.
@@ -144,8 +148,10 @@ func (h *Handler) unmarshalExtra(d *caddyfile.Dispenser, opt string) error {
 		return h.unmarshalBreaker(d)
 	case "sse":
 		return h.unmarshalSSE(d)
+	case "shared":
+		return h.unmarshalShared(d)
 	}
-	return d.Errf("unrecognized coalesce option %q; the options are ttl, stale, stale_if_error, max_wait, max_body, max_entries, max_memory, max_flight_memory, key_headers, identity_headers, public, hit_for_miss, max_flights, zone, breaker and sse (see the README)", opt)
+	return d.Errf("unrecognized coalesce option %q; the options are ttl, stale, stale_if_error, max_wait, max_body, max_entries, max_memory, max_flight_memory, key_headers, identity_headers, public, hit_for_miss, max_flights, zone, breaker, sse and shared (see the README)", opt)
 }
 
 // once fails when the option d is at was already given in this block (at

@@ -117,6 +117,12 @@ type Handler struct {
 	// defaults of its fields.
 	SSE *SSEOptions `json:"sse,omitempty"`
 
+	// The shared tier of a fleet of instances on Redis (see SharedOptions):
+	// one upstream request per key for the whole fleet, and breakers that
+	// trip on every instance at once. Default: off (each instance acts
+	// alone). Name a `zone` for it.
+	Shared *SharedOptions `json:"shared,omitempty"`
+
 	// Names the state (registry of flights, micro-cache, hit-for-miss marks)
 	// this handler uses, and labels its metrics and admin API entries.
 	// Handlers with the same zone and the same settings share one state,
@@ -177,6 +183,7 @@ func (h *Handler) config() coalesce.Config {
 		SSE:             h.SSE.config(),
 		Breaker:         h.Breaker.config(),
 		Breakers:        breakers,
+		Shared:          h.Shared.options(""),
 	}
 }
 
@@ -206,6 +213,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	settings, err := json.Marshal(h)
 	if err != nil {
 		return err
+	}
+	if h.Shared != nil {
+		zone, err := fleetZone(ctx, h)
+		if err != nil {
+			return err
+		}
+		cfg.Shared = h.Shared.options(zone)
+		cfg.Shared.OnState = tierStateLogger(h.logger, zoneName(h.Zone))
 	}
 	key, rank := poolKey(ctx, h.Zone, settings)
 	h.rank = rank

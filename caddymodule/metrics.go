@@ -25,6 +25,7 @@ var outcomes = []coalesce.Outcome{
 	coalesce.OutcomeHit, coalesce.OutcomeStale, coalesce.OutcomeStaleIfError, coalesce.OutcomeCollapsed,
 	coalesce.OutcomeLeader, coalesce.OutcomeBypass, coalesce.OutcomeUncollapsible,
 	coalesce.OutcomeBreakerOpen, coalesce.OutcomeTimeout, coalesce.OutcomeError,
+	coalesce.OutcomeSharedHit, coalesce.OutcomeFleetFollower,
 }
 
 // durationBuckets suit waits and flights from a millisecond to max_wait's
@@ -53,7 +54,7 @@ func initMetrics() {
 	metrics.once.Do(func() {
 		metrics.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "requests_total",
-			Help: "Requests seen by coalesce handlers, by outcome (hit, stale, stale_if_error, collapsed, leader, bypass, uncollapsible, breaker_open, timeout, error).",
+			Help: "Requests seen by coalesce handlers, by outcome (hit, stale, stale_if_error, collapsed, leader, bypass, uncollapsible, breaker_open, timeout, error, shared_hit, fleet_follower).",
 		}, []string{"handler", "outcome"})
 		metrics.upstream = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "upstream_requests_total",
@@ -182,6 +183,8 @@ func breakerStateValue(s coalesce.BreakerState) float64 {
 // reloads without anyone keeping gauges up to date.
 type stateCollector struct {
 	flights, waiters, entries, bytes, maxEntries, maxBytes, evictions, bypass, breaker *prometheus.Desc
+	// The shared tier's, per handler with one.
+	tierState, tierErrors, sharedHits, leaderships, fleetWaits, fleetWaitTimeouts, fleetTrips *prometheus.Desc
 }
 
 func newStateCollector() *stateCollector {
@@ -198,11 +201,20 @@ func newStateCollector() *stateCollector {
 		evictions:  desc("cache_evictions_total", "Entries pushed out of the micro-cache to stay within its budgets.", "handler"),
 		bypass:     desc("bypass_enabled", "1 while the kill switch (POST /coalesce/bypass) makes every coalesce handler pass requests straight through, else 0."),
 		breaker:    desc("breaker_state", "State of the upstream's circuit breaker: 0 closed, 1 half-open, 2 open (the worst, if handlers use different breaker settings for it).", "upstream"),
+
+		tierState:         desc("shared_state", "State of the shared tier (shared): 0 up, 1 probing Redis, 2 down (acting alone).", "handler"),
+		tierErrors:        desc("shared_redis_errors_total", "Redis operations of the shared tier that failed or passed its timeout.", "handler"),
+		sharedHits:        desc("shared_hits_total", "Fresh entries found in Redis that answered a local leader.", "handler"),
+		leaderships:       desc("shared_leaderships_total", "Attempts to become the fleet leader of a key: won (went upstream for the fleet) or lost (another instance leads).", "handler", "result"),
+		fleetWaits:        desc("shared_waits_total", "Waits for another instance's flight.", "handler"),
+		fleetWaitTimeouts: desc("shared_wait_timeouts_total", "Waits for another instance's flight that ran out of time (the instance went upstream itself).", "handler"),
+		fleetTrips:        desc("shared_breaker_trips_total", "Fleet-wide breaker openings this instance published.", "handler"),
 	}
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.flights, c.waiters, c.entries, c.bytes, c.maxEntries, c.maxBytes, c.evictions, c.bypass, c.breaker} {
+	for _, d := range []*prometheus.Desc{c.flights, c.waiters, c.entries, c.bytes, c.maxEntries, c.maxBytes, c.evictions, c.bypass, c.breaker,
+		c.tierState, c.tierErrors, c.sharedHits, c.leaderships, c.fleetWaits, c.fleetWaitTimeouts, c.fleetTrips} {
 		ch <- d
 	}
 }
@@ -222,6 +234,19 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.bytes, float64(z.Stats.Cache.Bytes), z.Zone)
 		gauge(c.maxEntries, float64(z.MaxEntries), z.Zone)
 		gauge(c.maxBytes, float64(z.MaxBytes), z.Zone)
+		if s := z.Stats.Shared; s != nil {
+			counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+				ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+			}
+			gauge(c.tierState, tierStateValue(s.State), z.Zone)
+			counter(c.tierErrors, s.Errors, z.Zone)
+			counter(c.sharedHits, s.SharedHits, z.Zone)
+			counter(c.leaderships, s.LeadershipsWon, z.Zone, "won")
+			counter(c.leaderships, s.LeadershipsLost, z.Zone, "lost")
+			counter(c.fleetWaits, s.Waits, z.Zone)
+			counter(c.fleetWaitTimeouts, s.WaitTimeouts, z.Zone)
+			counter(c.fleetTrips, s.BreakerTrips, z.Zone)
+		}
 	}
 	var on float64
 	if bypassAll.Load() {

@@ -155,5 +155,30 @@ func addStats(a, b coalesce.Stats) coalesce.Stats {
 			Subscribers: a.Streams.Subscribers + b.Streams.Subscribers,
 		},
 		FlightBytes: a.FlightBytes + b.FlightBytes,
+		Shared:      addShared(a.Shared, b.Shared),
 	}
+}
+
+// addShared sums two engines' shared tiers: counts add up, the state is
+// the worse one, listening only when both listen.
+func addShared(a, b *coalesce.SharedStats) *coalesce.SharedStats {
+	if a == nil || b == nil {
+		if a == nil {
+			return b
+		}
+		return a
+	}
+	sum := *a
+	if tierStateValue(b.State) > tierStateValue(a.State) {
+		sum.State = b.State
+	}
+	sum.Listening = a.Listening && b.Listening
+	sum.Errors += b.Errors
+	sum.SharedHits += b.SharedHits
+	sum.LeadershipsWon += b.LeadershipsWon
+	sum.LeadershipsLost += b.LeadershipsLost
+	sum.Waits += b.Waits
+	sum.WaitTimeouts += b.WaitTimeouts
+	sum.BreakerTrips += b.BreakerTrips
+	return &sum
 }

@@ -601,6 +601,15 @@ func (d *demo) flipAndShoot(ctx context.Context) {
 	if _, err := chromedp.Run(wait, chromedp.Poll[bool](want)); err != nil {
 		t.Fatalf("the switch does not show collapsing on after it was turned on: %v", err)
 	}
+	// The panel lists the polled endpoint among the keys asked for most
+	// (/coalesce/top), without its query or anyone's identity.
+	topKey := `[...document.querySelectorAll('[data-stat="top-key"]')].some((e) => e.innerText.includes('GET /api/sessions'))`
+	wait, cancel = context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := chromedp.Run(wait, chromedp.Poll[bool](topKey)); err != nil {
+		panel, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`document.querySelector('.panel').innerText`))
+		t.Fatalf("the panel does not list GET /api/sessions among the keys asked for most: %v; it shows:\n%s", err, panel)
+	}
 	png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
 	if err != nil {
 		t.Fatalf("screenshot: %v", err)

@@ -45,7 +45,7 @@ export default function LivePanel() {
   const { data, refresh } = usePanelData()
   const [switching, setSwitching] = useState(false)
   const [switchError, setSwitchError] = useState(null)
-  const { stats, breakers, streams, upstream, rates, history } = data
+  const { stats, breakers, streams, top, upstream, rates, history } = data
   const registry = stats?.total?.registry
   const bypass = stats?.bypass?.enabled
   const streamsMissing = streams?.missing
@@ -147,6 +147,26 @@ export default function LivePanel() {
           )}
         </section>
       </div>
+
+      <section>
+        <h3>Keys asked for most</h3>
+        {top?.length ? (
+          top.map((k) => (
+            <div className="row" key={`${k.zone}-${k.method}-${k.host}-${k.path}`} data-stat="top-key">
+              <span className="mono">
+                {k.method} {k.host}
+                {k.path}
+              </span>
+              <span className="row-value">
+                {Math.round(k.requests_per_minute)}/min, {Math.round(k.upstream_per_minute)} upstream,{' '}
+                {k.identities} {k.identities === 1 ? 'identity' : 'identities'}
+              </span>
+            </div>
+          ))
+        ) : (
+          <p className="muted small">{top ? 'no requests yet' : '—'}</p>
+        )}
+      </section>
 
       <footer className="panel-foot muted small">
         {data.updated ? `updated ${data.updated.toLocaleTimeString()}` : 'loading…'}

@@ -7,6 +7,7 @@ export const routes = {
   stats: '/coalesce/stats',
   breakers: '/coalesce/breakers',
   streams: '/coalesce/streams',
+  top: '/coalesce/top?limit=5',
   metrics: '/coalesce/metrics',
   bypass: '/coalesce/bypass',
   upstream: '/upstream/stats',
@@ -59,10 +60,11 @@ export function usePanelData() {
             if (r.missing) missing.current[name] = true
             return r
           })
-    const [stats, breakers, streams, metrics, upstream] = await Promise.allSettled([
+    const [stats, breakers, streams, top, metrics, upstream] = await Promise.allSettled([
       getJSON(routes.stats),
       getJSON(routes.breakers),
       optional('streams'),
+      optional('top'),
       getText(routes.metrics),
       optional('upstream'),
     ])
@@ -77,6 +79,7 @@ export function usePanelData() {
       stats: value(stats)?.body,
       breakers: value(breakers)?.body?.breakers,
       streams: value(streams),
+      top: value(top)?.body?.keys,
       upstream: value(upstream),
       errors,
     }

@@ -603,7 +603,7 @@ func (d *demo) flipAndShoot(ctx context.Context) {
 	}
 	// The panel lists the polled endpoint among the keys asked for most
 	// (/coalesce/top), without its query or anyone's identity.
-	topKey := `[...document.querySelectorAll('[data-stat="top-key"]')].some((e) => e.innerText.includes('GET /api/sessions'))`
+	topKey := `[...document.querySelectorAll('[data-stat="top-key"]')].some((e) => /^GET \S*\/api\/sessions(\s|$)/m.test(e.innerText))`
 	wait, cancel = context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if _, err := chromedp.Run(wait, chromedp.Poll[bool](topKey)); err != nil {

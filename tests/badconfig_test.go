@@ -75,6 +75,12 @@ func TestBadConfigFailsValidateWithTheLineAndWhatToDo(t *testing.T) {
 		{name: "inner lb_policy missing its argument", option: "ttl 50ms", proxy: "lb_policy breaker header", line: "Caddyfile:9", says: []string{"lb_policy breaker header", "wrong argument count"}, advice: []string{"e.g. lb_policy breaker header X-User-Id"}},
 		{name: "inner lb_policy with an extra argument", option: "ttl 50ms", proxy: "lb_policy breaker round_robin extra", line: "Caddyfile:9", says: []string{"lb_policy breaker round_robin", "extra"}, advice: []string{"e.g. lb_policy breaker round_robin"}},
 		{name: "inner lb_policy with a bad fallback", option: "ttl 50ms", proxy: "lb_policy breaker header X-Up {\n\t\t\tfallback nonsense\n\t\t}", line: "Caddyfile:10", says: []string{"lb_policy breaker header", "nonsense"}, advice: []string{"the form is e.g."}},
+		// shared.
+		{name: "shared without a URL", option: "shared", line: "Caddyfile:6", says: []string{"shared", "Redis URL"}, advice: []string{"e.g. shared redis://"}},
+		{name: "shared with an http URL", option: "shared http://app:hunter2@10.0.0.5:6379", line: "Caddyfile:6", says: []string{"not a Redis URL", "xxxxx"}, advice: []string{"write redis://"}},
+		{name: "shared with a bad database", option: "shared redis://127.0.0.1:6379/x", line: "Caddyfile:6", says: []string{"database"}, advice: []string{"redis://127.0.0.1:6379/x"}},
+		{name: "shared timeout of a minute", option: "shared redis://127.0.0.1:6379 {\n\t\t\ttimeout 1m\n\t\t}", line: "Caddyfile:7", says: []string{"timeout", "1m0s"}, advice: []string{"from 1ms to 10s"}},
+		{name: "shared option misspelt", option: "shared redis://127.0.0.1:6379 {\n\t\t\tprefx a:\n\t\t}", line: "Caddyfile:7", says: []string{"prefx", "unrecognized"}, advice: []string{"prefix and timeout"}},
 		// sse.
 		{name: "sse with an argument", option: "sse on", line: "Caddyfile:6", says: []string{"sse", `"on"`}, advice: []string{"e.g. sse { replay 256 }"}},
 		{name: "sse buffer of 0", option: "sse {\n\t\t\tbuffer 0\n\t\t}", line: "Caddyfile:7", says: []string{"buffer", `"0"`}, advice: []string{"at least 1"}},

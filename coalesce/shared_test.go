@@ -314,3 +314,36 @@ func TestFleetLeaderThatDiesLeavesItsWaitersToGoAlone(t *testing.T) {
 	}
 	hung.open()
 }
+
+func TestLocalHitsAndLocalFollowersNeverTalkToRedis(t *testing.T) {
+	redis := redistest.Start(t)
+	g := newGate(t)
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		g.wait(r)
+		fmt.Fprintf(w, "v%d", n)
+	})
+	s := newFleet(t, redis, 1, o, func(c *Config) { c.TTL = time.Second })[0]
+	// A local herd: its leader alone asks Redis.
+	chans := []<-chan reply{async(func() reply { return getAs(t, s, "/local") })}
+	waitFor(t, "the leader upstream", func() bool { return o.calls.Load() == 1 })
+	for range 20 {
+		chans = append(chans, async(func() reply { return getAs(t, s, "/local") }))
+	}
+	waitWaiters(t, s.e, 20)
+	g.open()
+	for i, ch := range chans {
+		if r := receive(t, ch, fmt.Sprintf("reply %d", i)); r.body != "v1" {
+			t.Fatalf("reply %d: %q", i, r.body)
+		}
+	}
+	// Local hits.
+	for range 20 {
+		if r := getAs(t, s, "/local"); !strings.Contains(r.cacheStatus(), "hit") {
+			t.Fatalf("not a local hit: %q", r.cacheStatus())
+		}
+	}
+	st := s.e.Stats().Shared
+	if asked := st.LeadershipsWon + st.LeadershipsLost + st.SharedHits; asked != 1 || st.Errors != 0 {
+		t.Fatalf("41 requests for one key asked Redis %d times (%+v), want once", asked, *st)
+	}
+}

@@ -267,7 +267,7 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 	}
 	f.Publish(&result{resp: a.resp, admitted: pass.admitted()}, nil)
 	if a.stored && lock != nil {
-		e.shareFlight(lock, key)
+		e.shareFlight(lock, key, pass.upstream())
 		if a.detail == "" {
 			a.detail = detailFleetLeader
 		}

@@ -45,6 +45,9 @@ type sharedEntry struct {
 	VaryFields, VaryValues []string
 	// Unix nanoseconds of the leader's clock.
 	Stored, Fresh, Stale, StaleIfError int64
+	// Upstream answered the leader (host:port), so that an instance
+	// answered from Redis learns where its requests go (see admit).
+	Upstream string
 }
 
 // fleetHold is how long a fleet leader's lock lasts: as long as its
@@ -124,7 +127,7 @@ func (e *Engine) keepShared(key Key, ent *entry) {
 // windows, and the fleet's followers are woken to read it. An answer not
 // stored (or one that may not leave this server) wakes them to go upstream
 // on their own.
-func (e *Engine) shareFlight(lock *fleet.Lock, key Key) {
+func (e *Engine) shareFlight(lock *fleet.Lock, key Key, upstream string) {
 	if lock == nil {
 		return
 	}
@@ -135,6 +138,7 @@ func (e *Engine) shareFlight(lock *fleet.Lock, key Key) {
 			Status: ent.resp.Status, Header: ent.resp.Header, Body: ent.resp.Body, FromHead: ent.resp.fromHead,
 			VaryFields: ent.resp.varyFields, VaryValues: ent.resp.varyValues,
 			Stored: ent.stored.UnixNano(), Fresh: ent.fresh.UnixNano(), Stale: ent.stale.UnixNano(), StaleIfError: ent.staleIfError.UnixNano(),
+			Upstream: upstream,
 		}
 		var buf bytes.Buffer
 		if gob.NewEncoder(&buf).Encode(&se) == nil {
@@ -190,6 +194,12 @@ func (e *Engine) sharedCopy(data []byte, r *http.Request, began time.Time) *entr
 	}
 	if !resp.matchesVary(r) {
 		return nil
+	}
+	if e.guard != nil && se.Upstream != "" {
+		// Requests of this handler go there too: without it, an instance
+		// that has seen one of several upstreams answer guesses that one
+		// for all of them, and refuses them all when its breaker opens.
+		e.seen.saw(e.guard.breaker(se.Upstream), time.Now())
 	}
 	return &entry{resp: resp, url: requestURL(r), began: began,
 		stored: time.Unix(0, se.Stored), fresh: time.Unix(0, se.Fresh),

@@ -347,3 +347,40 @@ func TestLocalHitsAndLocalFollowersNeverTalkToRedis(t *testing.T) {
 		t.Fatalf("41 requests for one key asked Redis %d times (%+v), want once", asked, *st)
 	}
 }
+
+// An instance answered from Redis learns the upstream that answered: else,
+// having seen only a dead upstream of the handler's two, it would guess that
+// one for every request and refuse them all once the fleet opens its
+// breaker.
+func TestFleetAnswerTeachesTheUpstream(t *testing.T) {
+	redis := redistest.Start(t)
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		if strings.HasPrefix(r.URL.Path, "/dead") {
+			http.Error(w, "down", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprint(w, "ok")
+	})
+	servers := newFleet(t, redis, 3, o, func(c *Config) {
+		c.TTL = time.Second
+		c.Breaker = BreakerConfig{Failures: 5, Open: 30 * time.Second}
+		c.Hooks.Upstream = func(r *http.Request) string {
+			if strings.HasPrefix(r.URL.Path, "/dead") {
+				return "dead:80"
+			}
+			return "api:80"
+		}
+	})
+	for i := range 3 {
+		// The first goes upstream; the other two are shared hits.
+		getAs(t, servers[i], "/ok")
+	}
+	for i := range 30 {
+		getAs(t, servers[i%3], fmt.Sprintf("/dead/%d", i))
+	}
+	for i := range 6 {
+		if r := getAs(t, servers[i%3], fmt.Sprintf("/ok/%d", i)); r.status != 200 {
+			t.Errorf("server %d: %d %q %q", i%3, r.status, r.body, r.cacheStatus())
+		}
+	}
+}

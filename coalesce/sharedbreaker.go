@@ -69,3 +69,11 @@ func (c *core) openTier(opts fleet.Options) (*fleet.Tier, error) {
 	}
 	return fleet.Open(opts)
 }
+
+// upstream is the upstream that answered the passage's request, or "".
+func (p *passage) upstream() string {
+	if p == nil || p.answered == nil {
+		return ""
+	}
+	return p.answered.upstream
+}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"os"
 	"os/exec"
@@ -154,6 +155,9 @@ func TestFleetOfThreeCaddiesEndToEnd(t *testing.T) {
 			}
 			w.Header().Set("Cache-Control", "public, max-age=60")
 			fmt.Fprintf(w, "answer %d for %s", seq.Add(1), r.Header.Get("Authorization"))
+		case r.URL.Path == "/hot":
+			time.Sleep(50 * time.Millisecond) // the upstream's latency
+			fmt.Fprint(w, "hot")
 		case r.URL.Path == "/slow":
 			// The first is held until the test ends: its instance is
 			// killed while it leads the fleet.
@@ -319,6 +323,32 @@ func TestFleetOfThreeCaddiesEndToEnd(t *testing.T) {
 		t.Logf("tier back %s after redis-server restarted; %d requests sent", time.Since(restarted).Round(time.Millisecond), sent.Load())
 		if n := failed.Load(); n != 0 {
 			t.Fatalf("%d of %d client requests failed, the first: %v", n, sent.Load(), firstFailure.Load())
+		}
+	})
+
+	t.Run("a hot key for 10s over 3 instances: one upstream call per ttl + latency for the fleet", func(t *testing.T) {
+		const duration, ttl, latency = 10 * time.Second, time.Second, 50 * time.Millisecond
+		var failed atomic.Int64
+		start := time.Now()
+		var wg sync.WaitGroup
+		for w := range 6 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; time.Since(start) < duration && i < 100000; i++ {
+					f := getHost(client, fleet[(w+i)%3].base+"/hot")
+					if f.err != nil || f.status != 200 {
+						failed.Add(1)
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		calls := up.PathCalls("/hot")
+		windows := int(math.Ceil(float64(duration) / float64(ttl+latency)))
+		t.Logf("hot key for %s over 3 instances: %d upstream calls (bound 1.05 x %d)", duration, calls, windows)
+		if float64(calls) > 1.05*float64(windows) || failed.Load() != 0 {
+			t.Fatalf("%d upstream calls in %s (want at most 1.05 x %d), %d failed requests", calls, duration, windows, failed.Load())
 		}
 	})
 

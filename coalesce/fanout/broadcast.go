@@ -1,0 +1,190 @@
+package fanout
+
+import (
+	"context"
+	"time"
+)
+
+// subscribeLocked adds a subscriber, starting or taking over the stream
+// when it has no running owner. It returns nil and the outcome when the
+// subscriber cannot join.
+func (s *stream) subscribeLocked(ctx context.Context, o *Owner, lastEventID string, open Open) (*subscriber, Outcome) {
+	out := Joined
+	var replay []*event
+	switch {
+	case s.cur == nil:
+		// A new stream: its first request carries this subscriber's
+		// Last-Event-ID, so the upstream's own history fills it in, and
+		// every later subscriber with the same id is replayed from the ring.
+		s.base, s.lastID, s.whole = lastEventID, lastEventID, true
+		s.start(o, open)
+		out = Started
+	case s.state == handingOver:
+		var ok bool
+		if replay, ok = s.replayAfter(lastEventID); !ok {
+			return nil, ReplayMiss
+		}
+		s.start(o, open)
+		out = Started
+	case len(s.subs) >= s.hub.cfg.MaxSubscribers:
+		return nil, Full
+	default:
+		var ok bool
+		if replay, ok = s.replayAfter(lastEventID); !ok {
+			return nil, ReplayMiss
+		}
+	}
+	sub := &subscriber{
+		stream: s, owner: o, ctx: ctx, run: s.cur, replay: replay,
+		queue: make(chan *event, s.hub.cfg.Buffer),
+		gone:  make(chan struct{}),
+		index: len(s.subs),
+	}
+	s.subs = append(s.subs, sub)
+	if s.linger != nil {
+		s.linger.Stop()
+		s.linger = nil
+	}
+	return sub, out
+}
+
+// publish hands one event to every subscriber of run r.
+func (s *stream) publish(r *run, ev *event) bool {
+	var slow []*subscriber
+	s.mu.Lock()
+	if s.cur != r || s.state != live {
+		s.mu.Unlock()
+		return false
+	}
+	if !ev.comment {
+		s.push(ev)
+		s.lastID = ev.id
+		s.events++
+	}
+	if ev.retry >= 0 {
+		s.retry = ev.retry
+	}
+	for _, sub := range s.subs {
+		select {
+		case sub.queue <- ev:
+		default:
+			slow = append(slow, sub)
+		}
+	}
+	for _, sub := range slow {
+		s.dropLocked(sub, ReasonSlow)
+	}
+	if s.beat != nil {
+		s.beat.Reset(s.hub.cfg.Heartbeat)
+	}
+	tally := s.owner.tally
+	s.mu.Unlock()
+	if !ev.comment {
+		tally.Event()
+	}
+	for _, sub := range slow {
+		sub.owner.tally.Drop(ReasonSlow)
+	}
+	return true
+}
+
+// heartbeat writes a comment to every subscriber after a silence.
+func (s *stream) heartbeat() {
+	var slow []*subscriber
+	s.mu.Lock()
+	if s.state == ended || s.state == handingOver || s.beat == nil {
+		s.mu.Unlock()
+		return
+	}
+	for _, sub := range s.subs {
+		select {
+		case sub.queue <- heartbeat:
+		default:
+			slow = append(slow, sub)
+		}
+	}
+	for _, sub := range slow {
+		s.dropLocked(sub, ReasonSlow)
+	}
+	s.beat.Reset(s.hub.cfg.Heartbeat)
+	s.mu.Unlock()
+	for _, sub := range slow {
+		sub.owner.tally.Drop(ReasonSlow)
+	}
+}
+
+// dropLocked takes sub out of the stream and closes it.
+func (s *stream) dropLocked(sub *subscriber, reason Reason) {
+	if sub.removed {
+		return
+	}
+	s.removeLocked(sub)
+	sub.reason = reason
+	if sub.rc != nil {
+		// A writer blocked on a client that stopped reading returns now;
+		// one that is writing finishes what is queued first (not for slow
+		// ones: they are cut).
+		deadline := time.Now()
+		if reason != ReasonSlow {
+			deadline = deadline.Add(closeGrace)
+		}
+		_ = sub.rc.SetWriteDeadline(deadline)
+	}
+	close(sub.gone)
+}
+
+// closeGrace is how long a subscriber closed for a reason other than being
+// slow may take to write what was queued for it.
+const closeGrace = time.Second
+
+// drop closes sub, unless it already left.
+func (s *stream) drop(sub *subscriber, reason Reason) {
+	s.mu.Lock()
+	was := sub.removed
+	s.dropLocked(sub, reason)
+	s.mu.Unlock()
+	if !was {
+		sub.owner.tally.Drop(reason)
+	}
+}
+
+// removeLocked takes sub out of the list; the last one out starts the
+// linger.
+func (s *stream) removeLocked(sub *subscriber) {
+	sub.removed = true
+	last := len(s.subs) - 1
+	moved := s.subs[last]
+	s.subs[sub.index] = moved
+	moved.index = sub.index
+	s.subs[last] = nil
+	s.subs = s.subs[:last]
+	if len(s.subs) == 0 && (s.state == connecting || s.state == live) {
+		s.lingerGen++
+		gen := s.lingerGen
+		s.linger = time.AfterFunc(max(s.hub.cfg.Linger, 0), func() { s.lingered(gen) })
+	}
+}
+
+// lingered ends the stream if nobody joined during the linger.
+func (s *stream) lingered(gen uint64) {
+	h := s.hub
+	h.mu.Lock()
+	s.mu.Lock()
+	if s.lingerGen != gen || s.linger == nil || len(s.subs) > 0 || s.state == ended || s.state == handingOver {
+		s.mu.Unlock()
+		h.mu.Unlock()
+		return
+	}
+	s.endLocked()
+	s.mu.Unlock()
+	h.mu.Unlock()
+}
+
+// leave takes sub out of the stream if it is still in.
+func (s *stream) leave(sub *subscriber) {
+	s.mu.Lock()
+	if !sub.removed {
+		s.removeLocked(sub)
+	}
+	s.mu.Unlock()
+}

@@ -190,9 +190,16 @@ func TestRedisKilledMidLoadFailsNoRequestAndComesBack(t *testing.T) {
 	var mu sync.Mutex
 	var bad []string
 	stop := make(chan struct{})
+	var stopOnce sync.Once
+	halt := func() { stopOnce.Do(func() { close(stop) }); sent.Wait() }
+	// The load runs until the test stops it (bounded in time and count),
+	// so that there is load when Redis dies, however fast the machine;
+	// a failing test stops it before its servers close.
+	t.Cleanup(halt)
+	end := time.Now().Add(30 * time.Second)
 	load := func(w int) {
 		defer sent.Done()
-		for i := 0; i < 5000; i++ {
+		for i := 0; i < 1_000_000 && time.Now().Before(end); i++ {
 			select {
 			case <-stop:
 				return
@@ -240,8 +247,7 @@ func TestRedisKilledMidLoadFailsNoRequestAndComesBack(t *testing.T) {
 		}
 	}
 	t.Logf("the tier was back %s after Redis", time.Since(restarted).Round(time.Millisecond))
-	close(stop)
-	sent.Wait()
+	halt()
 	if len(bad) > 0 {
 		t.Fatalf("%d failed requests, e.g. %s", len(bad), bad[0])
 	}

@@ -256,14 +256,19 @@ type freshness struct {
 // Date has one-second resolution, so the apparent age is taken in whole
 // seconds: a response dated this very second is 0 seconds old, not 0.9.
 func responseFreshness(h http.Header, cc cacheControl, requested, received time.Time) freshness {
-	var lifetime time.Duration
+	hasExpires := len(h.Values("Expires")) > 0
+	if cc.sMaxAge < 0 && cc.maxAge < 0 && !hasExpires {
+		// No explicit lifetime (most API responses): nothing to parse.
+		return freshness{left: math.MaxInt64}
+	}
 	date, dateErr := parseHTTPTime(h.Get("Date"))
+	var lifetime time.Duration
 	switch {
 	case cc.sMaxAge >= 0:
 		lifetime = lifetimeSeconds(cc.sMaxAge)
 	case cc.maxAge >= 0:
 		lifetime = lifetimeSeconds(cc.maxAge)
-	case len(h.Values("Expires")) > 0:
+	default: // Expires
 		expires, err := parseHTTPTime(h.Get("Expires"))
 		if err != nil {
 			return freshness{explicit: true} // invalid: already expired
@@ -273,8 +278,6 @@ func responseFreshness(h http.Header, cc cacheControl, requested, received time.
 			base = date
 		}
 		lifetime = max(0, expires.Sub(base))
-	default:
-		return freshness{left: math.MaxInt64}
 	}
 	age := received.Sub(requested) + lifetimeSeconds(int(min(ageValue(h), 1<<31)))
 	if dateErr == nil {

@@ -173,7 +173,8 @@ type passage struct {
 }
 
 // admit is asked before r goes upstream. It returns the request to send
-// (carrying a Pick for a load-balancing policy) and its passage, or, when
+// (send gives it the passage's Pick for a load-balancing policy) and its
+// passage, or, when
 // the upstream's breaker refuses, the time it lets requests through again.
 // admitted is the breaker that let the request's flight through, for a
 // follower that goes upstream on its own (nil otherwise). The passage (nil
@@ -201,7 +202,7 @@ func (e *Engine) admit(r *http.Request, admitted *Breaker) (*http.Request, *pass
 			p.pick.held, p.pick.heldDone = p.pre, done
 		}
 	}
-	return r.WithContext(context.WithValue(r.Context(), pickKey{}, p.pick)), p, time.Time{}
+	return r, p, time.Time{}
 }
 
 // admitted is the breaker that let this request through on a healthy
@@ -390,6 +391,24 @@ func (p *Pick) releaseHeld() {
 }
 
 type pickKey struct{}
+
+// pickContext carries a passage's Pick to the load-balancing policy. It
+// wraps the context the request is sent in (send's, with the timeout's
+// cancel), so that each upstream request costs one context and one copy
+// of the request rather than one for the Pick and one for the timeout.
+// Every other value, Done and Err are its parent's: a context derived from
+// it is registered with that parent as with any cancellable context.
+type pickContext struct {
+	context.Context
+	pick *Pick
+}
+
+func (c *pickContext) Value(key any) any {
+	if _, ok := key.(pickKey); ok {
+		return c.pick
+	}
+	return c.Context.Value(key)
+}
 
 // PickFrom returns the request's slot, or nil when no engine with breakers
 // sent the request.

@@ -42,15 +42,19 @@ func cuttable(r *http.Request) bool {
 		(r.ContentLength == 0 || r.ProtoMajor != 2)
 }
 
-// send calls next with r under the passage: a request the timeout may cut
-// goes with a context that is cancelled, with ErrUpstreamTimeout as its
-// cause, when the timeout passes before the response headers; afterwards
+// send calls next with r under the passage, its Pick in the context. A
+// request the timeout may cut goes with a context that is cancelled, with
+// ErrUpstreamTimeout as its cause, when the timeout passes before the
+// response headers; afterwards
 // the passage knows (cut). Nothing the handler writes after the cut goes
 // out (reverse_proxy writes 499 for its cancelled request): the caller
 // answers.
 func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error {
-	if p == nil || p.e.guard.cfg.Timeout <= 0 || !cuttable(r) {
+	if p == nil {
 		return next(w, r)
+	}
+	if p.e.guard.cfg.Timeout <= 0 || !cuttable(r) {
+		return next(w, r.WithContext(&pickContext{Context: r.Context(), pick: p.pick}))
 	}
 	ctx, cancel := context.WithCancelCause(r.Context())
 	hw := &headerWatch{ResponseWriter: w}
@@ -67,7 +71,7 @@ func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error 
 		cancel(nil)
 		p.cut.Store(hw.state.Load() == headersLate)
 	}()
-	return next(hw, r.WithContext(ctx))
+	return next(hw, r.WithContext(&pickContext{Context: ctx, pick: p.pick}))
 }
 
 // timedOut reports whether the timeout cut the request send sent.

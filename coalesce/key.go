@@ -239,7 +239,7 @@ func (k *keyDeriver) hasIdentity(r *http.Request) bool {
 // them, so that two clients share only if every coding they name is the
 // same: a client never receives a coding it did not name.
 func encodingClass(h http.Header) string {
-	vs := h.Values("Accept-Encoding")
+	vs := h["Accept-Encoding"]
 	if len(vs) == 0 {
 		return ""
 	}

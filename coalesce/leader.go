@@ -293,7 +293,7 @@ func (e *Engine) refuseFlight(f *registry.Flight[*result], key Key, r *http.Requ
 // complete and can answer every follower.
 func upstreamRequest(r *http.Request, ctx context.Context) *http.Request {
 	ur := r.WithContext(ctx)
-	if r.Header.Get("If-None-Match") != "" || r.Header.Get("If-Modified-Since") != "" {
+	if fieldValue(r.Header, "If-None-Match") != "" || fieldValue(r.Header, "If-Modified-Since") != "" {
 		ur.Header = r.Header.Clone()
 		ur.Header.Del("If-None-Match")
 		ur.Header.Del("If-Modified-Since")

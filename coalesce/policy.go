@@ -19,22 +19,22 @@ func bypassReason(r *http.Request) (detail, fwd string) {
 	}
 	h := r.Header
 	switch {
-	case h.Get("Upgrade") != "" || headerHasToken(h, "Connection", "upgrade"):
+	case fieldValue(h, "Upgrade") != "" || headerHasToken(h, "Connection", "upgrade"):
 		return "upgrade", "bypass"
-	case h.Get("Range") != "":
+	case fieldValue(h, "Range") != "":
 		// A 206 answers one client's range; sharing it would hand other
 		// ranges (or a full GET) the wrong bytes.
 		return "range", "bypass"
 	case acceptsEventStream(h):
 		return "event-stream", "bypass"
-	case r.ContentLength > 0 || len(r.TransferEncoding) > 0 || len(h.Values("Transfer-Encoding")) > 0 ||
+	case r.ContentLength > 0 || len(r.TransferEncoding) > 0 || len(h["Transfer-Encoding"]) > 0 ||
 		(r.ContentLength < 0 && r.ProtoMajor == 2):
 		// A body is not part of the key. A server hands a chunked HTTP/1.1
 		// body over in r.TransferEncoding (not the header), and an HTTP/2
 		// body without Content-Length as ContentLength -1. (HTTP/3 servers
 		// report -1 for every request without Content-Length, body or not.)
 		return "request-body", "bypass"
-	case h.Get("If-Match") != "" || h.Get("If-Unmodified-Since") != "" || h.Get("If-Range") != "":
+	case fieldValue(h, "If-Match") != "" || fieldValue(h, "If-Unmodified-Since") != "" || fieldValue(h, "If-Range") != "":
 		// Preconditions other than revalidation are the origin's business.
 		return "precondition", "bypass"
 	case requestCacheControl(h).noStore:
@@ -43,8 +43,18 @@ func bypassReason(r *http.Request) (detail, fwd string) {
 	return "", ""
 }
 
+// fieldValue is h.Get(name) for a name already in canonical form (every
+// name in this package is a constant): the request path looks up a dozen
+// fields, and h.Get would check and canonicalise each name on every call.
+func fieldValue(h http.Header, name string) string {
+	if v := h[name]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
 func acceptsEventStream(h http.Header) bool {
-	for _, v := range h.Values("Accept") {
+	for _, v := range h["Accept"] {
 		for part := range strings.SplitSeq(v, ",") {
 			mt, _, _ := strings.Cut(part, ";")
 			if strings.EqualFold(strings.TrimSpace(mt), "text/event-stream") {
@@ -58,7 +68,7 @@ func acceptsEventStream(h http.Header) bool {
 // headerHasToken reports whether a comma-separated header contains token
 // (case-insensitively).
 func headerHasToken(h http.Header, name, token string) bool {
-	for _, v := range h.Values(name) {
+	for _, v := range h[name] {
 		for part := range strings.SplitSeq(v, ",") {
 			if strings.EqualFold(strings.TrimSpace(part), token) {
 				return true
@@ -86,7 +96,7 @@ type cacheControl struct {
 // invalid freshness lifetime as stale).
 func parseCacheControl(h http.Header) cacheControl {
 	cc := cacheControl{maxAge: -1, sMaxAge: -1}
-	for _, line := range h.Values("Cache-Control") {
+	for _, line := range h["Cache-Control"] {
 		for part := range strings.SplitSeq(line, ",") {
 			name, value, _ := strings.Cut(strings.TrimSpace(part), "=")
 			name = strings.ToLower(strings.TrimSpace(name))
@@ -127,7 +137,7 @@ func parseCacheControl(h http.Header) cacheControl {
 // is zero seconds old, RFC 9111 §5.2.1.1).
 func requestCacheControl(h http.Header) cacheControl {
 	cc := parseCacheControl(h)
-	if !cc.noCache && h.Get("Cache-Control") == "" && headerHasToken(h, "Pragma", "no-cache") {
+	if !cc.noCache && fieldValue(h, "Cache-Control") == "" && headerHasToken(h, "Pragma", "no-cache") {
 		cc.noCache = true
 	}
 	if cc.maxAge == 0 {
@@ -164,7 +174,7 @@ func shorterLifetime(prev, n int) int {
 // sent the same request (collapsed followers, later cache hits). RFC 9111 §4
 // lets a cache collapse only requests the response may be reused for.
 func shareable(status int, h http.Header, cc cacheControl) (ok bool, reason string) {
-	if len(h.Values("Set-Cookie")) > 0 {
+	if len(h["Set-Cookie"]) > 0 {
 		return false, "set-cookie"
 	}
 	if cc.private {
@@ -256,12 +266,12 @@ type freshness struct {
 // Date has one-second resolution, so the apparent age is taken in whole
 // seconds: a response dated this very second is 0 seconds old, not 0.9.
 func responseFreshness(h http.Header, cc cacheControl, requested, received time.Time) freshness {
-	hasExpires := len(h.Values("Expires")) > 0
+	hasExpires := len(h["Expires"]) > 0
 	if cc.sMaxAge < 0 && cc.maxAge < 0 && !hasExpires {
 		// No explicit lifetime (most API responses): nothing to parse.
 		return freshness{left: math.MaxInt64}
 	}
-	date, dateErr := parseHTTPTime(h.Get("Date"))
+	date, dateErr := parseHTTPTime(fieldValue(h, "Date"))
 	var lifetime time.Duration
 	switch {
 	case cc.sMaxAge >= 0:
@@ -269,7 +279,7 @@ func responseFreshness(h http.Header, cc cacheControl, requested, received time.
 	case cc.maxAge >= 0:
 		lifetime = lifetimeSeconds(cc.maxAge)
 	default: // Expires
-		expires, err := parseHTTPTime(h.Get("Expires"))
+		expires, err := parseHTTPTime(fieldValue(h, "Expires"))
 		if err != nil {
 			return freshness{explicit: true} // invalid: already expired
 		}
@@ -308,7 +318,7 @@ func lifetimeSeconds(secs int) time.Duration {
 // ageValue is a response's Age in seconds: 0 when absent or invalid (RFC
 // 9111 §5.1: a non-negative integer), capped at 2^31.
 func ageValue(h http.Header) int64 {
-	v := h.Get("Age")
+	v := fieldValue(h, "Age")
 	if v == "" || strings.Trim(v, "0123456789") != "" {
 		return 0
 	}
@@ -322,7 +332,7 @@ func ageValue(h http.Header) int64 {
 // streamingResponse reports whether a response must be streamed to the
 // client as it arrives, never buffered.
 func streamingResponse(h http.Header) bool {
-	if ct := h.Get("Content-Type"); ct != "" {
+	if ct := fieldValue(h, "Content-Type"); ct != "" {
 		// Only the media type matters here, so the parameters are cut off
 		// rather than parsed (mime.ParseMediaType allocates a map for them
 		// on every response).
@@ -337,7 +347,7 @@ func streamingResponse(h http.Header) bool {
 		}
 	}
 	// RFC 10036: the origin asks intermediaries to forward incrementally.
-	if v := h.Get("Incremental"); v == "?1" {
+	if v := fieldValue(h, "Incremental"); v == "?1" {
 		return true
 	}
 	return false
@@ -346,7 +356,7 @@ func streamingResponse(h http.Header) bool {
 // varyFields lists the request fields a response varies on, canonicalised.
 func varyFields(h http.Header) []string {
 	var fields []string
-	for _, line := range h.Values("Vary") {
+	for _, line := range h["Vary"] {
 		for part := range strings.SplitSeq(line, ",") {
 			if f := strings.TrimSpace(part); f != "" {
 				fields = append(fields, textproto.CanonicalMIMEHeaderKey(f))

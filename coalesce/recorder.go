@@ -84,14 +84,14 @@ func (rec *recorder) writeHeader(status int) {
 	rec.wroteHeader = true
 	rec.headerAt = time.Now()
 	var cl int64
-	if v := rec.header.Get("Content-Length"); v != "" {
+	if v := fieldValue(rec.header, "Content-Length"); v != "" {
 		n, err := strconv.ParseInt(v, 10, 64)
 		cl, rec.knownLength = n, err == nil && n >= 0
 	}
 	switch {
 	case streamingResponse(rec.header):
 		rec.stream("stream")
-	case rec.header.Get("Trailer") != "":
+	case fieldValue(rec.header, "Trailer") != "":
 		rec.stream("trailers")
 	case rec.knownLength && cl > rec.maxBody:
 		rec.stream("too-large")
@@ -237,7 +237,7 @@ func (rec *recorder) stream(reason string) {
 
 // complete reports whether the recorded body is what the headers promised.
 func (rec *recorder) complete() bool {
-	if cl := rec.header.Get("Content-Length"); cl != "" {
+	if cl := fieldValue(rec.header, "Content-Length"); cl != "" {
 		n, err := strconv.ParseInt(cl, 10, 64)
 		return err == nil && n == int64(rec.buf.Len())
 	}

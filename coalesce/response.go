@@ -129,8 +129,8 @@ func copyHeader(dst, src http.Header) {
 // notModified evaluates a client's If-None-Match / If-Modified-Since against
 // the shared response (RFC 9110 §13.1.2, §13.1.3, §13.2.2).
 func notModified(req, resp http.Header) bool {
-	if inm := req.Values("If-None-Match"); len(inm) > 0 {
-		etag := resp.Get("Etag")
+	if inm := req["If-None-Match"]; len(inm) > 0 {
+		etag := fieldValue(resp, "Etag")
 		if etag == "" {
 			return false
 		}
@@ -144,8 +144,8 @@ func notModified(req, resp http.Header) bool {
 		}
 		return false
 	}
-	ims := req.Get("If-Modified-Since")
-	lm := resp.Get("Last-Modified")
+	ims := fieldValue(req, "If-Modified-Since")
+	lm := fieldValue(resp, "Last-Modified")
 	if ims == "" || lm == "" {
 		return false
 	}

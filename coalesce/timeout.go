@@ -38,7 +38,7 @@ func cuttable(r *http.Request) bool {
 	}
 	// As bypassReason tells a body: HTTP/1.1 chunked bodies come in
 	// TransferEncoding, HTTP/2 bodies without a length as ContentLength -1.
-	return r.ContentLength <= 0 && len(r.TransferEncoding) == 0 && len(r.Header.Values("Transfer-Encoding")) == 0 &&
+	return r.ContentLength <= 0 && len(r.TransferEncoding) == 0 && len(r.Header["Transfer-Encoding"]) == 0 &&
 		(r.ContentLength == 0 || r.ProtoMajor != 2)
 }
 

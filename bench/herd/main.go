@@ -6,6 +6,11 @@
 //	herd -url http://127.0.0.1:19101 -upstream http://127.0.0.1:19080 \
 //	     [-n 100] [-rounds 50] [-prefix /herd/run1] [-gap 100ms]
 //
+// -url may name several proxies, comma-separated (the instances of a fleet):
+// client i of every herd then asks proxy i mod k, so each herd is spread
+// round robin over them, and -host gives every request the same Host, as a
+// load balancer in front of them would.
+//
 // Before the rounds, herd opens N keep-alive connections to the proxy (and N to
 // the upstream), so that no round pays for a TCP handshake. With -direct (on by
 // default) it first runs the same herd straight against the upstream: that is
@@ -75,21 +80,23 @@ type herd struct {
 	client  *http.Client
 	n       int
 	timeout time.Duration
+	bases   []string // client i asks bases[i % len(bases)]
+	host    string   // Host of every request, if set
 }
 
-func newHerd(n int, timeout time.Duration) *herd {
+func newHerd(n int, timeout time.Duration, bases []string, host string) *herd {
 	tr := &http.Transport{
 		MaxIdleConns:        4 * n,
 		MaxIdleConnsPerHost: 2 * n,
 		IdleConnTimeout:     90 * time.Second,
 		DisableCompression:  true,
 	}
-	return &herd{client: &http.Client{Transport: tr, Timeout: timeout}, n: n, timeout: timeout}
+	return &herd{client: &http.Client{Transport: tr, Timeout: timeout}, n: n, timeout: timeout, bases: bases, host: host}
 }
 
-// fire sends n concurrent GETs of url, released together, and returns one
-// sample per client.
-func (h *herd) fire(ctx context.Context, url string) []sample {
+// fire sends n concurrent GETs of path, released together, spread round
+// robin over the bases, and returns one sample per client.
+func (h *herd) fire(ctx context.Context, path string) []sample {
 	out := make([]sample, h.n)
 	var ready, done sync.WaitGroup
 	start := make(chan struct{})
@@ -98,7 +105,10 @@ func (h *herd) fire(ctx context.Context, url string) []sample {
 		done.Add(1)
 		go func(i int) {
 			defer done.Done()
-			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, h.bases[i%len(h.bases)]+path, nil)
+			if h.host != "" {
+				req.Host = h.host
+			}
 			ready.Done()
 			<-start
 			t0 := time.Now()
@@ -161,7 +171,8 @@ func getStats(c *http.Client, base, prefix string) (upstreamStats, error) {
 }
 
 func main() {
-	proxy := flag.String("url", "", "base URL of the proxy under test, e.g. http://127.0.0.1:19101")
+	proxy := flag.String("url", "", "base URL of the proxy under test, e.g. http://127.0.0.1:19101; several, comma-separated, share each herd round robin")
+	host := flag.String("host", "", "Host header of every request to the proxies (default: that of the URL)")
 	upstream := flag.String("upstream", "http://127.0.0.1:19080", "base URL of the benchmark upstream (for /__stats and -direct)")
 	n := flag.Int("n", 100, "clients per herd")
 	rounds := flag.Int("rounds", 50, "herds (each on a new key)")
@@ -179,26 +190,35 @@ func main() {
 	if *prefix == "" {
 		*prefix = fmt.Sprintf("/herd/%08x", rand.Uint32())
 	}
-	*proxy = strings.TrimRight(*proxy, "/")
+	var bases []string
+	for _, b := range strings.Split(*proxy, ",") {
+		if b = strings.TrimRight(strings.TrimSpace(b), "/"); b != "" {
+			bases = append(bases, b)
+		}
+	}
+	if len(bases) == 0 {
+		flag.Usage()
+		os.Exit(2)
+	}
 	*upstream = strings.TrimRight(*upstream, "/")
 
 	ctx, cancel := context.WithTimeout(context.Background(), *deadline)
 	defer cancel()
 	if *fill > 0 {
-		os.Exit(runFill(ctx, *proxy+*prefix, *fill, *n, *timeout))
+		os.Exit(runFill(ctx, bases[0]+*prefix, *fill, *n, *timeout))
 	}
 	began := time.Now()
-	h := newHerd(*n, *timeout)
+	h := newHerd(*n, *timeout, bases, *host)
 	var res result
 	res.N, res.Rounds = *n, *rounds
 
 	// Baseline: the same herd against the upstream itself.
 	if *direct {
-		hd := newHerd(*n, *timeout)
-		hd.fire(ctx, *upstream+"/herd-warm/direct") // open the connections
+		hd := newHerd(*n, *timeout, []string{*upstream}, "")
+		hd.fire(ctx, "/herd-warm/direct") // open the connections
 		var lat []float64
 		for r := 0; r < min(*rounds, 20) && ctx.Err() == nil; r++ {
-			for _, s := range hd.fire(ctx, fmt.Sprintf("%s/herd-direct/%d-%08x", *upstream, r, rand.Uint32())) {
+			for _, s := range hd.fire(ctx, fmt.Sprintf("/herd-direct/%d-%08x", r, rand.Uint32())) {
 				if s.err == nil && s.code == 200 {
 					lat = append(lat, ms(s.d))
 				}
@@ -213,8 +233,8 @@ func main() {
 		hd.client.CloseIdleConnections()
 	}
 
-	// Open N connections to the proxy with a first herd on a key outside the prefix.
-	h.fire(ctx, *proxy+"/herd-warm/"+strings.Trim(strings.ReplaceAll(*prefix, "/", "-"), "-"))
+	// Open N connections to the proxies with a first herd on a key outside the prefix.
+	h.fire(ctx, "/herd-warm/"+strings.Trim(strings.ReplaceAll(*prefix, "/", "-"), "-"))
 	time.Sleep(*gap)
 
 	var lat []float64
@@ -222,9 +242,8 @@ func main() {
 	var roundP50s []float64
 	var distinctBodies int
 	for r := 0; r < *rounds && ctx.Err() == nil; r++ {
-		url := fmt.Sprintf("%s%s/%d-%08x", *proxy, *prefix, r, rand.Uint32())
-		want := strings.TrimPrefix(url, *proxy)
-		samples := h.fire(ctx, url)
+		want := fmt.Sprintf("%s/%d-%08x", *prefix, r, rand.Uint32())
+		samples := h.fire(ctx, want)
 		var rl []float64
 		seqs := map[int64]bool{}
 		for _, s := range samples {
@@ -278,7 +297,7 @@ func main() {
 	}
 	res.WallSeconds = time.Since(began).Seconds()
 
-	fmt.Printf("herd: %d rounds x %d clients via %s (prefix %s)\n", *rounds, *n, *proxy, *prefix)
+	fmt.Printf("herd: %d rounds x %d clients via %s (prefix %s)\n", *rounds, *n, strings.Join(bases, ", "), *prefix)
 	fmt.Printf("  client latency  p50 %.2f ms  p90 %.2f ms  p99 %.2f ms  max %.2f ms  (errors %d, non-200 %d, wrong body %d)\n",
 		res.P50ms, res.P90ms, res.P99ms, res.MaxMs, res.Errors, res.Non200, res.WrongBody)
 	if *direct {
@@ -296,7 +315,7 @@ func main() {
 // runFill requests base/1 .. base/k once each with n workers and reports how
 // many answered 200.
 func runFill(ctx context.Context, base string, k, n int, timeout time.Duration) int {
-	h := newHerd(n, timeout)
+	h := newHerd(n, timeout, []string{base}, "")
 	began := time.Now()
 	next := make(chan int)
 	var mu sync.Mutex

@@ -2,13 +2,19 @@
 // report (tables, the targets of the issue with their verdicts) and a PNG plot
 // (through gnuplot, if installed). Standard library only.
 //
-//	report -dir bench/out/<run> [-o RESULTS.md] [-img plot.png] [-plot <dir>/plot.png]
+//	report -dir bench/out/<run> [-dir <run>...] [-o RESULTS.md] [-img plot.png] [-plot <dir>/plot.png]
 //
 // It reads <dir>/meta.env and <dir>/raw/*.txt (one file per measurement, as
 // written by run.sh), writes <dir>/results.jsonl (one computed line per
 // measurement) and the report. A <dir>/notes.md (hand-written notes about the
 // run) is appended to the report verbatim. Every figure in the tables is the median over
 // the rounds of that figure.
+//
+// With several -dir, the report merges runs: the first describes the report
+// (its date, command, machine), and each workload is taken from the last
+// directory that measured it, whose run a section measured apart describes
+// (see fleet.go). So bench/RESULTS.md is made from bench/results/ and
+// bench/results-fleet/, which are published one without the other.
 package main
 
 import (
@@ -129,6 +135,10 @@ type measurement struct {
 	HWMmb        float64 `json:"peak_rss_mb"`
 	RSSmb        float64 `json:"rss_end_mb"`
 	Procs        int     `json:"procs"`
+	// Shared: the shared tier's counters, summed over a fleet's instances.
+	Shared *sharedCounts `json:"shared,omitempty"`
+
+	src int // index of the -dir the measurement was read from
 }
 
 func nan() float64 { return math.NaN() }
@@ -220,6 +230,7 @@ func parseMeasurement(path string) (measurement, error) {
 			if json.Unmarshal([]byte(line[len("COALESCESTATS "):]), &cs) == nil && cs.Total.Cache != nil {
 				m.CacheEntries, m.CacheBytes = cs.Total.Cache.Entries, cs.Total.Cache.Bytes
 			}
+			m.Shared = addShared(m.Shared, line[len("COALESCESTATS "):])
 		}
 	}
 	if haveU {
@@ -373,13 +384,27 @@ func fms(x float64) string {
 }
 
 type report struct {
-	meta    map[string][]string
+	meta    map[string][]string // the first run's
 	byKey   map[[2]string][]measurement
 	aggs    map[[2]string]agg
 	systems []string // in display order, as measured
-	dir     string
+	dir     string   // the first run's
 	wls     []string
+	runs    []run // every -dir, the first one first
+	out     string
 }
+
+// run is one run directory the report reads.
+type run struct {
+	dir  string
+	meta map[string][]string
+}
+
+// dirList is the -dir flag, which may be repeated.
+type dirList []string
+
+func (d *dirList) String() string     { return strings.Join(*d, ",") }
+func (d *dirList) Set(v string) error { *d = append(*d, v); return nil }
 
 // span is "min–max" of a figure over the rounds of (wl, sys).
 func (r *report) span(wl, sys string, f func(m measurement) float64, format func(float64) string) string {
@@ -451,12 +476,13 @@ func (r *report) otherCell(wl, sys string) string {
 	return strings.Join(parts, ", ")
 }
 
-// interference summarizes other_cpu_pct over all measurements.
-func (r *report) interference() (med, max float64, n, over int) {
+// interference summarizes other_cpu_pct over the measurements read from
+// the -dir of index src.
+func (r *report) interference(src int) (med, max float64, n, over int) {
 	var xs []float64
 	for _, ms := range r.byKey {
 		for _, m := range ms {
-			if m.Failed == "" && !math.IsNaN(m.OtherCPU) {
+			if m.src == src && m.Failed == "" && !math.IsNaN(m.OtherCPU) {
 				xs = append(xs, m.OtherCPU)
 				if m.OtherCPU > disturbed {
 					over++
@@ -477,49 +503,53 @@ func (r *report) get(wl, sys string) (agg, bool) {
 }
 
 func main() {
-	dir := flag.String("dir", "", "run directory (with meta.env and raw/)")
-	out := flag.String("o", "", "Markdown report to write (default <dir>/RESULTS.md)")
+	var dirs dirList
+	flag.Var(&dirs, "dir", "run directory (with meta.env and raw/); repeated: each workload comes from the last one that measured it")
+	out := flag.String("o", "", "Markdown report to write (default <first dir>/RESULTS.md)")
 	img := flag.String("img", "plot.png", "image link used in the report")
-	plot := flag.String("plot", "", "PNG to write (default <dir>/plot.png)")
+	plot := flag.String("plot", "", "PNG to write (default <first dir>/plot.png)")
 	flag.Parse()
-	if *dir == "" {
+	if len(dirs) == 0 {
 		flag.Usage()
 		os.Exit(2)
 	}
 	if *out == "" {
-		*out = filepath.Join(*dir, "RESULTS.md")
+		*out = filepath.Join(dirs[0], "RESULTS.md")
 	}
 	if *plot == "" {
-		*plot = filepath.Join(*dir, "plot.png")
+		*plot = filepath.Join(dirs[0], "plot.png")
 	}
 
-	meta, _, err := readKV(filepath.Join(*dir, "meta.env"))
-	if err != nil {
-		log.Fatal(err)
+	r := &report{dir: dirs[0], out: *out, byKey: map[[2]string][]measurement{}, aggs: map[[2]string]agg{}}
+	var all []measurement
+	for i, dir := range dirs {
+		meta, _, err := readKV(filepath.Join(dir, "meta.env"))
+		if err != nil {
+			log.Fatal(err)
+		}
+		r.runs = append(r.runs, run{dir: dir, meta: meta})
+		ms, err := readRun(dir, i)
+		if err != nil {
+			log.Fatal(err)
+		}
+		all = append(all, ms...)
 	}
-	files, _ := filepath.Glob(filepath.Join(*dir, "raw", "*.txt"))
-	sort.Strings(files)
-	r := &report{dir: *dir, meta: meta, byKey: map[[2]string][]measurement{}, aggs: map[[2]string]agg{}}
-	jl, err := os.Create(filepath.Join(*dir, "results.jsonl"))
-	if err != nil {
-		log.Fatal(err)
+	r.meta = r.runs[0].meta
+	from := map[string]int{} // workload -> the last -dir that measured it
+	for _, m := range all {
+		from[m.Workload] = max(from[m.Workload], m.src)
 	}
 	seenSys := map[string]bool{}
 	seenWl := map[string]bool{}
-	for _, f := range files {
-		m, err := parseMeasurement(f)
-		if err != nil {
-			log.Printf("%s: %v", f, err)
+	for _, m := range all {
+		if m.src != from[m.Workload] {
 			continue
 		}
 		k := [2]string{m.Workload, m.System}
 		r.byKey[k] = append(r.byKey[k], m)
 		seenSys[m.System] = true
 		seenWl[m.Workload] = true
-		b, _ := json.Marshal(jsonSafe(m))
-		fmt.Fprintf(jl, "%s\n", b)
 	}
-	jl.Close()
 	for k, ms := range r.byKey {
 		r.aggs[k] = aggregate(ms)
 	}
@@ -547,6 +577,31 @@ func main() {
 		fmt.Fprintf(os.Stderr, " (no plot: %v)", plotErr)
 	}
 	fmt.Fprintln(os.Stderr)
+}
+
+// readRun parses the raw files of the run in dir (the -dir of index src)
+// and writes its results.jsonl.
+func readRun(dir string, src int) ([]measurement, error) {
+	files, _ := filepath.Glob(filepath.Join(dir, "raw", "*.txt"))
+	sort.Strings(files)
+	jl, err := os.Create(filepath.Join(dir, "results.jsonl"))
+	if err != nil {
+		return nil, err
+	}
+	defer jl.Close()
+	var ms []measurement
+	for _, f := range files {
+		m, err := parseMeasurement(f)
+		if err != nil {
+			log.Printf("%s: %v", f, err)
+			continue
+		}
+		m.src = src
+		ms = append(ms, m)
+		b, _ := json.Marshal(jsonSafe(m))
+		fmt.Fprintf(jl, "%s\n", b)
+	}
+	return ms, jl.Close()
 }
 
 // jsonSafe replaces NaN (which encoding/json refuses) by -1.
@@ -651,7 +706,7 @@ func (r *report) targets() []verdict {
 	} else {
 		v = append(v, verdict{"memory: < 50 MB over plain Caddy with 10 000 live keys", "–", pending})
 	}
-	return v
+	return append(v, r.fleetTargets()...)
 }
 
 func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
@@ -662,7 +717,7 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 	p("**Command:** `%s`\n\n", r.m("command"))
 	p("**Machine:** %s; %s; %s; %s RAM. Client (wrk, herd), upstream and proxy share these CPUs, so absolute figures are those of a small shared box: compare the systems with each other, within this run.\n", r.m("cpu"), r.m("host"), r.m("os"), r.m("memory"))
 	p("Load average at the start %s, at the end %s.", r.m("loadavg_start"), r.m("loadavg_end"))
-	if med, max, n, over := r.interference(); n > 0 {
+	if med, max, n, over := r.interference(0); n > 0 {
 		p(" **Interference:** during the loads, processes outside the benchmark (or the hypervisor) took a median %s %% of the machine's CPU time (at most %s %%); %d of %d measurements had more than %.0f %% (the *other CPU %%* column, one figure per round; marked \\* in the per-round ratios). Where that share is high, the figures of that round say more about the machine than about the systems.", f0(med), f0(max), over, n, disturbed)
 	}
 	p("\n\n")
@@ -755,17 +810,23 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 		}
 		p("\n")
 	}
+	r.fleetMarkdown(b)
 
 	p("## Notes\n\n")
 	p("- Peak RSS is VmHWM from `/proc/<pid>/status`, summed over the proxy's processes (NGINX master, workers, cache manager and loader; Varnish manager and child), so pages shared between processes count once per process.\n")
 	p("- wrk counts a non-2xx answer as an error (`non-2xx` column); `errors` are connect/read/write errors and timeouts.\n")
 	p("- Latency percentiles of wrk are those of its own histogram (`latency:percentile()` in `done()`); wrk measures from the moment it writes a request, so with all connections busy they are service times.\n")
 	p("- How to run and how to read each table: [`README.md`](README.md).\n")
-	// Hand-written notes about this run (what the figures mean, what is being
-	// done about them) live next to its raw output and are appended verbatim,
-	// so that regenerating the report keeps them.
-	if notes, err := os.ReadFile(filepath.Join(r.dir, "notes.md")); err == nil && len(strings.TrimSpace(string(notes))) > 0 {
-		p("\n%s", notes)
+	r.appendNotes(b, r.dir, "\n")
+}
+
+// appendNotes appends dir/notes.md, if there is one, after lead:
+// hand-written notes about a run (what the figures mean, what is being done
+// about them) live next to its raw output, so that regenerating the report
+// keeps them.
+func (r *report) appendNotes(b *strings.Builder, dir, lead string) {
+	if notes, err := os.ReadFile(filepath.Join(dir, "notes.md")); err == nil && len(strings.TrimSpace(string(notes))) > 0 {
+		fmt.Fprintf(b, "%s%s", lead, notes)
 	}
 }
 

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # bench/run.sh — side-by-side benchmark of caddy-coalesce against Caddy's own
 # respond and reverse_proxy, an NGINX micro-cache and Varnish, on this machine,
-# in one run, alternating the systems and repeating every measurement.
+# in one run, alternating the systems and repeating every measurement; and a
+# fleet of three instances with and without the shared tier (workload fleet).
 #
-#   sudo bench/run.sh                      # full run (about 25 minutes)
+#   sudo bench/run.sh                      # full run (about 30 minutes)
 #   BENCH_DURATION=3s BENCH_ROUNDS=1 BENCH_HERD_ROUNDS=10 bench/run.sh   # smoke run
 #   BENCH_PUBLISH=1 sudo -E bench/run.sh   # also write bench/RESULTS.md and bench/results/
+#   BENCH_WORKLOADS=fleet BENCH_PUBLISH=1 bench/run.sh   # the fleet alone, into bench/results-fleet/
 #
 # Root is only needed to apt-get install what is missing (nginx-light, varnish,
-# wrk, gnuplot-nox, curl, procps). Everything listens on 127.0.0.1; every process
+# wrk, gnuplot-nox, curl, procps; redis-server for the fleet workload). Everything listens on 127.0.0.1; every process
 # this script starts is stopped when it exits. See bench/README.md.
 #
 # Environment (defaults in brackets):
@@ -27,10 +29,11 @@
 #   BENCH_MEM_EXTRA     extra lines for the memory test's coalesce block, e.g. "max_memory 64MiB" []
 #   BENCH_SYSTEMS       systems to measure [caddy-respond caddy-proxy caddy-coalesce
 #                       caddy-coalesce-stale nginx varnish varnish-grace]
-#   BENCH_WORKLOADS     workloads [hot herd zipf miss miss0 mem]
+#   BENCH_WORKLOADS     workloads [hot herd zipf miss miss0 mem fleet]
 #   BENCH_PORT_BASE     first port of the block of ports used [19000]
 #   BENCH_OUT           output directory [bench/out/<UTC timestamp>]
-#   BENCH_PUBLISH       1: write bench/RESULTS.md and copy the raw output to bench/results/ [0]
+#   BENCH_PUBLISH       1: copy the raw output to bench/results/ (the fleet's to
+#                       bench/results-fleet/) and write bench/RESULTS.md from both [0]
 #   BENCH_INSTALL       0: never apt-get install [1]
 #   BENCH_QUIET         before each measurement, wait until other processes use
 #                       at most this % of the CPUs (0: do not wait) [20] ...
@@ -57,7 +60,7 @@ MEM_DURATION=${BENCH_MEM_DURATION:-10s}
 MEM_CONNS=${BENCH_MEM_CONNECTIONS:-256}
 MEM_EXTRA=${BENCH_MEM_EXTRA:-}
 SYSTEMS=${BENCH_SYSTEMS:-caddy-respond caddy-proxy caddy-coalesce caddy-coalesce-stale nginx varnish varnish-grace}
-WORKLOADS=${BENCH_WORKLOADS:-hot herd zipf miss miss0 mem}
+WORKLOADS=${BENCH_WORKLOADS:-hot herd zipf miss miss0 mem fleet}
 PORT_BASE=${BENCH_PORT_BASE:-19000}
 OUT=${BENCH_OUT:-$BENCH_DIR/out/$(date -u +%Y%m%dT%H%M%SZ)}
 PUBLISH=${BENCH_PUBLISH:-0}
@@ -66,6 +69,14 @@ QUIET=${BENCH_QUIET:-20}
 QUIET_WAIT=${BENCH_QUIET_WAIT:-30}
 
 UP_PORT=$((PORT_BASE + 80))
+REDIS_PORT=$((PORT_BASE + 90)) # the fleet's redis-server
+REDIS=/usr/bin/redis-server    # Debian's, as the tests use
+# The fleet workload: three Caddy instances, each sent a third of wrk's
+# connections (one wrk thread per instance), all with the same Host.
+FLEET_SIZE=3
+FLEET_CONNS=$((CONNS - CONNS % FLEET_SIZE))
+FLEET_HOST=fleet.bench
+FLEET_HIT_TTL=1s # the local-hit measurement: every request after the first is a local hit
 # keep-alive connections a proxy may keep idle to the upstream (NGINX and Caddy alike)
 UP_KEEPALIVE=$((CONNS * 2))
 
@@ -148,10 +159,10 @@ wait_http() {
 	return 1
 }
 
-# rss PID: "<sum of VmHWM kB> <sum of VmRSS kB> <processes>" over the process tree
+# rss PID...: "<sum of VmHWM kB> <sum of VmRSS kB> <processes>" over the process trees
 rss() {
-	local hwm=0 cur=0 n=0 p h r
-	for p in $(tree_pids "$1"); do
+	local hwm=0 cur=0 n=0 p h r root
+	for p in $(for root in "$@"; do tree_pids "$root"; done); do
 		[[ -r /proc/$p/status ]] || continue
 		h=$(awk '/^VmHWM:/ { print $2 }' "/proc/$p/status" 2>/dev/null || true)
 		r=$(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2>/dev/null || true)
@@ -208,6 +219,7 @@ install_missing() {
 	command -v gnuplot >/dev/null 2>&1 || pkgs+=(gnuplot-nox)
 	command -v curl >/dev/null 2>&1 || pkgs+=(curl)
 	command -v pgrep >/dev/null 2>&1 || pkgs+=(procps)
+	[[ " $WORKLOADS " != *" fleet "* || -x $REDIS ]] || pkgs+=(redis-server)
 	((${#pkgs[@]} == 0)) && return 0
 	[[ $INSTALL == 1 ]] || die "missing: ${pkgs[*]} (BENCH_INSTALL=0: install them yourself)"
 	[[ $(id -u) == 0 ]] || die "missing: ${pkgs[*]}; run as root (sudo bench/run.sh) so that they can be installed"
@@ -264,13 +276,15 @@ port_of() {
 	nginx) echo $((PORT_BASE + 10)) ;;
 	varnish) echo $((PORT_BASE + 20)) ;;
 	varnish-grace) echo $((PORT_BASE + 21)) ;;
+	caddy-fleet | caddy-fleet-shared) echo $((PORT_BASE + 31)) ;; # instance i: + i - 1
 	*) die "unknown system $1" ;;
 	esac
 }
 
-# ttl_ms_of SYSTEM: the TTL used for the theoretical minimum of upstream requests
+# ttl_ms_of SYSTEM WORKLOAD: the TTL used for the theoretical minimum of upstream requests
 ttl_ms_of() {
 	case $1 in
+	caddy-fleet | caddy-fleet-shared) [[ $2 == fleet-hit ]] && dur_ms "$FLEET_HIT_TTL" || echo "$TTL_MS" ;;
 	caddy-coalesce | caddy-coalesce-stale | varnish | varnish-grace) echo "$TTL_MS" ;;
 	caddy-coalesce-mem | nginx) echo 1000 ;;
 	caddy-proxy) echo 0 ;;
@@ -329,6 +343,45 @@ write_caddyfile() { # SYSTEM FILE
 http://:$port {
 	bind 127.0.0.1
 	$handler
+}
+EOF
+}
+
+# write_fleet_caddyfile SYSTEM WORKLOAD INSTANCE FILE: the Caddyfile of one
+# instance of the fleet; the instances' files differ only in their ports.
+# caddy-fleet-shared adds `shared` on the fleet's redis-server. fleet-hot and
+# fleet-herd use caddy-coalesce's settings (ttl 50ms); fleet-hit keeps a copy
+# fresh for FLEET_HIT_TTL, and stale for as long again while one refresh runs,
+# so that every request after the first is a local hit.
+write_fleet_caddyfile() {
+	local sys=$1 wl=$2 port admin shared="" settings="ttl $TTL"
+	port=$(($(port_of "$sys") + $3 - 1))
+	admin=$((port + 100))
+	[[ $wl == fleet-hit ]] && settings="ttl $FLEET_HIT_TTL
+		stale $STALE"
+	[[ $sys == caddy-fleet-shared ]] && shared="
+		shared redis://127.0.0.1:$REDIS_PORT"
+	cat >"$4" <<EOF
+{
+	admin localhost:$admin
+	auto_https off
+	persist_config off
+	log {
+		level ERROR
+	}
+}
+
+http://:$port {
+	bind 127.0.0.1
+	coalesce {
+		$settings
+		zone bench$shared
+	}
+	reverse_proxy 127.0.0.1:$UP_PORT {
+		transport http {
+			keepalive_idle_conns_per_host $UP_KEEPALIVE
+		}
+	}
 }
 EOF
 }
@@ -396,11 +449,12 @@ sub vcl_backend_response {
 EOF
 }
 
-SYS_PID=""
-SYS_PORT=""
+SYS_PIDS=()  # the processes of the running system (a fleet has several)
+SYS_PORTS=() # the ports its clients are sent to (a fleet's: one per instance)
+SYS_PORT=""  # the first of them
 
 # start_system SYSTEM TAG: writes its configuration, starts it, waits until it
-# answers through to the upstream. Sets SYS_PID and SYS_PORT.
+# answers through to the upstream. Sets SYS_PIDS, SYS_PORTS and SYS_PORT.
 start_system() {
 	local sys=$1 tag=$2 port dir
 	port=$(port_of "$sys")
@@ -427,9 +481,10 @@ start_system() {
 			-s malloc,256m >>"$OUT/logs/$tag.log" 2>&1 &
 		;;
 	esac
-	SYS_PID=$!
+	SYS_PIDS=("$!")
+	SYS_PORTS=("$port")
 	SYS_PORT=$port
-	PIDS+=("$SYS_PID")
+	PIDS+=("$!")
 	if ! wait_http "http://127.0.0.1:$port/probe/$tag/start" 30; then
 		log "$sys did not come up, see $OUT/logs/$tag.log"
 		stop_system
@@ -437,11 +492,101 @@ start_system() {
 	fi
 }
 
+# stop_system: its processes in the reverse order of their start (a fleet's
+# instances before its Redis)
 stop_system() {
-	[[ -n $SYS_PID ]] || return 0
-	stop_tree "$SYS_PID"
-	forget_pid "$SYS_PID"
-	SYS_PID=""
+	local i
+	for ((i = ${#SYS_PIDS[@]} - 1; i >= 0; i--)); do
+		stop_tree "${SYS_PIDS[i]}"
+		forget_pid "${SYS_PIDS[i]}"
+	done
+	SYS_PIDS=()
+	SYS_PORTS=()
+}
+
+# sys_tree: the running system's processes and their descendants
+sys_tree() {
+	local p
+	for p in ${SYS_PIDS[@]+"${SYS_PIDS[@]}"}; do
+		tree_pids "$p"
+	done
+}
+
+# redis_answers: the fleet's redis-server answers PING
+redis_answers() {
+	local line
+	line=$( (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT" && printf 'PING\r\n' >&3 && read -r -t 2 l <&3 && echo "$l") 2>/dev/null) || return 1
+	[[ $line == +PONG* ]]
+}
+
+# start_fleet SYSTEM WORKLOAD TAG: the FLEET_SIZE Caddy instances of SYSTEM,
+# with the Caddyfile of WORKLOAD, and for caddy-fleet-shared first a
+# redis-server of their own; waits until every instance answers through to
+# the upstream and, with the tier, listens to the fleet's wake-ups (before
+# that, an instance would not wait for another's flight). Sets SYS_PIDS
+# (Redis first), SYS_PORTS and SYS_PORT.
+start_fleet() {
+	local sys=$1 wl=$2 tag=$3 base dir i port
+	base=$(port_of "$sys")
+	dir=$OUT/run/$sys
+	rm -rf "$dir"
+	mkdir -p "$dir" "$OUT/conf/$sys"
+	SYS_PIDS=()
+	SYS_PORTS=()
+	if [[ $sys == caddy-fleet-shared ]]; then
+		port_in_use "$REDIS_PORT" && { log "port $REDIS_PORT is in use"; return 1; }
+		"$REDIS" --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" \
+			>>"$OUT/logs/$tag-redis.log" 2>&1 &
+		SYS_PIDS+=("$!")
+		PIDS+=("$!")
+		for ((i = 0; i < 100; i++)); do
+			redis_answers && break
+			sleep 0.1
+		done
+		if ! redis_answers; then
+			log "redis-server did not come up, see $OUT/logs/$tag-redis.log"
+			stop_system
+			return 1
+		fi
+	fi
+	for ((i = 1; i <= FLEET_SIZE; i++)); do
+		port=$((base + i - 1))
+		if port_in_use "$port"; then
+			log "port $port is in use"
+			stop_system
+			return 1
+		fi
+		write_fleet_caddyfile "$sys" "$wl" "$i" "$OUT/conf/$sys/$wl-$i.Caddyfile"
+		HOME=$OUT/home XDG_DATA_HOME=$OUT/home/data XDG_CONFIG_HOME=$OUT/home/config \
+			"$CADDY" run --config "$OUT/conf/$sys/$wl-$i.Caddyfile" --adapter caddyfile \
+			>>"$OUT/logs/$tag-$i.log" 2>&1 &
+		SYS_PIDS+=("$!")
+		PIDS+=("$!")
+		SYS_PORTS+=("$port")
+	done
+	SYS_PORT=${SYS_PORTS[0]}
+	for ((i = 1; i <= FLEET_SIZE; i++)); do
+		port=${SYS_PORTS[i - 1]}
+		if ! wait_http "http://127.0.0.1:$port/probe/$tag/start" 30; then
+			log "$sys instance $i did not come up, see $OUT/logs/$tag-$i.log"
+			stop_system
+			return 1
+		fi
+		[[ $sys == caddy-fleet-shared ]] || continue
+		local listening=0 j
+		for ((j = 0; j < 100; j++)); do
+			if curl -s --max-time 1 "http://localhost:$((port + 100))/coalesce/stats" | grep -Eq '"listening": ?true'; then
+				listening=1
+				break
+			fi
+			sleep 0.1
+		done
+		if ((listening == 0)); then
+			log "$sys instance $i does not listen to the fleet after 10 s, see $OUT/logs/$tag-$i.log"
+			stop_system
+			return 1
+		fi
+	done
 }
 
 # ---------------------------------------------------------------- upstream
@@ -482,6 +627,26 @@ for sys in caddy-proxy caddy-coalesce-mem; do
 	fi
 	mem_systems+=("$sys")
 done
+fleet_systems=()
+if [[ " $WORKLOADS " == *" fleet "* ]]; then
+	for sys in caddy-fleet caddy-fleet-shared; do
+		if [[ $HAVE_COALESCE != 1 ]]; then
+			skipped+=("$sys:$CADDY has no http.handlers.coalesce module")
+			continue
+		fi
+		if [[ $sys == caddy-fleet-shared && ! -x $REDIS ]]; then
+			skipped+=("$sys:$REDIS is not installed (apt-get install redis-server)")
+			continue
+		fi
+		write_fleet_caddyfile "$sys" fleet-hot 1 "$OUT/run/$sys.Caddyfile"
+		if ! "$CADDY" adapt --config "$OUT/run/$sys.Caddyfile" --adapter caddyfile >"$OUT/logs/adapt-$sys.log" 2>&1; then
+			skipped+=("$sys:its Caddyfile does not adapt: $(tail -1 "$OUT/logs/adapt-$sys.log")")
+			continue
+		fi
+		fleet_systems+=("$sys")
+	done
+	((FLEET_CONNS >= FLEET_SIZE)) || die "the fleet workload needs BENCH_CONNECTIONS >= $FLEET_SIZE"
+fi
 for s in ${skipped[@]+"${skipped[@]}"}; do
 	log "skipping ${s%%:*}: ${s#*:}"
 done
@@ -524,6 +689,13 @@ cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 	echo "mem_keys=$MEM_KEYS"
 	echo "mem_duration=$MEM_DURATION"
 	echo "mem_connections=$MEM_CONNS"
+	if [[ " $WORKLOADS " == *" fleet "* ]]; then
+		echo "fleet_size=$FLEET_SIZE"
+		echo "fleet_connections=$FLEET_CONNS"
+		echo "fleet_host=$FLEET_HOST"
+		echo "fleet_hit_ttl=$FLEET_HIT_TTL"
+		echo "redis=$("$REDIS" --version 2>/dev/null | cut -d' ' -f1-3)"
+	fi
 	echo "systems=${systems[*]}"
 	echo "workloads=$WORKLOADS"
 	echo "quiet=$QUIET"
@@ -574,6 +746,21 @@ run_load() {
 			timeout "$secs" wrk -t"$THREADS" -c"$MEM_CONNS" -d"$MEM_DURATION" --timeout 5s \
 			-s "$BENCH_DIR/wrk/keys.lua" "$url/" >>"$out" 2>&1
 		;;
+	fleet-hot | fleet-hit)
+		# one wrk thread per instance (fleet.lua), all with the fleet's Host
+		local addrs
+		addrs=$(printf '127.0.0.1:%s,' "${SYS_PORTS[@]}")
+		BENCH_FLEET_ADDRS=${addrs%,} BENCH_HOST=$FLEET_HOST \
+			timeout "$secs" wrk -t"${#SYS_PORTS[@]}" -c"$FLEET_CONNS" -d"$DURATION" --timeout 5s \
+			-s "$BENCH_DIR/wrk/fleet.lua" "$url$prefix/key" >"$out" 2>&1
+		;;
+	fleet-herd)
+		# each herd spread round robin over the instances
+		local urls
+		urls=$(printf 'http://127.0.0.1:%s,' "${SYS_PORTS[@]}")
+		timeout 600 "$OUT/bin/herd" -url "${urls%,}" -host "$FLEET_HOST" -upstream "$UP" -n "$HERD_N" \
+			-rounds "$HERD_ROUNDS" -prefix "$prefix" -deadline 500s >"$out" 2>&1
+		;;
 	esac
 }
 
@@ -588,7 +775,7 @@ measure() {
 		echo "workload=$wl"
 		echo "system=$sys"
 		echo "round=$round"
-		echo "ttl_ms=$(ttl_ms_of "$sys")"
+		echo "ttl_ms=$(ttl_ms_of "$sys" "$wl")"
 		echo "latency_ms=$lat"
 		echo "prefix=$prefix"
 	} >"$f"
@@ -597,21 +784,36 @@ measure() {
 	echo "quiet_wait_s=${q% *}" >>"$f"
 	echo "other_cpu_before_pct=${q#* }" >>"$f"
 	log "round $round/$ROUNDS  $wl  $sys$( ((${q% *} > 0)) && echo "  (waited ${q% *} s for other work to calm down, now ${q#* } %)")"
-	if ! start_system "$sys" "$tag"; then
-		echo "failed=did not start (logs/$tag.log)" >>"$f"
+	local started_ok=1
+	case $sys in
+	caddy-fleet*) start_fleet "$sys" "$wl" "$tag" || started_ok=0 ;;
+	*) start_system "$sys" "$tag" || started_ok=0 ;;
+	esac
+	if ((started_ok == 0)); then
+		echo "failed=did not start (logs/$tag*.log)" >>"$f"
 		FAILED=$((FAILED + 1))
 		return 0
 	fi
-	# two probes: the second shows the cache headers of a repeated request
+	# two probes: the second shows the cache headers of a repeated request; a
+	# fleet's go to each instance in turn, with the fleet's Host (with the
+	# tier the first leads the fleet, the others are answered by it), and
+	# then to the first again
+	local -a probe_ports=("$SYS_PORT" "$SYS_PORT") probe_host=()
+	if [[ $sys == caddy-fleet* ]]; then
+		probe_ports=("${SYS_PORTS[@]}" "$SYS_PORT")
+		probe_host=(-H "Host: $FLEET_HOST")
+	fi
+	local port
 	{
 		echo "# probe"
-		curl -s -D - -o /dev/null --max-time 5 "http://127.0.0.1:$SYS_PORT/probe/$tag/p" || true
-		curl -s -D - -o /dev/null --max-time 5 "http://127.0.0.1:$SYS_PORT/probe/$tag/p" || true
+		for port in "${probe_ports[@]}"; do
+			curl -s -D - -o /dev/null --max-time 5 ${probe_host[@]+"${probe_host[@]}"} "http://127.0.0.1:$port/probe/$tag/p" || true
+		done
 	} | tr -d '\r' | grep -iE '^(# probe|HTTP/|cache-status|x-cache|x-varnish|age:|via:|server:)' >>"$f" || true
 	up_reset
 	local rc=0 cpu0 cpu1
 	# shellcheck disable=SC2046
-	cpu0=$(cpu_snapshot "$UP_PID" $(tree_pids "$SYS_PID"))
+	cpu0=$(cpu_snapshot "$UP_PID" $(sys_tree))
 	# in the background, so that a signal is handled at once (the trap stops it)
 	run_load "$wl" "$sys" "$prefix" "$tmp" &
 	local load_pid=$!
@@ -619,17 +821,20 @@ measure() {
 	wait "$load_pid" || rc=$?
 	forget_pid "$load_pid"
 	# shellcheck disable=SC2046
-	cpu1=$(cpu_snapshot "$UP_PID" $(tree_pids "$SYS_PID"))
+	cpu1=$(cpu_snapshot "$UP_PID" $(sys_tree))
 	local r
-	r=$(rss "$SYS_PID")
+	r=$(rss "${SYS_PIDS[@]}")
 	{
 		echo "# output (exit $rc)"
 		cat "$tmp"
 		echo "# upstream"
 		echo "UPSTREAMJSON $(up_stats "$prefix/")"
-		if [[ $sys == caddy-coalesce* ]]; then
-			# the module's own view (admin API): cache entries and bytes, registry counters
-			echo "COALESCESTATS $(curl -s --max-time 5 "http://localhost:$((SYS_PORT + 100))/coalesce/stats" | tr -d '\n')"
+		if [[ $sys == caddy-coalesce* || $sys == caddy-fleet* ]]; then
+			# the module's own view (admin API): cache entries and bytes, registry
+			# counters, the shared tier's; one line per instance of a fleet
+			for port in "${SYS_PORTS[@]}"; do
+				echo "COALESCESTATS $(curl -s --max-time 5 "http://localhost:$((port + 100))/coalesce/stats" | tr -d '\n')"
+			done
 		fi
 		read -r hwm cur n <<<"$r"
 		echo "rss_hwm_kb=$hwm"
@@ -669,15 +874,19 @@ rotate() {
 started=$(date +%s)
 for ((round = 1; round <= ROUNDS; round++)); do
 	for wl in $WORKLOADS; do
+		parts=("$wl")
 		case $wl in
 		hot | zipf | miss | miss0) list=("${systems[@]}") ;;
 		herd) list=() && for s in "${systems[@]}"; do [[ $s == caddy-respond ]] || list+=("$s"); done ;;
 		mem) list=("${mem_systems[@]}") ;;
+		fleet) list=(${fleet_systems[@]+"${fleet_systems[@]}"}) parts=(fleet-hot fleet-hit fleet-herd) ;;
 		*) die "unknown workload $wl" ;;
 		esac
 		((${#list[@]} > 0)) || continue
-		for sys in $(rotate $((round - 1)) "${list[@]}"); do
-			measure "$wl" "$sys" "$round"
+		for part in "${parts[@]}"; do
+			for sys in $(rotate $((round - 1)) "${list[@]}"); do
+				measure "$part" "$sys" "$round"
+			done
 		done
 	done
 done
@@ -692,18 +901,58 @@ rm -rf "$OUT/run"
 # ---------------------------------------------------------------- report
 log "writing the report"
 "$OUT/bin/report" -dir "$OUT" -o "$OUT/RESULTS.md" -img plot.png
-if [[ $PUBLISH == 1 ]]; then
-	res=$BENCH_DIR/results
+# The fleet's measurements are published apart from the others: bench/results/
+# holds the side-by-side workloads, bench/results-fleet/ the fleet's. A run
+# replaces only the directories of what it measured (BENCH_WORKLOADS=fleet
+# keeps bench/results/ as it is), and bench/RESULTS.md is made from both.
+
+# published_dir FILE: the published directory a raw file or a configuration belongs to
+published_dir() {
+	case ${1##*/} in
+	fleet-* | caddy-fleet*) echo results-fleet ;;
+	*) echo results ;;
+	esac
+}
+
+# publish NAME: bench/NAME becomes this run's raw files and configurations
+# that belong there, with its meta.env; nothing happens if this run measured
+# none of them.
+publish() {
+	local name=$1 res=$BENCH_DIR/$1 f
+	local -a raw=()
+	for f in "$OUT"/raw/*.txt; do
+		if [[ $(published_dir "$f") == "$name" ]]; then
+			raw+=("$f")
+		fi
+	done
+	((${#raw[@]} > 0)) || return 0
 	if [[ -s $res/notes.md ]]; then
-		log "note: bench/results/notes.md described the previous published run; it is removed with it (git has it)"
+		log "note: bench/$name/notes.md described the previous published run; it is removed with it (git has it)"
 	fi
 	rm -rf "$res"
 	mkdir -p "$res/raw" "$res/conf"
-	cp "$OUT/meta.env" "$OUT/results.jsonl" "$res/"
-	cp "$OUT"/raw/*.txt "$res/raw/"
-	cp -r "$OUT"/conf/. "$res/conf/"
-	"$OUT/bin/report" -dir "$res" -o "$BENCH_DIR/RESULTS.md" -img results/plot.png -plot "$res/plot.png"
-	log "published: bench/RESULTS.md, bench/results/"
+	cp "$OUT/meta.env" "$res/"
+	cp "${raw[@]}" "$res/raw/"
+	for f in "$OUT"/conf/*; do
+		if [[ $(published_dir "$f") == "$name" ]]; then
+			cp -r "$f" "$res/conf/"
+		fi
+	done
+	log "published: bench/$name/"
+}
+
+if [[ $PUBLISH == 1 ]]; then
+	publish results
+	publish results-fleet
+	dirs=()
+	for d in results results-fleet; do
+		if [[ -d $BENCH_DIR/$d/raw ]]; then
+			dirs+=(-dir "$BENCH_DIR/$d")
+		fi
+	done
+	mkdir -p "$BENCH_DIR/results"
+	"$OUT/bin/report" "${dirs[@]}" -o "$BENCH_DIR/RESULTS.md" -img results/plot.png -plot "$BENCH_DIR/results/plot.png"
+	log "published: bench/RESULTS.md"
 fi
 log "done: $OUT/RESULTS.md"
 ((FAILED == 0)) || log "warning: $FAILED measurement(s) failed, see the report"

@@ -301,14 +301,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // observe sets the placeholders and logs the decision.
 func (h *Handler) observe(r *http.Request, ev coalesce.Event) {
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-		repl.Set("http.coalesce.status", string(ev.Outcome))
-		keyHash := "" // a bypassed request has no key: empty, not unset (null in JSON logs)
-		if ev.Key != (coalesce.Key{}) {
-			keyHash = ev.Key.String()
-		}
-		repl.Set("http.coalesce.key_hash", keyHash)
-		repl.Set("http.coalesce.waiters", strconv.Itoa(ev.Waiters))
-		repl.Set("http.coalesce.detail", ev.Detail)
+		setPlaceholders(repl, ev)
 	}
 	h.metrics.observe(ev)
 	if ce := h.logger.Check(zapcore.DebugLevel, "coalesce decision"); ce != nil {
@@ -329,6 +322,46 @@ func (h *Handler) observe(r *http.Request, ev coalesce.Event) {
 		h.logger.Warn("flight abandoned: every client waiting for it went away, upstream request cancelled",
 			zap.String("zone", zoneName(h.Zone)), zap.String("key_hash", ev.Key.String()), zap.Duration("flight", ev.Flight))
 	}
+}
+
+// setPlaceholders makes {http.coalesce.*} report ev. They are worked out
+// only when asked for (an access log's log_append, a header directive):
+// most requests are logged without them, and setting four static values
+// on every request costs more than the one provider. A request observed
+// twice gets the later event as static values, which come first.
+func setPlaceholders(repl *caddy.Replacer, ev coalesce.Event) {
+	if _, observed := repl.Get("http.coalesce.status"); !observed {
+		d := decision(ev)
+		repl.Map(d.placeholder)
+		return
+	}
+	for _, name := range placeholderNames {
+		v, _ := decision(ev).placeholder(name)
+		repl.Set(name, v)
+	}
+}
+
+var placeholderNames = [...]string{"http.coalesce.status", "http.coalesce.key_hash", "http.coalesce.waiters", "http.coalesce.detail"}
+
+// decision is the event the {http.coalesce.*} placeholders of a request
+// report.
+type decision coalesce.Event
+
+func (d decision) placeholder(name string) (any, bool) {
+	switch name {
+	case "http.coalesce.status":
+		return string(d.Outcome), true
+	case "http.coalesce.key_hash":
+		if d.Key == (coalesce.Key{}) {
+			return "", true // a bypassed request has no key: empty, not unset (null in JSON logs)
+		}
+		return d.Key.String(), true
+	case "http.coalesce.waiters":
+		return strconv.Itoa(d.Waiters), true
+	case "http.coalesce.detail":
+		return d.Detail, true
+	}
+	return nil, false
 }
 
 // upstreamOf is the upstream reverse_proxy reported for r, as host:port.

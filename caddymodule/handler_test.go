@@ -86,3 +86,32 @@ func TestHandlersShareStateOnlyUnderOneZone(t *testing.T) {
 		t.Errorf("two handlers of zone one-api hold %q and %q, want one state", c.poolKey, d.poolKey)
 	}
 }
+
+// The placeholders report the request's decision; observed twice (a
+// follower that then went upstream on its own), its last one.
+func TestPlaceholdersReportTheLastDecision(t *testing.T) {
+	repl := caddy.NewReplacer()
+	if _, ok := repl.Get("http.coalesce.status"); ok {
+		t.Fatal("a fresh replacer knows http.coalesce.status")
+	}
+	var key coalesce.Key
+	key[0] = 0xab
+	setPlaceholders(repl, coalesce.Event{Outcome: coalesce.OutcomeCollapsed, Key: key, Waiters: 0, Detail: "first"})
+	setPlaceholders(repl, coalesce.Event{Outcome: coalesce.OutcomeUncollapsible, Key: key, Waiters: 3, Detail: "vary-mismatch"})
+	want := map[string]string{
+		"http.coalesce.status":   "uncollapsible",
+		"http.coalesce.key_hash": key.String(),
+		"http.coalesce.waiters":  "3",
+		"http.coalesce.detail":   "vary-mismatch",
+	}
+	for name, w := range want {
+		if got, ok := repl.GetString(name); !ok || got != w {
+			t.Errorf("%s = %q (known %t), want %q", name, got, ok, w)
+		}
+	}
+	bypassed := caddy.NewReplacer()
+	setPlaceholders(bypassed, coalesce.Event{Outcome: coalesce.OutcomeBypass})
+	if got, ok := bypassed.GetString("http.coalesce.key_hash"); !ok || got != "" {
+		t.Errorf("key_hash of a bypassed request: %q (known %t), want empty and known", got, ok)
+	}
+}

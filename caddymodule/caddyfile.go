@@ -173,7 +173,7 @@ func once(d *caddyfile.Dispenser, seen map[string]string) error {
 // durationExamples are sensible values of each duration option, for errors.
 var durationExamples = map[string]string{
 	"ttl": "50ms", "stale": "5s", "stale_if_error": "1m", "max_wait": "10s",
-	"hit_for_miss": "5s", "open": "10s", "timeout": "30s",
+	"hit_for_miss": "5s", "open": "10s", "timeout": "30s", "linger": "2s", "heartbeat": "15s",
 }
 
 // parseDuration reads exactly one duration argument, never negative.
@@ -188,11 +188,19 @@ func parsePositiveDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
 
 // parseDurationFrom reads exactly one duration argument of at least least.
 func parseDurationFrom(d *caddyfile.Dispenser, least time.Duration) (caddy.Duration, error) {
-	opt := d.Val()
-	example := opt + " 50ms"
-	if v, ok := durationExamples[opt]; ok {
-		example = opt + " " + v
+	v, ok := durationExamples[d.Val()]
+	if !ok {
+		v = "50ms"
 	}
+	return parseDurationLike(d, least, v)
+}
+
+// parseDurationLike is parseDurationFrom with the example value its errors
+// give, for an option whose name means another duration elsewhere (the
+// shared tier's timeout is not the breaker's).
+func parseDurationLike(d *caddyfile.Dispenser, least time.Duration, exampleValue string) (caddy.Duration, error) {
+	opt := d.Val()
+	example := opt + " " + exampleValue
 	if !d.NextArg() {
 		return 0, d.Errf("%s needs a duration, e.g. %s", opt, example)
 	}

@@ -89,7 +89,7 @@ func (h *Handler) unmarshalShared(d *caddyfile.Dispenser) error {
 				return d.Errf("prefix takes one string, got another argument %q; remove it", d.Val())
 			}
 		case "timeout":
-			dur, err := parsePositiveDuration(d)
+			dur, err := parseDurationLike(d, 1, "50ms")
 			if err != nil {
 				return err
 			}

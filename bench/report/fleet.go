@@ -120,6 +120,27 @@ func (r *report) rounds(wl, sys string, f func(m measurement) float64, format fu
 
 func ratioOf(m measurement) float64 { return m.Ratio }
 
+// rpsPerCPU is req/s per percent of the machine's CPU time that the
+// benchmark's processes (client, upstream, servers) had during the load: on
+// a shared machine, req/s follows the CPU left by other work.
+func rpsPerCPU(m measurement) float64 {
+	if !(m.BenchCPU > 0) {
+		return nan()
+	}
+	return m.RPS / m.BenchCPU
+}
+
+// medianOf is the median of f over the rounds of (wl, sys).
+func (r *report) medianOf(wl, sys string, f func(m measurement) float64) float64 {
+	var xs []float64
+	for _, m := range r.byKey[[2]string{wl, sys}] {
+		if m.Failed == "" {
+			xs = append(xs, f(m))
+		}
+	}
+	return median(xs)
+}
+
 func (r *report) fleetTargets() []verdict {
 	var v []verdict
 	shared, okS := r.get("fleet-hot", fleetShared)
@@ -141,9 +162,11 @@ func (r *report) fleetTargets() []verdict {
 	ha, ok2 := r.get("fleet-hit", fleetAlone)
 	if ok1 && ok2 {
 		x := hs.rps / ha.rps
+		cs, ca := r.medianOf("fleet-hit", fleetShared, rpsPerCPU), r.medianOf("fleet-hit", fleetAlone, rpsPerCPU)
 		v = append(v, verdict{"fleet of 3, local hits: req/s with `shared` ≥ 0.95 × without",
-			fmt.Sprintf("%s vs %s req/s: %s ×%s (p99 %s vs %s ms)", f0(hs.rps), f0(ha.rps), f2(x),
-				r.perRound("fleet-hit", fleetShared, fleetAlone, rpsOf), fms(hs.p99), fms(ha.p99)),
+			fmt.Sprintf("%s vs %s req/s: %s ×%s (p99 %s vs %s ms). Per %% of the machine's CPU the benchmark got (req/s ÷ `bench_cpu_pct`, less sensitive to other work on the machine): %s vs %s, %s ×%s",
+				f0(hs.rps), f0(ha.rps), f2(x), r.perRound("fleet-hit", fleetShared, fleetAlone, rpsOf), fms(hs.p99), fms(ha.p99),
+				f0(cs), f0(ca), f2(cs/ca), r.perRound("fleet-hit", fleetShared, fleetAlone, rpsPerCPU)),
 			pass(x >= 0.95)})
 	} else {
 		v = append(v, verdict{"fleet of 3, local hits: req/s with `shared` ≥ 0.95 × without", "–", pending})
@@ -153,7 +176,7 @@ func (r *report) fleetTargets() []verdict {
 	if ok1 {
 		without := ""
 		if ok2 {
-			without = fmt.Sprintf(", %s without (client p99 %s vs %s ms)", f2(ha.ratio), fms(hs.p99), fms(ha.p99))
+			without = fmt.Sprintf("; without: %s; client p99 %s vs %s ms", f2(ha.ratio), fms(hs.p99), fms(ha.p99))
 		}
 		// calls per herd is a mean over the herds: 1.00 only when every
 		// herd cost exactly one call
@@ -254,6 +277,7 @@ func (r *report) fleetMarkdown(b *strings.Builder) {
 	// Hand-written notes about a run measured apart go with its section.
 	if src != 0 {
 		r.appendNotes(b, run.dir, "")
+		p("\n")
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/edge-coalesce/caddy-coalesce/coalesce"
+	"github.com/edge-coalesce/caddy-coalesce/coalesce/fleet"
 )
 
 func init() {
@@ -221,6 +222,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		cfg.Shared = h.Shared.options(zone)
 		cfg.Shared.OnState = tierStateLogger(h.logger, zoneName(h.Zone))
+		fleet.SetClientLogger(redisClientLog)
 	}
 	key, rank := poolKey(ctx, h.Zone, settings)
 	h.rank = rank

@@ -165,6 +165,14 @@ func routeOfHandler(ctx caddy.Context) (string, bool) {
 	return "", false
 }
 
+// redisClientLog is where the Redis client's own messages go: Caddy's
+// logger at debug level. The tier's state changes (logged once each, at
+// warn and info) already say when Redis is unreachable; the client would
+// repeat it on every dial.
+func redisClientLog(msg string) {
+	caddy.Log().Named("http.handlers.coalesce.shared").Debug("redis client", zap.String("message", msg))
+}
+
 // tierStateLogger logs each change of the shared tier's state once.
 func tierStateLogger(logger *zap.Logger, zone string) func(fleet.State, error) {
 	return func(s fleet.State, _ error) {

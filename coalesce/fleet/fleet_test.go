@@ -218,3 +218,32 @@ func TestParseURL(t *testing.T) {
 }
 
 func contains(s, sub string) bool { return strings.Contains(s, sub) }
+
+// The Redis client's own complaints about a Redis that went away (its
+// failed dials) go where SetClientLogger says,
+// not to the process's standard error.
+func TestClientMessagesGoToTheGivenLogger(t *testing.T) {
+	var mu sync.Mutex
+	var got []string
+	SetClientLogger(func(msg string) {
+		mu.Lock()
+		got = append(got, msg)
+		mu.Unlock()
+	})
+	t.Cleanup(func() { SetClientLogger(func(string) {}) })
+	srv := redistest.Start(t)
+	tier := open(t, srv.URL(), "z", nil)
+	waitFor(t, "the tier to listen", tier.listening.Load)
+	srv.Stop()
+	waitFor(t, "a message of the Redis client", func() bool {
+		tier.Lookup(context.Background(), "k", time.Second) // dials a Redis that is gone
+		mu.Lock()
+		defer mu.Unlock()
+		return len(got) > 0
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	if !strings.Contains(strings.Join(got, "\n"), "redis") {
+		t.Errorf("the client's messages: %q", got)
+	}
+}

@@ -8,6 +8,7 @@
 #   BENCH_DURATION=3s BENCH_ROUNDS=1 BENCH_HERD_ROUNDS=10 bench/run.sh   # smoke run
 #   BENCH_PUBLISH=1 sudo -E bench/run.sh   # also write bench/RESULTS.md and bench/results/
 #   BENCH_WORKLOADS=fleet BENCH_PUBLISH=1 bench/run.sh   # the fleet alone, into bench/results-fleet/
+#   BENCH_WORKLOADS="miss miss0" BENCH_PUBLISH=1 bench/run.sh   # all-miss alone, into bench/results-miss/
 #
 # Root is only needed to apt-get install what is missing (nginx-light, varnish,
 # wrk, gnuplot-nox, curl, procps; redis-server for the fleet workload). Everything listens on 127.0.0.1; every process
@@ -32,8 +33,9 @@
 #   BENCH_WORKLOADS     workloads [hot herd zipf miss miss0 mem fleet]
 #   BENCH_PORT_BASE     first port of the block of ports used [19000]
 #   BENCH_OUT           output directory [bench/out/<UTC timestamp>]
-#   BENCH_PUBLISH       1: copy the raw output to bench/results/ (the fleet's to
-#                       bench/results-fleet/) and write bench/RESULTS.md from both [0]
+#   BENCH_PUBLISH       1: copy the raw output to bench/results/ (the all-miss
+#                       workloads' to bench/results-miss/, the fleet's to
+#                       bench/results-fleet/) and write bench/RESULTS.md from them [0]
 #   BENCH_INSTALL       0: never apt-get install [1]
 #   BENCH_QUIET         before each measurement, wait until other processes use
 #                       at most this % of the CPUs (0: do not wait) [20] ...
@@ -901,15 +903,20 @@ rm -rf "$OUT/run"
 # ---------------------------------------------------------------- report
 log "writing the report"
 "$OUT/bin/report" -dir "$OUT" -o "$OUT/RESULTS.md" -img plot.png
-# The fleet's measurements are published apart from the others: bench/results/
-# holds the side-by-side workloads, bench/results-fleet/ the fleet's. A run
-# replaces only the directories of what it measured (BENCH_WORKLOADS=fleet
-# keeps bench/results/ as it is), and bench/RESULTS.md is made from both.
+# The fleet's and the all-miss measurements are published apart from the
+# others: bench/results/ holds the side-by-side workloads, bench/results-miss/
+# the all-miss ones, bench/results-fleet/ the fleet's. A run replaces only the
+# directories of what it measured (BENCH_WORKLOADS=fleet keeps the others as
+# they are), and bench/RESULTS.md is made from all three.
 
-# published_dir FILE: the published directory a raw file or a configuration belongs to
+# published_dir FILE: the published directory a raw file or a configuration belongs to.
+# The all-miss workloads (miss, miss0: the module's own price, which moves
+# with every change to its request path) have a directory of their own, so
+# that they can be measured again without the rest.
 published_dir() {
 	case ${1##*/} in
 	fleet-* | caddy-fleet*) echo results-fleet ;;
+	miss-* | miss0-*) echo results-miss ;;
 	*) echo results ;;
 	esac
 }
@@ -934,18 +941,21 @@ publish() {
 	cp "$OUT/meta.env" "$res/"
 	cp "${raw[@]}" "$res/raw/"
 	for f in "$OUT"/conf/*; do
-		if [[ $(published_dir "$f") == "$name" ]]; then
-			cp -r "$f" "$res/conf/"
-		fi
+		# configurations are per system: the all-miss directory takes those
+		# of the side-by-side systems it measured
+		case $(published_dir "$f"):$name in
+		"$name":* | results:results-miss) cp -r "$f" "$res/conf/" ;;
+		esac
 	done
 	log "published: bench/$name/"
 }
 
 if [[ $PUBLISH == 1 ]]; then
 	publish results
+	publish results-miss
 	publish results-fleet
 	dirs=()
-	for d in results results-fleet; do
+	for d in results results-miss results-fleet; do
 		if [[ -d $BENCH_DIR/$d/raw ]]; then
 			dirs+=(-dir "$BENCH_DIR/$d")
 		fi

@@ -36,8 +36,7 @@ func (s *stream) subscribeLocked(ctx context.Context, o *Owner, lastEventID stri
 	}
 	sub := &subscriber{
 		stream: s, owner: o, ctx: ctx, run: s.cur, replay: replay,
-		queue: make(chan *event, s.hub.cfg.Buffer),
-		gone:  make(chan struct{}),
+		wake:  make(chan struct{}, 1),
 		index: len(s.subs),
 	}
 	s.subs = append(s.subs, sub)
@@ -65,9 +64,7 @@ func (s *stream) publish(r *run, ev *event) bool {
 		s.retry = ev.retry
 	}
 	for _, sub := range s.subs {
-		select {
-		case sub.queue <- ev:
-		default:
+		if !sub.enqueue(ev, s.hub.cfg.Buffer) {
 			slow = append(slow, sub)
 		}
 	}
@@ -97,9 +94,7 @@ func (s *stream) heartbeat() {
 		return
 	}
 	for _, sub := range s.subs {
-		select {
-		case sub.queue <- heartbeat:
-		default:
+		if !sub.enqueue(heartbeat, s.hub.cfg.Buffer) {
 			slow = append(slow, sub)
 		}
 	}
@@ -119,7 +114,6 @@ func (s *stream) dropLocked(sub *subscriber, reason Reason) {
 		return
 	}
 	s.removeLocked(sub)
-	sub.reason = reason
 	if sub.rc != nil {
 		// A writer blocked on a client that stopped reading returns now;
 		// one that is writing finishes what is queued first (not for slow
@@ -130,7 +124,7 @@ func (s *stream) dropLocked(sub *subscriber, reason Reason) {
 		}
 		_ = sub.rc.SetWriteDeadline(deadline)
 	}
-	close(sub.gone)
+	sub.closeLocked(reason)
 }
 
 // closeGrace is how long a subscriber closed for a reason other than being

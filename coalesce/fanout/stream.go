@@ -103,11 +103,10 @@ func (s *stream) end(reason Reason) {
 // closeSubLocked closes a subscriber endLocked took out.
 func (s *stream) closeSubLocked(sub *subscriber, reason Reason) {
 	sub.removed = true
-	sub.reason = reason
 	if sub.rc != nil {
 		_ = sub.rc.SetWriteDeadline(time.Now().Add(closeGrace))
 	}
-	close(sub.gone)
+	sub.closeLocked(reason)
 }
 
 // endLocked marks the stream ended, takes it out of the hub and stops its

@@ -8,24 +8,86 @@ import (
 	"time"
 )
 
-// subscriber is one client of a stream. Its fields below mu are guarded by
-// the stream's lock.
+// subscriber is one client of a stream. It costs what an open stream must
+// hold and no more: a subscriber that keeps up queues one event at a time,
+// so its queue starts empty and grows only with its backlog (at most
+// Buffer events), and its request's goroutine waits on two channels.
 type subscriber struct {
 	stream *stream
 	owner  *Owner
 	ctx    context.Context
 	run    *run
 	replay []*event
-	queue  chan *event
-	gone   chan struct{} // closed when the stream drops it
+	// wake holds one signal: events were queued. The stream closes it when
+	// it closes the subscriber (closed and reason are set first).
+	wake chan struct{}
 
+	// Guarded by mu, which the stream takes under its own lock.
+	mu     sync.Mutex
+	queue  []*event // events not yet taken by Serve; at most Buffer
+	closed bool     // wake is closed
+	reason Reason   // why it was closed
+
+	// Guarded by the stream's lock.
 	index   int                      // in stream.subs
 	removed bool                     // out of stream.subs
-	reason  Reason                   // why gone was closed
 	rc      *http.ResponseController // set once Serve writes
 
 	leaveOnce sync.Once
 }
+
+// enqueue queues ev for the subscriber, unless Buffer events already wait:
+// then it reports false and queues nothing. The caller holds the stream's
+// lock.
+func (sub *subscriber) enqueue(ev *event, buffer int) bool {
+	sub.mu.Lock()
+	n := len(sub.queue)
+	if n >= buffer {
+		sub.mu.Unlock()
+		return false
+	}
+	sub.queue = append(sub.queue, ev)
+	sub.mu.Unlock()
+	if n == 0 {
+		// The first event of a batch wakes Serve; it takes the whole
+		// queue, so later events need no signal of their own.
+		select {
+		case sub.wake <- struct{}{}:
+		default:
+		}
+	}
+	return true
+}
+
+// closeLocked marks the subscriber closed for reason and wakes it for good.
+// The caller holds the stream's lock, and has taken sub out of the
+// stream's list (nothing enqueues to it after).
+func (sub *subscriber) closeLocked(reason Reason) {
+	sub.mu.Lock()
+	sub.closed, sub.reason = true, reason
+	sub.mu.Unlock()
+	close(sub.wake)
+}
+
+// take returns the queued events and leaves spare (empty) in their place.
+func (sub *subscriber) take(spare []*event) (batch []*event, closed bool, reason Reason) {
+	sub.mu.Lock()
+	batch, sub.queue = sub.queue, spare
+	closed, reason = sub.closed, sub.reason
+	sub.mu.Unlock()
+	return batch, closed, reason
+}
+
+// isClosed reports whether the stream closed the subscriber.
+func (sub *subscriber) isClosed() bool {
+	sub.mu.Lock()
+	defer sub.mu.Unlock()
+	return sub.closed
+}
+
+// spareQueue is the largest queue Serve keeps to reuse after writing it:
+// a subscriber that once fell behind does not hold its backlog's room.
+const spareQueue = 8
 
 // Subscription is the result of Join.
 type Subscription struct {
@@ -60,14 +122,27 @@ func (sub *subscriber) await(out Outcome) *Subscription {
 		}
 	}
 	other := Outcome(-1) // ready
-	select {
-	case <-r.ready:
-	case <-sub.gone:
-		other = Closed
-	case <-sub.ctx.Done():
-		other = Gone
-	case <-timeout:
-		other = TimedOut
+wait:
+	for {
+		select {
+		case <-r.ready:
+		case <-sub.wake:
+			if !sub.isClosed() {
+				// An event queued once the stream went live: the signal
+				// is Serve's, put it back.
+				select {
+				case sub.wake <- struct{}{}:
+				default:
+				}
+				continue wait
+			}
+			other = Closed
+		case <-sub.ctx.Done():
+			other = Gone
+		case <-timeout:
+			other = TimedOut
+		}
+		break
 	}
 	select {
 	case <-r.ready:
@@ -123,49 +198,39 @@ func (s *Subscription) Serve(w http.ResponseWriter) error {
 	if err := flush(rc); err != nil {
 		return err
 	}
+	var spare []*event
 	for {
 		select {
-		case ev := <-sub.queue:
-			if err := writeQueued(w, ev, sub.queue); err != nil {
-				return err
-			}
-			if err := flush(rc); err != nil {
-				return err
-			}
-		case <-sub.gone:
-			if sub.reason == ReasonSlow {
-				return nil
-			}
-			// Closed cleanly: what was queued goes out first, and the
-			// connection stays usable (the client reconnects on it).
-			select {
-			case ev := <-sub.queue:
-				if err := writeQueued(w, ev, sub.queue); err != nil {
-					return err
-				}
-			default:
-			}
-			err := flush(rc)
-			_ = rc.SetWriteDeadline(time.Time{})
-			return err
+		case <-sub.wake:
 		case <-sub.ctx.Done():
 			return nil
 		}
-	}
-}
-
-// writeQueued writes ev and whatever else is queued already, so that a
-// burst costs one flush.
-func writeQueued(w http.ResponseWriter, ev *event, queue chan *event) error {
-	if _, err := w.Write(ev.raw); err != nil {
-		return err
-	}
-	for n := len(queue); n > 0; n-- {
-		if _, err := w.Write((<-queue).raw); err != nil {
+		batch, closed, reason := sub.take(spare)
+		if closed && reason == ReasonSlow {
+			return nil
+		}
+		// A burst costs one flush. Closed cleanly, what was queued goes out
+		// first, and the connection stays usable (the client reconnects
+		// on it).
+		for _, ev := range batch {
+			if _, err := w.Write(ev.raw); err != nil {
+				return err
+			}
+		}
+		clear(batch)
+		spare = nil
+		if cap(batch) <= spareQueue {
+			spare = batch[:0]
+		}
+		err := flush(rc)
+		if closed {
+			_ = rc.SetWriteDeadline(time.Time{})
+			return err
+		}
+		if err != nil {
 			return err
 		}
 	}
-	return nil
 }
 
 func flush(rc *http.ResponseController) error {

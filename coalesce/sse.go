@@ -167,8 +167,10 @@ const (
 	detailReplayMiss  = "replay-miss"
 )
 
-// serveStream joins r to the event stream of its key.
-func (e *Engine) serveStream(w http.ResponseWriter, r *http.Request, next Next) error {
+// joinStream joins r to the event stream of its key. It returns the
+// subscription when the caller is to Serve it (the stream's header is in w),
+// and nil when r has been answered otherwise.
+func (e *Engine) joinStream(w http.ResponseWriter, r *http.Request, next Next) (*fanout.Subscription, error) {
 	key := e.keys.derive(r, http.MethodGet)
 	lastID := r.Header.Get("Last-Event-ID")
 	sub := e.hub.Join(r.Context(), e.owner, string(key[:]), r.URL.Path, lastID, e.openStream(r, next))
@@ -188,42 +190,40 @@ func (e *Engine) serveStream(w http.ResponseWriter, r *http.Request, next Next) 
 		}
 		h.Add("Cache-Status", cacheStatus{fwd: fwdURIMiss, fwdStatus: http.StatusOK, collapsed: collapsed, detail: detail}.String())
 		e.observe(r, Event{Outcome: outcome, Key: key, Detail: detail, Upstream: sub.Started})
-		// A write error is the client going away: nothing to answer.
-		_ = sub.Serve(w)
-		return nil
+		return sub, nil
 	case fanout.ReplayMiss:
-		return e.uncollapsible(w, r, next, key, detailReplayMiss, fwdURIMiss, nil)
+		return nil, e.uncollapsible(w, r, next, key, detailReplayMiss, fwdURIMiss, nil)
 	case fanout.Full:
-		return e.uncollapsible(w, r, next, key, "max-subscribers", fwdURIMiss, nil)
+		return nil, e.uncollapsible(w, r, next, key, "max-subscribers", fwdURIMiss, nil)
 	case fanout.Answered:
 		a := sub.Answer
 		if a.Truncated {
 			// Too large to share: everybody asks for it on their own.
-			return e.uncollapsible(w, r, next, key, "too-large", fwdURIMiss, nil)
+			return nil, e.uncollapsible(w, r, next, key, "too-large", fwdURIMiss, nil)
 		}
 		resp := newResponse(a.Status, a.Header.Clone(), a.Body, r)
 		if ok, reason := shareable(resp.Status, resp.Header, resp.cc); !ok {
 			if !sub.Started {
-				return e.uncollapsible(w, r, next, key, reason, fwdURIMiss, nil)
+				return nil, e.uncollapsible(w, r, next, key, reason, fwdURIMiss, nil)
 			}
 			resp.write(w, r, cacheStatus{fwd: fwdURIMiss, fwdStatus: resp.Status, detail: reason}, 0)
 			e.observe(r, Event{Outcome: outcome, Key: key, Detail: reason, Upstream: true})
-			return nil
+			return nil, nil
 		}
 		resp.write(w, r, cacheStatus{fwd: fwdURIMiss, fwdStatus: resp.Status, collapsed: collapsed}, 0)
 		e.observe(r, Event{Outcome: outcome, Key: key, Upstream: sub.Started})
-		return nil
+		return nil, nil
 	case fanout.Failed:
 		var refused *refusedError
 		if errors.Is(sub.Err, ErrUpstreamTimeout) {
 			w.Header().Add("Cache-Status", cutStatus(fwdURIMiss, collapsed).String())
 			e.observe(r, Event{Outcome: outcome, Key: key, Detail: detailUpstreamTimeout, Upstream: sub.Started})
-			return sub.Err
+			return nil, sub.Err
 		}
 		if errors.As(sub.Err, &refused) {
 			writeOpen(w, r, collapsed, refused.until)
 			e.observe(r, Event{Outcome: OutcomeBreakerOpen, Key: key, Detail: detailBreakerOpen})
-			return nil
+			return nil, nil
 		}
 		w.Header().Add("Cache-Status", cacheStatus{fwd: fwdURIMiss, collapsed: collapsed, detail: "upstream-error"}.String())
 		if sub.Started {
@@ -231,11 +231,11 @@ func (e *Engine) serveStream(w http.ResponseWriter, r *http.Request, next Next) 
 		} else {
 			e.observe(r, Event{Outcome: OutcomeError, Key: key})
 		}
-		return sub.Err
+		return nil, sub.Err
 	case fanout.TimedOut:
 		w.Header().Add("Cache-Status", cacheStatus{fwd: fwdURIMiss, collapsed: collapsed, detail: "wait-timeout"}.String())
 		e.observe(r, Event{Outcome: OutcomeTimeout, Key: key})
-		return &StatusError{Status: http.StatusGatewayTimeout, Err: ErrWaitTimeout}
+		return nil, &StatusError{Status: http.StatusGatewayTimeout, Err: ErrWaitTimeout}
 	case fanout.Closed:
 		// The server is reloading or shutting down: an empty stream, which
 		// EventSource answers by reconnecting.
@@ -245,10 +245,10 @@ func (e *Engine) serveStream(w http.ResponseWriter, r *http.Request, next Next) 
 		h.Add("Cache-Status", cacheStatus{fwd: fwdBypass, detail: "closing"}.String())
 		w.WriteHeader(http.StatusOK)
 		e.observe(r, Event{Outcome: OutcomeBypass, Key: key, Detail: "closing"})
-		return nil
+		return nil, nil
 	default: // fanout.Gone
 		e.observe(r, Event{Outcome: outcome, Key: key, Detail: "client-gone"})
-		return r.Context().Err()
+		return nil, r.Context().Err()
 	}
 }
 

@@ -221,11 +221,8 @@ func (r *report) fleetMarkdown(b *strings.Builder) {
 			if !ok {
 				continue
 			}
-			name := fleetSystemText[sys]
-			if a.failed > 0 {
-				name += fmt.Sprintf(" (%d failed)", a.failed)
-			}
-			if a.n == 0 {
+			name, measured := rowName(a, fleetSystemText[sys])
+			if !measured {
 				p("| %s | failed |\n", name)
 				continue
 			}
@@ -260,11 +257,8 @@ func (r *report) fleetMarkdown(b *strings.Builder) {
 			if !ok {
 				continue
 			}
-			name := fleetSystemText[sys]
-			if a.failed > 0 {
-				name += fmt.Sprintf(" (%d failed)", a.failed)
-			}
-			if a.n == 0 {
+			name, measured := rowName(a, fleetSystemText[sys])
+			if !measured {
 				p("| %s | failed |\n", name)
 				continue
 			}

@@ -779,11 +779,8 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 			if !ok {
 				continue
 			}
-			name := systemText[sys]
-			if a.failed > 0 {
-				name += fmt.Sprintf(" (%d failed)", a.failed)
-			}
-			if a.n == 0 {
+			name, measured := rowName(a, systemText[sys])
+			if !measured {
 				p("| %s | failed |\n", name)
 				continue
 			}
@@ -963,4 +960,14 @@ set format y "%.0f"
 		return fmt.Errorf("gnuplot: %v: %s", err, strings.TrimSpace(string(outb)))
 	}
 	return nil
+}
+
+// rowName is the system column of a's row (text, and how many of its
+// measurements failed), and whether any measurement succeeded: a row of
+// none says only that they failed.
+func rowName(a agg, text string) (string, bool) {
+	if a.failed > 0 {
+		text += fmt.Sprintf(" (%d failed)", a.failed)
+	}
+	return text, a.n > 0
 }

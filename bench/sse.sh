@@ -14,8 +14,12 @@
 #   BENCH_SSE_SIZE         padding bytes per event [64]
 #   BENCH_SSE_DURATION     measurement window of each run [10s]
 #   BENCH_SSE_SYSTEMS      [caddy-proxy nginx caddy-coalesce nchan]
-#   BENCH_SSE_STALLED      one more run of caddy-coalesce with this many
-#                          subscribers that never read, at the first count [1]
+#   BENCH_SSE_STALL_PAIRS  one more run of caddy-coalesce at the first count:
+#                          this many pairs of windows with and without a
+#                          subscriber that never reads; 0: none [6]
+#   BENCH_SSE_STALL_WINDOW each of those windows [10s]: long enough for the
+#                          stalled one's socket buffers and queue to fill
+#                          and for it to be dropped inside its window
 #   BENCH_PORT_BASE        first port of the block bench/ uses [19000]; this
 #                          script uses +181 to +183
 #   BENCH_OUT              output directory [bench/out/sse-<UTC timestamp>]
@@ -34,7 +38,8 @@ RATE=${BENCH_SSE_RATE:-50}
 SIZE=${BENCH_SSE_SIZE:-64}
 DURATION=${BENCH_SSE_DURATION:-10s}
 SYSTEMS=${BENCH_SSE_SYSTEMS:-caddy-proxy nginx caddy-coalesce nchan}
-STALLED=${BENCH_SSE_STALLED:-1}
+STALL_PAIRS=${BENCH_SSE_STALL_PAIRS:-6}
+STALL_WINDOW=${BENCH_SSE_STALL_WINDOW:-10s}
 PORT_BASE=${BENCH_PORT_BASE:-19000}
 OUT=${BENCH_OUT:-$BENCH_DIR/out/sse-$(date -u +%Y%m%dT%H%M%SZ)}
 NCHAN_MODULE=${NCHAN_MODULE:-/usr/lib/nginx/modules/ngx_nchan_module.so}
@@ -107,7 +112,7 @@ fi
 	echo "caddy=$("$CADDY" version | head -1)"
 	echo "nginx=$(nginx -v 2>&1)"
 	echo "rate=$RATE size=$SIZE duration=$DURATION subscribers=$SUBSCRIBERS"
-	echo "command=BENCH_SSE_SUBSCRIBERS='$SUBSCRIBERS' BENCH_SSE_RATE=$RATE BENCH_SSE_DURATION=$DURATION BENCH_SSE_SYSTEMS='$SYSTEMS' BENCH_SSE_STALLED=$STALLED bench/sse.sh"
+	echo "command=BENCH_SSE_SUBSCRIBERS='$SUBSCRIBERS' BENCH_SSE_RATE=$RATE BENCH_SSE_DURATION=$DURATION BENCH_SSE_SYSTEMS='$SYSTEMS' BENCH_SSE_STALL_PAIRS=$STALL_PAIRS BENCH_SSE_STALL_WINDOW=$STALL_WINDOW bench/sse.sh"
 } >"$OUT/meta.env"
 
 # ---------------------------------------------------------------- configs
@@ -189,11 +194,19 @@ EOF
 }
 
 # ---------------------------------------------------------------- one run
-# run SYSTEM N STALLED: origin, proxy, subscribers; one line in results.jsonl
+# run SYSTEM N PAIRS: origin, proxy, subscribers; one line in results.jsonl.
+# PAIRS > 0: pairs of windows with and without a stalled subscriber instead
+# of one window.
 run() {
-	local sys=$1 n=$2 stalled=$3 raw proxy_pid origin_pid pids publish=() stats line
-	raw=$OUT/raw/$sys-$n-stalled$stalled.txt
-	log "$sys: $n subscribers, $stalled stalled"
+	local sys=$1 n=$2 pairs=$3 raw proxy_pid origin_pid pids publish=() stats line mode=()
+	raw=$OUT/raw/$sys-$n.txt
+	if ((pairs > 0)); then
+		raw=$OUT/raw/$sys-$n-stall.txt
+		mode=(-stall-pairs "$pairs" -stall-window "$STALL_WINDOW")
+		log "$sys: $n subscribers, $pairs pairs of $STALL_WINDOW windows with and without a stalled subscriber"
+	else
+		log "$sys: $n subscribers"
+	fi
 	case $sys in
 	caddy-*)
 		caddy_conf "$sys"
@@ -229,15 +242,19 @@ run() {
 		pids+=",$c"
 	done
 	{
-		echo "system=$sys subscribers=$n stalled=$stalled rate=$RATE duration=$DURATION"
+		echo "system=$sys subscribers=$n stall_pairs=$pairs rate=$RATE duration=$DURATION"
 		echo "load_before=$(cut -d' ' -f1-3 /proc/loadavg)"
 	} >"$raw"
-	"$OUT/sse" subscribe -url "http://127.0.0.1:$PROXY_PORT/events" -n "$n" -stalled "$stalled" \
+	"$OUT/sse" subscribe -url "http://127.0.0.1:$PROXY_PORT/events" -n "$n" "${mode[@]}" \
 		-duration "$DURATION" -pids "$pids" >>"$raw" 2>&1 || log "$sys: subscribe failed (see $raw)"
 	stats=$(curl -s --max-time 5 "http://127.0.0.1:$ORIGIN_PORT/__stats" || echo '{}')
 	echo "ORIGINJSON $stats" >>"$raw"
+	local drops=-1
 	if [[ $sys == caddy-coalesce ]]; then
 		echo "COALESCESTREAMS $(curl -s --max-time 5 "http://127.0.0.1:$ADMIN_PORT/coalesce/streams" | tr -d '\n')" >>"$raw"
+		drops=$(curl -s --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" | sed -n 's/^caddy_coalesce_sse_drops_total{.*reason="slow".*} \([0-9.e+]*\)$/\1/p' | head -1)
+		drops=$(printf '%.0f' "${drops:-0}")
+		echo "slow_drops=$drops" >>"$raw"
 	fi
 	echo "load_after=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$raw"
 	line=$(grep '^SUBJSON ' "$raw" | head -1 | cut -d' ' -f2-)
@@ -249,8 +266,8 @@ run() {
 			peak=1 # the origin's one publishing connection; it serves no stream
 			total=1
 		fi
-		printf '{"system":"%s","subscribers":%d,"stalled":%d,"upstream_peak":%d,"upstream_total":%d,"sub":%s}\n' \
-			"$sys" "$n" "$stalled" "${peak:-0}" "${total:-0}" "$line" >>"$OUT/results.jsonl"
+		printf '{"system":"%s","subscribers":%d,"upstream_peak":%d,"upstream_total":%d,"slow_drops":%d,"sub":%s}\n' \
+			"$sys" "$n" "${peak:-0}" "${total:-0}" "$drops" "$line" >>"$OUT/results.jsonl"
 	fi
 	stop_pid "$origin_pid"
 	stop_pid "$proxy_pid"
@@ -263,14 +280,15 @@ for n in $SUBSCRIBERS; do
 		run "$sys" "$n" 0
 	done
 done
-if ((STALLED > 0)) && [[ " $SYSTEMS " == *" caddy-coalesce "* ]]; then
-	run caddy-coalesce "$first" "$STALLED"
+if ((STALL_PAIRS > 0)) && [[ " $SYSTEMS " == *" caddy-coalesce "* ]]; then
+	run caddy-coalesce "$first" "$STALL_PAIRS"
 fi
 
+echo "load_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/meta.env"
 {
 	echo "# Event-stream fan-out: $RATE events/s, one stream"
 	echo
-	echo "Machine: $(uname -srm), $(nproc) CPUs, load before the run: $(grep '^load=' "$OUT/meta.env" | cut -d= -f2)."
+	echo "Machine: $(uname -srm), $(nproc) CPUs, load average (1, 5, 15 min) at the start: $(grep '^load=' "$OUT/meta.env" | cut -d= -f2), at the end: $(grep '^load_end=' "$OUT/meta.env" | cut -d= -f2)."
 	echo "Command: \`$(grep '^command=' "$OUT/meta.env" | cut -d= -f2-)\`."
 	echo
 	echo "Latency: from the origin's stamp when it makes an event to a subscriber reading it (one clock);"

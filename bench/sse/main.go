@@ -2,7 +2,9 @@
 // Standard library only.
 //
 //	sse origin    [-listen 127.0.0.1:19180] [-rate 50] [-size 64] [-publish URL]
-//	sse subscribe -url URL [-n 1000] [-duration 10s] [-stalled 0] [-ready 60s] [-pids P,P]
+//	sse subscribe -url URL [-n 1000] [-duration 10s] [-stalled 0] [-ready 60s] [-pids P,P] [-gzip]
+//	              [-stall-pairs 0 -stall-window 5s]
+//	sse floor     [-listen 127.0.0.1:19184] [-rate 50] [-size 64]
 //	sse report results.jsonl
 //
 // The origin makes `rate` events a second, "id: n" and "data: n <unix ns> <pad>",
@@ -23,6 +25,24 @@
 // their CPU use during the window and their resident memory before the first
 // subscriber and at the end of the window.
 //
+// With -stall-pairs K, subscribe measures what a stalled subscriber costs
+// the others instead: after the ready wait, K pairs of windows of
+// -stall-window each, one window with one more subscriber that sends its
+// request and never reads (a socket with a small receive buffer and segment
+// size, so that the proxy's writes to it block within seconds; opened at the
+// window's start and closed at its end), one without, in the order
+// clean-stalled, stalled-clean, ... so that a drift of the machine over the
+// run cancels out. Each window's p99 is over every event every reading
+// subscriber got in it; the figure is the per-pair difference, stalled
+// minus clean: a difference between two windows a few seconds apart, not
+// between two runs minutes apart.
+//
+// floor serves the same events itself, from a net/http handler per
+// subscriber that waits on a broadcast (one sync.Cond) and writes each event:
+// the least an event stream costs in Go's HTTP server, to set a proxy's
+// memory per subscriber against. GET /__mem answers the Go runtime's memory
+// figures after a collection.
+//
 // report turns the lines bench/sse.sh collects into a Markdown table.
 package main
 
@@ -35,10 +55,12 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -60,6 +82,8 @@ func main() {
 		subscribe(os.Args[2:])
 	case "report":
 		report(os.Args[2:])
+	case "floor":
+		floor(os.Args[2:])
 	default:
 		fmt.Fprintln(os.Stderr, "usage: sse origin|subscribe [flags]")
 		os.Exit(2)
@@ -176,6 +200,68 @@ func (h *hub) serve(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// ---------------------------------------------------------------- floor
+
+func floor(args []string) {
+	fs := flag.NewFlagSet("floor", flag.ExitOnError)
+	listen := fs.String("listen", "127.0.0.1:19184", "address to listen on")
+	rate := fs.Int("rate", 50, "events a second")
+	size := fs.Int("size", 64, "padding bytes in each event's data")
+	_ = fs.Parse(args)
+
+	var mu sync.Mutex
+	cond := sync.NewCond(&mu)
+	var seq int64
+	var ev []byte
+	go func() {
+		pad := strings.Repeat("x", *size)
+		tick := time.NewTicker(time.Second / time.Duration(*rate))
+		for t := range tick.C {
+			mu.Lock()
+			seq++
+			ev = fmt.Appendf(nil, "id: %d\ndata: %d %d %s\n\n", seq, seq, t.UnixNano(), pad)
+			mu.Unlock()
+			cond.Broadcast()
+		}
+	}()
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /events", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.WriteHeader(http.StatusOK)
+		rc := http.NewResponseController(w)
+		if rc.Flush() != nil {
+			return
+		}
+		// A client that goes away is noticed at the next write.
+		mu.Lock()
+		last := seq
+		for {
+			for seq == last {
+				cond.Wait()
+			}
+			last = seq
+			out := ev
+			mu.Unlock()
+			if _, err := w.Write(out); err != nil {
+				return
+			}
+			if rc.Flush() != nil {
+				return
+			}
+			mu.Lock()
+		}
+	})
+	mux.HandleFunc("GET /__mem", func(w http.ResponseWriter, r *http.Request) {
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]uint64{"goroutines": uint64(runtime.NumGoroutine()),
+			"heap_inuse": m.HeapInuse, "heap_alloc": m.HeapAlloc, "stack_inuse": m.StackInuse, "sys": m.Sys})
+	})
+	log.Fatal(http.ListenAndServe(*listen, mux))
+}
+
 // ---------------------------------------------------------------- subscribe
 
 type result struct {
@@ -200,10 +286,31 @@ type result struct {
 	ProxyRSSIdle int64    `json:"proxy_rss_idle_kb"`
 	ProxyRSSLoad int64    `json:"proxy_rss_kb"`
 	Errors       []string `json:"errors,omitempty"`
+	// Stall is the comparison of -stall-pairs.
+	Stall *stallResult `json:"stall,omitempty"`
+}
+
+// stallResult compares, window by window, the reading subscribers' latency
+// with one stalled subscriber and without.
+type stallResult struct {
+	Pairs    int     `json:"pairs"`
+	WindowS  float64 `json:"window_s"`
+	CleanP50 []int64 `json:"clean_p50_us"`
+	CleanP99 []int64 `json:"clean_p99_us"`
+	StallP50 []int64 `json:"stalled_p50_us"`
+	StallP99 []int64 `json:"stalled_p99_us"`
+	// DiffP99 is, per pair, the stalled window's p99 minus the clean one's.
+	DiffP99 []int64 `json:"diff_p99_us"`
+	// Events is how many events the windows held, for the reading
+	// subscribers together: clean, stalled.
+	CleanEvents int64    `json:"clean_events"`
+	StallEvents int64    `json:"stalled_events"`
+	StallErrors []string `json:"stall_errors,omitempty"`
 }
 
 type sub struct {
-	lat     []int32 // µs, during the window
+	lat     []int32   // µs, during the window
+	wins    [][]int32 // µs, per window of -stall-pairs
 	events  int64
 	last    int64
 	gaps    int64
@@ -220,6 +327,9 @@ func subscribe(args []string) {
 	stalled := fs.Int("stalled", 0, "more subscribers that never read")
 	readyWait := fs.Duration("ready", 60*time.Second, "longest wait for every subscriber's first event")
 	pidList := fs.String("pids", "", "the proxy's process ids, comma-separated, for its CPU and memory")
+	gzip := fs.Bool("gzip", false, "ask for gzip (Accept-Encoding), as a browser does, for a proxy that compresses")
+	stallPairs := fs.Int("stall-pairs", 0, "pairs of windows with and without a stalled subscriber, instead of one window")
+	stallWindow := fs.Duration("stall-window", 5*time.Second, "each window of -stall-pairs")
 	_ = fs.Parse(args)
 	var pids []int
 	for _, f := range strings.Split(*pidList, ",") {
@@ -233,6 +343,9 @@ func subscribe(args []string) {
 	}
 
 	var measuring atomic.Bool
+	// window is the -stall-pairs window being measured, or -1.
+	var window atomic.Int32
+	window.Store(-1)
 	var errMu sync.Mutex
 	var errs []string
 	fail := func(err error) {
@@ -244,7 +357,7 @@ func subscribe(args []string) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	tr := &http.Transport{MaxConnsPerHost: 0, MaxIdleConnsPerHost: *n, DisableCompression: true}
+	tr := &http.Transport{MaxConnsPerHost: 0, MaxIdleConnsPerHost: *n, DisableCompression: !*gzip}
 	client := &http.Client{Transport: tr}
 
 	subs := make([]*sub, *n)
@@ -288,6 +401,12 @@ func subscribe(args []string) {
 				seq, _ := strconv.ParseInt(string(f[0]), 10, 64)
 				at, _ := strconv.ParseInt(string(f[1]), 10, 64)
 				s.ready.Store(true)
+				if win := window.Load(); win >= 0 {
+					for int(win) >= len(s.wins) {
+						s.wins = append(s.wins, nil)
+					}
+					s.wins[win] = append(s.wins[win], int32(min((now-at)/1000, 1<<31-1)))
+				}
 				if !measuring.Load() {
 					s.last = seq
 					continue
@@ -309,18 +428,13 @@ func subscribe(args []string) {
 	}
 	// Subscribers that stop reading: a request, then nothing.
 	var stalledConns []net.Conn
-	if *stalled > 0 {
-		host := strings.TrimPrefix(strings.TrimPrefix(*url, "http://"), "https://")
-		hostport, path, _ := strings.Cut(host, "/")
-		for range *stalled {
-			c, err := net.Dial("tcp", hostport)
-			if err != nil {
-				fail(err)
-				continue
-			}
-			fmt.Fprintf(c, "GET /%s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path, hostport)
-			stalledConns = append(stalledConns, c)
+	for range *stalled {
+		c, err := dialStalled(*url)
+		if err != nil {
+			fail(err)
+			continue
 		}
+		stalledConns = append(stalledConns, c)
 	}
 
 	deadline := time.Now().Add(*readyWait)
@@ -337,10 +451,35 @@ func subscribe(args []string) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	var stall *stallResult
+	if *stallPairs > 0 {
+		stall = &stallResult{Pairs: *stallPairs, WindowS: stallWindow.Seconds()}
+		*dur = time.Duration(2**stallPairs) * *stallWindow
+	}
 	measuring.Store(true)
 	start := time.Now()
 	cpu0 := cpuTicks(pids)
-	time.Sleep(*dur)
+	if stall == nil {
+		time.Sleep(*dur)
+	} else {
+		for i := range 2 * *stallPairs {
+			// clean, stalled, stalled, clean, clean, stalled, ...
+			stalledWindow := (i%4 == 1 || i%4 == 2)
+			var c net.Conn
+			if stalledWindow {
+				var err error
+				if c, err = dialStalled(*url); err != nil && len(stall.StallErrors) < 5 {
+					stall.StallErrors = append(stall.StallErrors, err.Error())
+				}
+			}
+			window.Store(int32(i))
+			time.Sleep(*stallWindow)
+			window.Store(-1)
+			if c != nil {
+				c.Close()
+			}
+		}
+	}
 	measuring.Store(false)
 	elapsed := time.Since(start)
 	cpu1 := cpuTicks(pids)
@@ -373,18 +512,123 @@ func subscribe(args []string) {
 		all = append(all, s.lat...)
 	}
 	slices.Sort(all)
-	q := func(p float64) int64 {
-		if len(all) == 0 {
-			return 0
-		}
-		return int64(all[min(int(p*float64(len(all))), len(all)-1)])
-	}
+	q := func(p float64) int64 { return quantile(all, p) }
 	res.P50us, res.P99us, res.P999us = q(0.50), q(0.99), q(0.999)
+	if stall != nil {
+		var clean, stalled [][]int32
+		for i := range 2 * *stallPairs {
+			var w []int32
+			for _, s := range subs {
+				if i < len(s.wins) {
+					w = append(w, s.wins[i]...)
+				}
+			}
+			slices.Sort(w)
+			if i%4 == 1 || i%4 == 2 {
+				stalled = append(stalled, w)
+				stall.StallEvents += int64(len(w))
+			} else {
+				clean = append(clean, w)
+				stall.CleanEvents += int64(len(w))
+			}
+		}
+		for i := range *stallPairs {
+			c, st := clean[i], stalled[i]
+			stall.CleanP50 = append(stall.CleanP50, quantile(c, 0.50))
+			stall.CleanP99 = append(stall.CleanP99, quantile(c, 0.99))
+			stall.StallP50 = append(stall.StallP50, quantile(st, 0.50))
+			stall.StallP99 = append(stall.StallP99, quantile(st, 0.99))
+			stall.DiffP99 = append(stall.DiffP99, quantile(st, 0.99)-quantile(c, 0.99))
+		}
+		res.Stall = stall
+	}
 	if len(all) > 0 {
 		res.MaxUs = int64(all[len(all)-1])
 	}
 	b, _ := json.Marshal(res)
 	fmt.Printf("SUBJSON %s\n", b)
+}
+
+// quantile of sorted latencies (µs); 0 for none.
+func quantile(sorted []int32, p float64) int64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	return int64(sorted[min(int(p*float64(len(sorted))), len(sorted)-1)])
+}
+
+// dialStalled opens a subscriber that sends its request and never reads,
+// with a receive buffer as small as the kernel allows, so that the proxy's
+// writes to it block after a few kilobytes rather than after the megabytes
+// a loopback socket buffers by default.
+func dialStalled(url string) (net.Conn, error) {
+	host := strings.TrimPrefix(strings.TrimPrefix(url, "http://"), "https://")
+	hostport, path, _ := strings.Cut(host, "/")
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1024)
+			if serr == nil {
+				// A small segment size keeps the proxy's send buffer,
+				// which the kernel sizes by segments, small too.
+				serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, 536)
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	c, err := d.Dial("tcp", hostport)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := fmt.Fprintf(c, "GET /%s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path, hostport); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func median(v []int64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	w := slices.Clone(v)
+	slices.Sort(w)
+	if len(w)%2 == 1 {
+		return float64(w[len(w)/2])
+	}
+	return float64(w[len(w)/2-1]+w[len(w)/2]) / 2
+}
+
+// meanCI is the mean of v and the half-width of its 95 % confidence
+// interval (Student's t, for the few pairs a run has).
+func meanCI(v []int64) (float64, float64) {
+	n := len(v)
+	if n == 0 {
+		return 0, 0
+	}
+	var sum float64
+	for _, x := range v {
+		sum += float64(x)
+	}
+	mean := sum / float64(n)
+	if n < 2 {
+		return mean, 0
+	}
+	var ss float64
+	for _, x := range v {
+		ss += (float64(x) - mean) * (float64(x) - mean)
+	}
+	sd := math.Sqrt(ss / float64(n-1))
+	// t(0.975, n-1) for n-1 = 1..10; beyond, 2.0 is close enough.
+	t := []float64{12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23}
+	tv := 2.0
+	if n-1 <= len(t) {
+		tv = t[n-2]
+	}
+	return mean, tv * sd / math.Sqrt(float64(n))
 }
 
 // cpuTicks sums utime and stime of the processes (/proc/<pid>/stat).
@@ -431,10 +675,12 @@ func rssKB(pids []int) int64 {
 type row struct {
 	System        string `json:"system"`
 	Subscribers   int    `json:"subscribers"`
-	Stalled       int    `json:"stalled"`
 	UpstreamPeak  int64  `json:"upstream_peak"`
 	UpstreamTotal int64  `json:"upstream_total"`
-	Sub           result `json:"sub"`
+	// SlowDrops: subscribers caddy-coalesce dropped as slow in the run
+	// (its metrics), or -1 when not known.
+	SlowDrops int64  `json:"slow_drops"`
+	Sub       result `json:"sub"`
 }
 
 func report(args []string) {
@@ -445,15 +691,22 @@ func report(args []string) {
 	if err != nil {
 		log.Fatal(err)
 	}
-	fmt.Println("| system | subscribers | stalled | upstream connections (peak) | events delivered | gaps / repeats | p50 | p99 | p99.9 | proxy CPU | proxy RSS idle → loaded | RSS per subscriber |")
-	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	var rows []row
 	for _, line := range bytes.Split(b, []byte("\n")) {
 		if len(bytes.TrimSpace(line)) == 0 {
 			continue
 		}
-		var r row
+		r := row{SlowDrops: -1}
 		if err := json.Unmarshal(line, &r); err != nil {
 			log.Fatalf("%s: %v", line, err)
+		}
+		rows = append(rows, r)
+	}
+	fmt.Println("| system | subscribers | streaming when the window opened | upstream connections (peak) | events delivered | gaps / repeats | p50 | p99 | p99.9 | proxy CPU | proxy RSS idle → loaded | RSS per subscriber |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	for _, r := range rows {
+		if r.Sub.Stall != nil {
+			continue
 		}
 		s := r.Sub
 		perSub := "—"
@@ -462,8 +715,48 @@ func report(args []string) {
 		}
 		ms := func(us int64) string { return fmt.Sprintf("%.2f ms", float64(us)/1000) }
 		fmt.Printf("| %s | %d | %d | %d | %d (%d–%d each) | %d / %d | %s | %s | %s | %.0f %% | %.1f → %.1f MiB | %s |\n",
-			r.System, r.Subscribers, r.Stalled, r.UpstreamPeak, s.Events, max(s.MinPerSub, 0), s.MaxPerSub, s.Gaps, s.Repeats,
+			r.System, r.Subscribers, s.Ready, r.UpstreamPeak, s.Events, max(s.MinPerSub, 0), s.MaxPerSub, s.Gaps, s.Repeats,
 			ms(s.P50us), ms(s.P99us), ms(s.P999us), s.ProxyCPUPct,
 			float64(s.ProxyRSSIdle)/1024, float64(s.ProxyRSSLoad)/1024, perSub)
+	}
+	var stalls []row
+	for _, r := range rows {
+		if r.Sub.Stall != nil {
+			stalls = append(stalls, r)
+		}
+	}
+	if len(stalls) == 0 {
+		return
+	}
+	fmt.Println()
+	fmt.Println("A stalled subscriber, window by window (stalled minus clean, per pair of windows):")
+	fmt.Println()
+	fmt.Println("| system | subscribers | pairs × window | p99 clean (median) | p99 stalled (median) | p99 difference: median | mean ± 95 % CI | min … max | p50 difference (median) | slow drops |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	for _, r := range stalls {
+		st := r.Sub.Stall
+		var d50 []int64
+		for i := range st.CleanP50 {
+			d50 = append(d50, st.StallP50[i]-st.CleanP50[i])
+		}
+		mean, ci := meanCI(st.DiffP99)
+		drops := "—"
+		if r.SlowDrops >= 0 {
+			drops = strconv.FormatInt(r.SlowDrops, 10)
+		}
+		ms := func(us float64) string { return fmt.Sprintf("%.2f ms", us/1000) }
+		fmt.Printf("| %s | %d | %d × %.0f s | %s | %s | %s | %s ± %s | %s … %s | %s | %s |\n",
+			r.System, r.Subscribers, st.Pairs, st.WindowS, ms(median(st.CleanP99)), ms(median(st.StallP99)),
+			ms(median(st.DiffP99)), ms(mean), ms(ci), ms(float64(slices.Min(st.DiffP99))), ms(float64(slices.Max(st.DiffP99))),
+			ms(median(d50)), drops)
+	}
+	fmt.Println()
+	for _, r := range stalls {
+		st := r.Sub.Stall
+		fmt.Printf("%s, %d subscribers, per pair (clean → stalled p99, ms):", r.System, r.Subscribers)
+		for i := range st.DiffP99 {
+			fmt.Printf(" %.1f→%.1f", float64(st.CleanP99[i])/1000, float64(st.StallP99[i])/1000)
+		}
+		fmt.Println()
 	}
 }

@@ -731,8 +731,8 @@ func report(args []string) {
 	fmt.Println()
 	fmt.Println("A stalled subscriber, window by window (stalled minus clean, per pair of windows):")
 	fmt.Println()
-	fmt.Println("| system | subscribers | pairs × window | p99 clean (median) | p99 stalled (median) | p99 difference: median | mean ± 95 % CI | min … max | p50 difference (median) | slow drops |")
-	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	fmt.Println("| system | subscribers | pairs × window | p99 clean (median) | p99 stalled (median) | p99 difference: median | mean ± 95 % CI | min … max | p50 difference: median | mean ± 95 % CI | slow drops |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	for _, r := range stalls {
 		st := r.Sub.Stall
 		var d50 []int64
@@ -740,15 +740,16 @@ func report(args []string) {
 			d50 = append(d50, st.StallP50[i]-st.CleanP50[i])
 		}
 		mean, ci := meanCI(st.DiffP99)
+		mean50, ci50 := meanCI(d50)
 		drops := "—"
 		if r.SlowDrops >= 0 {
 			drops = strconv.FormatInt(r.SlowDrops, 10)
 		}
 		ms := func(us float64) string { return fmt.Sprintf("%.2f ms", us/1000) }
-		fmt.Printf("| %s | %d | %d × %.0f s | %s | %s | %s | %s ± %s | %s … %s | %s | %s |\n",
+		fmt.Printf("| %s | %d | %d × %.0f s | %s | %s | %s | %s ± %s | %s … %s | %s | %s ± %s | %s |\n",
 			r.System, r.Subscribers, st.Pairs, st.WindowS, ms(median(st.CleanP99)), ms(median(st.StallP99)),
 			ms(median(st.DiffP99)), ms(mean), ms(ci), ms(float64(slices.Min(st.DiffP99))), ms(float64(slices.Max(st.DiffP99))),
-			ms(median(d50)), drops)
+			ms(median(d50)), ms(mean50), ms(ci50), drops)
 	}
 	fmt.Println()
 	for _, r := range stalls {

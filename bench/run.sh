@@ -192,6 +192,19 @@ cpu_snapshot() {
 	awk -v ours="$ours" '/^cpu / { busy = $2 + $3 + $4 + $9; total = 0; for (i = 2; i <= 9; i++) total += $i; print busy, total, ours; exit }' /proc/stat
 }
 
+# proc_ticks PID...: CPU time (user + system, clock ticks) of the given live
+# processes: a proxy's own price per request, which other work on the machine
+# (or the hypervisor's steal) moves much less than req/s.
+proc_ticks() {
+	local sum=0 p v
+	for p in "$@"; do
+		[[ -r /proc/$p/stat ]] || continue
+		v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }') || continue
+		sum=$((sum + ${v:-0}))
+	done
+	echo "$sum"
+}
+
 # wait_quiet: on a shared machine, wait (at most QUIET_WAIT s) until the CPU
 # time used by others over one second is at most QUIET % (nothing of ours runs
 # between measurements but the idle upstream). Prints "<seconds waited> <busy %>".
@@ -813,9 +826,11 @@ measure() {
 		done
 	} | tr -d '\r' | grep -iE '^(# probe|HTTP/|cache-status|x-cache|x-varnish|age:|via:|server:)' >>"$f" || true
 	up_reset
-	local rc=0 cpu0 cpu1
+	local rc=0 cpu0 cpu1 proxy0 proxy1
 	# shellcheck disable=SC2046
 	cpu0=$(cpu_snapshot "$UP_PID" $(sys_tree))
+	# shellcheck disable=SC2046
+	proxy0=$(proc_ticks $(sys_tree))
 	# in the background, so that a signal is handled at once (the trap stops it)
 	run_load "$wl" "$sys" "$prefix" "$tmp" &
 	local load_pid=$!
@@ -824,6 +839,8 @@ measure() {
 	forget_pid "$load_pid"
 	# shellcheck disable=SC2046
 	cpu1=$(cpu_snapshot "$UP_PID" $(sys_tree))
+	# shellcheck disable=SC2046
+	proxy1=$(proc_ticks $(sys_tree))
 	local r
 	r=$(rss "${SYS_PIDS[@]}")
 	{
@@ -839,6 +856,8 @@ measure() {
 			done
 		fi
 		read -r hwm cur n <<<"$r"
+		echo "proxy_cpu_ticks=$((proxy1 - proxy0))"
+		echo "clk_tck=$(getconf CLK_TCK)"
 		echo "rss_hwm_kb=$hwm"
 		echo "rss_kb=$cur"
 		echo "rss_procs=$n"

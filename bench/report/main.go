@@ -132,9 +132,12 @@ type measurement struct {
 	Distinct     float64 `json:"distinct_bodies_per_round,omitempty"`
 	OtherCPU     float64 `json:"other_cpu_pct"`
 	BenchCPU     float64 `json:"bench_cpu_pct"`
-	HWMmb        float64 `json:"peak_rss_mb"`
-	RSSmb        float64 `json:"rss_end_mb"`
-	Procs        int     `json:"procs"`
+	// ProxyCPUus is the proxy's own CPU time (its processes' user + system)
+	// per client request, in µs.
+	ProxyCPUus float64 `json:"proxy_cpu_us_per_request"`
+	HWMmb      float64 `json:"peak_rss_mb"`
+	RSSmb      float64 `json:"rss_end_mb"`
+	Procs      int     `json:"procs"`
 	// Shared: the shared tier's counters, summed over a fleet's instances.
 	Shared *sharedCounts `json:"shared,omitempty"`
 
@@ -193,7 +196,7 @@ func parseMeasurement(path string) (measurement, error) {
 		TTLms:  num(first(kv, "ttl_ms")), LatencyMs: num(first(kv, "latency_ms")),
 		RPS: nan(), P50: nan(), P99: nan(), Max: nan(), MinUpstream: nan(), Ratio: nan(),
 		CacheEntries: nan(), CacheBytes: nan(),
-		OtherCPU: num(first(kv, "other_cpu_pct")), BenchCPU: num(first(kv, "bench_cpu_pct")),
+		OtherCPU: num(first(kv, "other_cpu_pct")), BenchCPU: num(first(kv, "bench_cpu_pct")), ProxyCPUus: nan(),
 		DirectP50: 0, DirectP99: 0, HWMmb: nan(), RSSmb: nan(), Upstream: -1,
 	}
 	m.Round, _ = strconv.Atoi(first(kv, "round"))
@@ -239,6 +242,10 @@ func parseMeasurement(path string) (measurement, error) {
 	switch {
 	case haveW:
 		m.Requests, m.DurationS, m.RPS = w.Requests, w.Duration, w.RPS
+		ticks, tck := num(first(kv, "proxy_cpu_ticks")), num(first(kv, "clk_tck"))
+		if ticks > 0 && tck > 0 && w.Requests > 0 {
+			m.ProxyCPUus = ticks / tck * 1e6 / float64(w.Requests)
+		}
 		m.P50, m.P99, m.Max = w.P50, w.P99, w.Max
 		m.Errors = w.Errors["connect"] + w.Errors["read"] + w.Errors["write"] + w.Errors["timeout"]
 		m.Non2xx = w.Errors["status"]
@@ -303,6 +310,7 @@ type agg struct {
 	rps, p50, p99, max, up, min, ratio, hwm, rs float64
 	errs, non2xx, dirP50, dirP99, distinct      float64
 	upKeys, reqs, entries, cacheMB, other       float64
+	cpuReq                                      float64 // proxy CPU µs per request
 }
 
 func aggregate(ms []measurement) agg {
@@ -346,6 +354,7 @@ func aggregate(ms []measurement) agg {
 	a.reqs = col(func(m measurement) float64 { return float64(m.Requests) })
 	a.entries = col(func(m measurement) float64 { return m.CacheEntries })
 	a.other = col(func(m measurement) float64 { return m.OtherCPU })
+	a.cpuReq = col(func(m measurement) float64 { return m.ProxyCPUus })
 	a.cacheMB = col(func(m measurement) float64 { return m.CacheBytes / (1 << 20) })
 	return a
 }
@@ -455,8 +464,9 @@ func (r *report) perRound(wl, a, b string, f func(m measurement) float64) string
 // outside the benchmark above which a measurement is marked as disturbed.
 const disturbed = 25.0
 
-func rpsOf(m measurement) float64 { return m.RPS }
-func p99Of(m measurement) float64 { return m.P99 }
+func rpsOf(m measurement) float64    { return m.RPS }
+func p99Of(m measurement) float64    { return m.P99 }
+func cpuReqOf(m measurement) float64 { return m.ProxyCPUus }
 
 // otherCell lists, round by round, the share of the machine's CPU that
 // processes outside the benchmark took during the measurement.
@@ -686,9 +696,14 @@ func (r *report) targets() []verdict {
 			}
 			if ok1 && ok2 {
 				x := 1 - c.rps/p.rps
+				cpu := ""
+				if !math.IsNaN(c.cpuReq) && !math.IsNaN(p.cpuReq) {
+					cpu = fmt.Sprintf("; Caddy's CPU per request %s vs %s µs (%s ×)%s", f0(c.cpuReq), f0(p.cpuReq), f2(c.cpuReq/p.cpuReq),
+						r.perRound(wl, sys, "caddy-proxy", cpuReqOf))
+				}
 				v = append(v, verdict{fmt.Sprintf("%s: ≤ 5 %% req/s below `reverse_proxy` — %s", what, name),
-					fmt.Sprintf("%s vs %s req/s: %s %% below (p99 %s vs %s ms)%s", f0(c.rps), f0(p.rps), f1(100*x), fms(c.p99), fms(p.p99),
-						r.perRound(wl, sys, "caddy-proxy", rpsOf)),
+					fmt.Sprintf("%s vs %s req/s: %s %% below (p99 %s vs %s ms)%s%s", f0(c.rps), f0(p.rps), f1(100*x), fms(c.p99), fms(p.p99),
+						r.perRound(wl, sys, "caddy-proxy", rpsOf), cpu),
 					pass(x <= 0.05)})
 			} else {
 				v = append(v, verdict{fmt.Sprintf("%s: ≤ 5 %% req/s below `reverse_proxy` — %s", what, name), "–", pending})
@@ -771,7 +786,7 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 		case "mem":
 			p("| system | req/s | p99 ms | client requests (timed load) | upstream requests (fill + load) | upstream keys | cache entries at end | cache MB | RSS at end MB | peak RSS MB | peak RSS over plain Caddy MB | other CPU %% |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		default:
-			p("| system | req/s (range) | p50 ms | p99 ms (range) | max ms | upstream requests | minimum | ratio | peak RSS MB | errors / non-2xx | other CPU %% |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+			p("| system | req/s (range) | p50 ms | p99 ms (range) | max ms | upstream requests | minimum | ratio | proxy CPU µs / request | peak RSS MB | errors / non-2xx | other CPU %% |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		}
 		base, _ := r.get("mem", "caddy-proxy")
 		for _, sys := range r.systems {
@@ -800,9 +815,9 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 				if sys == "caddy-respond" {
 					up, mn, ratio = "–", "–", "–"
 				}
-				p("| %s | %s%s | %s | %s%s | %s | %s | %s | %s | %s | %s / %s | %s |\n", name, f0(a.rps), r.span(wl, sys, rpsOf, f0), fms(a.p50),
+				p("| %s | %s%s | %s | %s%s | %s | %s | %s | %s | %s | %s | %s / %s | %s |\n", name, f0(a.rps), r.span(wl, sys, rpsOf, f0), fms(a.p50),
 					fms(a.p99), r.span(wl, sys, p99Of, fms), fms(a.max),
-					up, mn, ratio, f1(a.hwm), f0(a.errs), f0(a.non2xx), r.otherCell(wl, sys))
+					up, mn, ratio, f0(a.cpuReq), f1(a.hwm), f0(a.errs), f0(a.non2xx), r.otherCell(wl, sys))
 			}
 		}
 		p("\n")

@@ -153,6 +153,7 @@ var sseMetrics = struct {
 	replays    *prometheus.CounterVec
 	drops      *prometheus.CounterVec
 	reconnects *prometheus.CounterVec
+	fanout     *prometheus.HistogramVec
 	state      *streamCollector
 }{}
 
@@ -167,6 +168,12 @@ func initSSEMetrics() {
 		sseMetrics.replays = counter("sse_replays_total", "Subscribers that sent Last-Event-ID: answered from the stream's recent events (hit) or sent upstream on their own (miss).", "result")
 		sseMetrics.drops = counter("sse_drops_total", "Subscribers closed by their stream, by reason: slow (more than buffer events behind), upstream (the upstream stream ended for good), closed (config reload or shutdown).", "reason")
 		sseMetrics.reconnects = counter("sse_upstream_reconnects_total", "Upstream event stream requests sent again after the connection ended, with Last-Event-ID.")
+		sseMetrics.fanout = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "sse_fanout_seconds",
+			Help: "Time to hand one upstream event to every subscriber of its stream (what the last one waits for before it is woken).",
+			// 1000 subscribers take tens of microseconds.
+			Buckets: []float64{5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1},
+		}, []string{"handler"})
 		sseMetrics.state = &streamCollector{
 			streams:     prometheus.NewDesc(prometheus.BuildFQName(metricsNamespace, metricsSubsystem, "sse_streams"), "Event streams fanned out now (one upstream request each).", []string{"handler"}, nil),
 			subscribers: prometheus.NewDesc(prometheus.BuildFQName(metricsNamespace, metricsSubsystem, "sse_subscribers"), "Subscribers of fanned-out event streams now.", []string{"handler"}, nil),
@@ -177,13 +184,14 @@ func initSSEMetrics() {
 // sseCollectors are registered with the others in every config's registry.
 func sseCollectors() []prometheus.Collector {
 	initSSEMetrics()
-	return []prometheus.Collector{sseMetrics.events, sseMetrics.replays, sseMetrics.drops, sseMetrics.reconnects, sseMetrics.state}
+	return []prometheus.Collector{sseMetrics.events, sseMetrics.replays, sseMetrics.drops, sseMetrics.reconnects, sseMetrics.fanout, sseMetrics.state}
 }
 
 // streamTally counts one zone's stream events; children are resolved once.
 type streamTally struct {
 	events, hits, misses, reconnects prometheus.Counter
 	drops                            map[fanout.Reason]prometheus.Counter
+	fanout                           prometheus.Observer
 }
 
 func newStreamTally(zone string) *streamTally {
@@ -193,6 +201,7 @@ func newStreamTally(zone string) *streamTally {
 		hits:       sseMetrics.replays.WithLabelValues(zone, "hit"),
 		misses:     sseMetrics.replays.WithLabelValues(zone, "miss"),
 		reconnects: sseMetrics.reconnects.WithLabelValues(zone),
+		fanout:     sseMetrics.fanout.WithLabelValues(zone),
 		drops:      map[fanout.Reason]prometheus.Counter{},
 	}
 	for _, r := range fanout.Reasons {
@@ -203,6 +212,9 @@ func newStreamTally(zone string) *streamTally {
 
 func (t *streamTally) Event()     { t.events.Inc() }
 func (t *streamTally) Reconnect() { t.reconnects.Inc() }
+func (t *streamTally) FanOut(d time.Duration) {
+	t.fanout.Observe(d.Seconds())
+}
 func (t *streamTally) Replay(hit bool) {
 	if hit {
 		t.hits.Inc()

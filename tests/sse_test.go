@@ -441,6 +441,7 @@ func TestSSEStalledSubscriberDroppedOthersUnaffected(t *testing.T) {
 	client, admin := sseClient(t), newClient(t)
 	path := pathFor(t, "")
 
+	fanouts0, within0 := fanoutsWithin(t, admin, 0.1)
 	reader := subscribe(t, client, path)
 	// A client that sends its request and never reads a byte.
 	conn, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", httpPort))
@@ -493,6 +494,15 @@ func TestSSEStalledSubscriberDroppedOthersUnaffected(t *testing.T) {
 		t.Errorf("reading subscriber's worst latency while the other stalled: %s", w)
 	}
 	t.Logf("reading subscriber's worst latency: %s with a stalled neighbour (%d events), %s after (%d events)", worst(before), len(before), worst(after), len(after))
+	// Inside the proxy: every event was handed to both subscribers, the
+	// stalled one included, without waiting for it.
+	fanouts, within := fanoutsWithin(t, admin, 0.1)
+	if n := fanouts - fanouts0; n < float64(len(before)+len(after)) {
+		t.Errorf("caddy_coalesce_sse_fanout_seconds counted %.0f fan-outs, want one per event (%d)", n, len(before)+len(after))
+	}
+	if slow := (fanouts - fanouts0) - (within - within0); slow > 0 {
+		t.Errorf("%.0f fan-outs took more than 100ms: the stream waited for a subscriber", slow)
+	}
 	// The dropped connection is closed.
 	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.Copy(io.Discard, conn); err != nil {
@@ -633,4 +643,24 @@ func TestSSEReloadWithThousandSubscribersIsPrompt(t *testing.T) {
 	if ids := src.ids(); ids[len(ids)-1] != "5" {
 		t.Errorf("upstream Last-Event-IDs %q: the new config's request must carry the last event's id", ids)
 	}
+}
+
+// fanoutsWithin reads caddy_coalesce_sse_fanout_seconds over every handler:
+// the fan-outs counted, and those that took at most le seconds.
+func fanoutsWithin(t *testing.T, client *http.Client, le float64) (count, within float64) {
+	t.Helper()
+	fam := scrapeMetrics(t, client)["caddy_coalesce_sse_fanout_seconds"]
+	if fam == nil {
+		return 0, 0
+	}
+	for _, m := range fam.GetMetric() {
+		h := m.GetHistogram()
+		count += float64(h.GetSampleCount())
+		for _, b := range h.GetBucket() {
+			if b.GetUpperBound() == le {
+				within += float64(b.GetCumulativeCount())
+			}
+		}
+	}
+	return count, within
 }

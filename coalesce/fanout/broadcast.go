@@ -63,6 +63,7 @@ func (s *stream) publish(r *run, ev *event) bool {
 	if ev.retry >= 0 {
 		s.retry = ev.retry
 	}
+	start := time.Now()
 	for _, sub := range s.subs {
 		if !sub.enqueue(ev, s.hub.cfg.Buffer) {
 			slow = append(slow, sub)
@@ -71,6 +72,7 @@ func (s *stream) publish(r *run, ev *event) bool {
 	for _, sub := range slow {
 		s.dropLocked(sub, ReasonSlow)
 	}
+	took := time.Since(start)
 	if s.beat != nil {
 		s.beat.Reset(s.hub.cfg.Heartbeat)
 	}
@@ -78,6 +80,7 @@ func (s *stream) publish(r *run, ev *event) bool {
 	s.mu.Unlock()
 	if !ev.comment {
 		tally.Event()
+		tally.FanOut(took)
 	}
 	for _, sub := range slow {
 		sub.owner.tally.Drop(ReasonSlow)

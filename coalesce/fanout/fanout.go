@@ -98,6 +98,10 @@ type Tally interface {
 	Replay(hit bool)    // a subscriber with Last-Event-ID was replayed (hit) or sent its own way (miss)
 	Drop(reason Reason) // a subscriber was closed by the stream
 	Reconnect()         // the upstream request was sent again
+	// FanOut: an event from the upstream was handed to every subscriber in
+	// d, the time the stream's lock was held for it (what the last
+	// subscriber in line waited for before its wake-up).
+	FanOut(d time.Duration)
 }
 
 type noTally struct{}
@@ -106,6 +110,8 @@ func (noTally) Event()      {}
 func (noTally) Replay(bool) {}
 func (noTally) Drop(Reason) {}
 func (noTally) Reconnect()  {}
+
+func (noTally) FanOut(time.Duration) {}
 
 // Hub holds the streams by key. It is safe for concurrent use.
 type Hub struct {

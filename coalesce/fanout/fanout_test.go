@@ -163,6 +163,7 @@ func openOrigin(o *origin) Open {
 // counts is a Tally for tests.
 type counts struct {
 	events, hits, misses, reconnects atomic.Int64
+	fanouts, negative                atomic.Int64
 	mu                               sync.Mutex
 	drops                            map[Reason]int
 }
@@ -184,6 +185,12 @@ func (c *counts) Drop(r Reason) {
 	c.mu.Unlock()
 }
 func (c *counts) Reconnect() { c.reconnects.Add(1) }
+func (c *counts) FanOut(d time.Duration) {
+	c.fanouts.Add(1)
+	if d < 0 {
+		c.negative.Add(1)
+	}
+}
 func (c *counts) dropped(r Reason) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -323,6 +330,9 @@ func TestManySubscribersShareOneUpstreamRequest(t *testing.T) {
 	}
 	if got := e.tally.events.Load(); got != 31 {
 		t.Errorf("events tallied: %d, want 31 (the retry: block and 30 events)", got)
+	}
+	if got, neg := e.tally.fanouts.Load(), e.tally.negative.Load(); got != 31 || neg != 0 {
+		t.Errorf("fan-outs timed: %d (%d negative), want 31, one per event", got, neg)
 	}
 }
 

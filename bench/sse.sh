@@ -203,6 +203,7 @@ run() {
 	if ((pairs > 0)); then
 		raw=$OUT/raw/$sys-$n-stall.txt
 		mode=(-stall-pairs "$pairs" -stall-window "$STALL_WINDOW")
+		[[ $sys == caddy-coalesce ]] && mode+=(-metrics "http://127.0.0.1:$ADMIN_PORT/metrics")
 		log "$sys: $n subscribers, $pairs pairs of $STALL_WINDOW windows with and without a stalled subscriber"
 	else
 		log "$sys: $n subscribers"

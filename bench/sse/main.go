@@ -3,7 +3,7 @@
 //
 //	sse origin    [-listen 127.0.0.1:19180] [-rate 50] [-size 64] [-publish URL]
 //	sse subscribe -url URL [-n 1000] [-duration 10s] [-stalled 0] [-ready 60s] [-pids P,P] [-gzip]
-//	              [-stall-pairs 0 -stall-window 5s]
+//	              [-stall-pairs 0 -stall-window 5s [-metrics URL]]
 //	sse floor     [-listen 127.0.0.1:19184] [-rate 50] [-size 64]
 //	sse report results.jsonl
 //
@@ -35,7 +35,10 @@
 // run cancels out. Each window's p99 is over every event every reading
 // subscriber got in it; the figure is the per-pair difference, stalled
 // minus clean: a difference between two windows a few seconds apart, not
-// between two runs minutes apart.
+// between two runs minutes apart. With -metrics (the module's Prometheus
+// metrics), it also reads caddy_coalesce_sse_fanout_seconds at each window's
+// start and end: the time the proxy took to hand each event to every
+// subscriber, measured inside it, free of the client's scheduling.
 //
 // floor serves the same events itself, from a net/http handler per
 // subscriber that waits on a broadcast (one sync.Cond) and writes each event:
@@ -306,6 +309,85 @@ type stallResult struct {
 	CleanEvents int64    `json:"clean_events"`
 	StallEvents int64    `json:"stalled_events"`
 	StallErrors []string `json:"stall_errors,omitempty"`
+	// With -metrics, per pair: the mean time the proxy took to fan an
+	// event out in the clean and the stalled window (ns), and the upper
+	// bound of the histogram bucket holding its 99th percentile.
+	CleanFanoutNs    []int64 `json:"clean_fanout_mean_ns,omitempty"`
+	StallFanoutNs    []int64 `json:"stalled_fanout_mean_ns,omitempty"`
+	CleanFanoutP99Ns []int64 `json:"clean_fanout_p99_le_ns,omitempty"`
+	StallFanoutP99Ns []int64 `json:"stalled_fanout_p99_le_ns,omitempty"`
+}
+
+// fanoutScrape is caddy_coalesce_sse_fanout_seconds at one moment, summed
+// over handlers: count, sum (s) and cumulative buckets by upper bound.
+type fanoutScrape struct {
+	count   float64
+	sum     float64
+	buckets map[float64]float64
+}
+
+func scrapeFanout(url string) (fanoutScrape, error) {
+	f := fanoutScrape{buckets: map[float64]float64{}}
+	resp, err := http.Get(url)
+	if err != nil {
+		return f, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, "caddy_coalesce_sse_fanout_seconds") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err != nil {
+			continue
+		}
+		switch {
+		case strings.HasPrefix(line, "caddy_coalesce_sse_fanout_seconds_count"):
+			f.count += v
+		case strings.HasPrefix(line, "caddy_coalesce_sse_fanout_seconds_sum"):
+			f.sum += v
+		case strings.HasPrefix(line, "caddy_coalesce_sse_fanout_seconds_bucket"):
+			_, le, ok := strings.Cut(line, `le="`)
+			if !ok {
+				continue
+			}
+			le, _, _ = strings.Cut(le, `"`)
+			b, err := strconv.ParseFloat(le, 64)
+			if err != nil {
+				b = math.Inf(1)
+			}
+			f.buckets[b] += v
+		}
+	}
+	return f, sc.Err()
+}
+
+// fanoutWindow is the mean fan-out time between two scrapes and the upper
+// bound of the bucket that holds its 99th percentile (ns; -1: none).
+func fanoutWindow(a, b fanoutScrape) (mean, p99 int64) {
+	n := b.count - a.count
+	if n <= 0 {
+		return -1, -1
+	}
+	mean = int64((b.sum - a.sum) / n * 1e9)
+	les := make([]float64, 0, len(b.buckets))
+	for le := range b.buckets {
+		les = append(les, le)
+	}
+	slices.Sort(les)
+	for _, le := range les {
+		if b.buckets[le]-a.buckets[le] >= 0.99*n {
+			if math.IsInf(le, 1) {
+				return mean, -1
+			}
+			return mean, int64(le * 1e9)
+		}
+	}
+	return mean, -1
 }
 
 type sub struct {
@@ -330,6 +412,7 @@ func subscribe(args []string) {
 	gzip := fs.Bool("gzip", false, "ask for gzip (Accept-Encoding), as a browser does, for a proxy that compresses")
 	stallPairs := fs.Int("stall-pairs", 0, "pairs of windows with and without a stalled subscriber, instead of one window")
 	stallWindow := fs.Duration("stall-window", 5*time.Second, "each window of -stall-pairs")
+	metricsURL := fs.String("metrics", "", "with -stall-pairs: the module's metrics, for its fan-out time per window")
 	_ = fs.Parse(args)
 	var pids []int
 	for _, f := range strings.Split(*pidList, ",") {
@@ -472,9 +555,27 @@ func subscribe(args []string) {
 					stall.StallErrors = append(stall.StallErrors, err.Error())
 				}
 			}
+			var before fanoutScrape
+			if *metricsURL != "" {
+				before, _ = scrapeFanout(*metricsURL)
+			}
 			window.Store(int32(i))
 			time.Sleep(*stallWindow)
 			window.Store(-1)
+			if *metricsURL != "" {
+				after, err := scrapeFanout(*metricsURL)
+				if err != nil && len(stall.StallErrors) < 5 {
+					stall.StallErrors = append(stall.StallErrors, err.Error())
+				}
+				mean, p99 := fanoutWindow(before, after)
+				if stalledWindow {
+					stall.StallFanoutNs = append(stall.StallFanoutNs, mean)
+					stall.StallFanoutP99Ns = append(stall.StallFanoutP99Ns, p99)
+				} else {
+					stall.CleanFanoutNs = append(stall.CleanFanoutNs, mean)
+					stall.CleanFanoutP99Ns = append(stall.CleanFanoutP99Ns, p99)
+				}
+			}
 			if c != nil {
 				c.Close()
 			}
@@ -750,6 +851,38 @@ func report(args []string) {
 			r.System, r.Subscribers, st.Pairs, st.WindowS, ms(median(st.CleanP99)), ms(median(st.StallP99)),
 			ms(median(st.DiffP99)), ms(mean), ms(ci), ms(float64(slices.Min(st.DiffP99))), ms(float64(slices.Max(st.DiffP99))),
 			ms(median(d50)), ms(mean50), ms(ci50), drops)
+	}
+	var inside []row
+	for _, r := range stalls {
+		if len(r.Sub.Stall.CleanFanoutNs) > 0 && len(r.Sub.Stall.CleanFanoutNs) == len(r.Sub.Stall.StallFanoutNs) {
+			inside = append(inside, r)
+		}
+	}
+	if len(inside) > 0 {
+		fmt.Println()
+		fmt.Println("Inside the proxy: the time to hand an event to every subscriber (caddy_coalesce_sse_fanout_seconds), the same windows:")
+		fmt.Println()
+		fmt.Println("| system | subscribers | mean clean (median of windows) | mean stalled (median) | mean difference: median | mean ± 95 % CI | min … max | p99 bucket, clean windows (largest) | p99 bucket, stalled windows (largest) |")
+		fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+		for _, r := range inside {
+			st := r.Sub.Stall
+			var d []int64
+			for i := range st.CleanFanoutNs {
+				d = append(d, st.StallFanoutNs[i]-st.CleanFanoutNs[i])
+			}
+			mean, ci := meanCI(d)
+			us := func(ns float64) string { return fmt.Sprintf("%.1f µs", ns/1000) }
+			le := func(v []int64) string {
+				if slices.Contains(v, -1) {
+					return "> 100 ms"
+				}
+				return "≤ " + us(float64(slices.Max(v)))
+			}
+			fmt.Printf("| %s | %d | %s | %s | %s | %s ± %s | %s … %s | %s | %s |\n",
+				r.System, r.Subscribers, us(median(st.CleanFanoutNs)), us(median(st.StallFanoutNs)),
+				us(median(d)), us(mean), us(ci), us(float64(slices.Min(d))), us(float64(slices.Max(d))),
+				le(st.CleanFanoutP99Ns), le(st.StallFanoutP99Ns))
+		}
 	}
 	fmt.Println()
 	for _, r := range stalls {

@@ -608,7 +608,10 @@ func readRun(dir string, src int) ([]measurement, error) {
 		}
 		m.src = src
 		ms = append(ms, m)
-		b, _ := json.Marshal(jsonSafe(m))
+		b, err := json.Marshal(jsonSafe(m))
+		if err != nil { // a figure jsonSafe does not know of
+			return nil, fmt.Errorf("%s: %w", f, err)
+		}
 		fmt.Fprintf(jl, "%s\n", b)
 	}
 	return ms, jl.Close()
@@ -622,7 +625,7 @@ func jsonSafe(m measurement) measurement {
 		}
 	}
 	for _, p := range []*float64{&m.TTLms, &m.LatencyMs, &m.DurationS, &m.RPS, &m.P50, &m.P99, &m.Max,
-		&m.MinUpstream, &m.Ratio, &m.CacheEntries, &m.CacheBytes, &m.OtherCPU, &m.BenchCPU, &m.DirectP50, &m.DirectP99, &m.Distinct, &m.HWMmb, &m.RSSmb} {
+		&m.MinUpstream, &m.Ratio, &m.CacheEntries, &m.CacheBytes, &m.OtherCPU, &m.BenchCPU, &m.DirectP50, &m.DirectP99, &m.Distinct, &m.HWMmb, &m.RSSmb, &m.ProxyCPUus} {
 		fix(p)
 	}
 	return m

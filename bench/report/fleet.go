@@ -216,20 +216,11 @@ func (r *report) fleetMarkdown(b *strings.Builder) {
 
 	wrkHead := "| system | req/s (range) | p50 ms | p99 ms (range) | max ms | upstream requests | minimum | ratio | shared hits | leaderships won / lost | fleet waits (timed out) | Redis errors | peak RSS MB | errors / non-2xx | other CPU % |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
 	wrkRows := func(wl string) {
-		for _, sys := range fleetSystems {
-			a, ok := r.aggs[[2]string{wl, sys}]
-			if !ok {
-				continue
-			}
-			name, measured := rowName(a, fleetSystemText[sys])
-			if !measured {
-				p("| %s | failed |\n", name)
-				continue
-			}
+		r.measuredRows(p, wl, fleetSystems, fleetSystemText, func(sys, name string, a agg) {
 			p("| %s | %s%s | %s | %s%s | %s | %s | %s | %s | %s | %s | %s / %s | %s |\n", name,
 				f0(a.rps), r.span(wl, sys, rpsOf, f0), fms(a.p50), fms(a.p99), r.span(wl, sys, p99Of, fms), fms(a.max),
 				f0(a.up), f0(a.min), f2(a.ratio), r.sharedCells(wl, sys), f1(a.hwm), f0(a.errs), f0(a.non2xx), r.otherCell(wl, sys))
-		}
+		})
 		p("\n")
 	}
 
@@ -252,20 +243,11 @@ func (r *report) fleetMarkdown(b *strings.Builder) {
 		p("Each herd: %s clients on open keep-alive connections, a third on each instance, send `GET` for one brand-new key at the same instant, %s times (`bench/herd -url <instance 1>,<instance 2>,<instance 3>`). Ideal: 1 upstream call per herd with the tier, 3 without (one per instance). *Upstream alone* is the same herd sent straight to the upstream.\n\n",
 			meta("herd_n"), meta("herd_rounds"))
 		p("| system | client p50 ms | client p99 ms (range) | client max ms | upstream alone p50 / p99 ms | calls/herd | distinct bodies/herd | shared hits | leaderships won / lost | fleet waits (timed out) | Redis errors | errors | peak RSS MB | other CPU %% |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-		for _, sys := range fleetSystems {
-			a, ok := r.aggs[[2]string{"fleet-herd", sys}]
-			if !ok {
-				continue
-			}
-			name, measured := rowName(a, fleetSystemText[sys])
-			if !measured {
-				p("| %s | failed |\n", name)
-				continue
-			}
+		r.measuredRows(p, "fleet-herd", fleetSystems, fleetSystemText, func(sys, name string, a agg) {
 			p("| %s | %s | %s%s | %s | %s / %s | %s | %s | %s | %s | %s | %s |\n", name, fms(a.p50), fms(a.p99),
 				r.span("fleet-herd", sys, p99Of, fms), fms(a.max), fms(a.dirP50), fms(a.dirP99), f2(a.ratio), f1(a.distinct),
 				r.sharedCells("fleet-herd", sys), f0(a.errs+a.non2xx), f1(a.hwm), r.otherCell("fleet-herd", sys))
-		}
+		})
 		p("\n")
 	}
 	// Hand-written notes about a run measured apart go with its section.

@@ -792,16 +792,7 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 			p("| system | req/s (range) | p50 ms | p99 ms (range) | max ms | upstream requests | minimum | ratio | proxy CPU µs / request | peak RSS MB | errors / non-2xx | other CPU %% |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		}
 		base, _ := r.get("mem", "caddy-proxy")
-		for _, sys := range r.systems {
-			a, ok := r.aggs[[2]string{wl, sys}]
-			if !ok {
-				continue
-			}
-			name, measured := rowName(a, systemText[sys])
-			if !measured {
-				p("| %s | failed |\n", name)
-				continue
-			}
+		r.measuredRows(p, wl, r.systems, systemText, func(sys, name string, a agg) {
 			switch wl {
 			case "herd":
 				p("| %s | %s | %s%s | %s | %s / %s | %s | %s | %s | %s | %s |\n", name, fms(a.p50), fms(a.p99), r.span(wl, sys, p99Of, fms), fms(a.max),
@@ -822,7 +813,7 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 					fms(a.p99), r.span(wl, sys, p99Of, fms), fms(a.max),
 					up, mn, ratio, f0(a.cpuReq), f1(a.hwm), f0(a.errs), f0(a.non2xx), r.otherCell(wl, sys))
 			}
-		}
+		})
 		p("\n")
 	}
 	r.fleetMarkdown(b)
@@ -980,12 +971,23 @@ set format y "%.0f"
 	return nil
 }
 
-// rowName is the system column of a's row (text, and how many of its
-// measurements failed), and whether any measurement succeeded: a row of
-// none says only that they failed.
-func rowName(a agg, text string) (string, bool) {
-	if a.failed > 0 {
-		text += fmt.Sprintf(" (%d failed)", a.failed)
+// measuredRows calls row for each of systems measured in wl, in order, with
+// its name column (text[sys], and how many of its measurements failed); a
+// system whose every measurement failed gets a row saying only that.
+func (r *report) measuredRows(p func(string, ...any), wl string, systems []string, text map[string]string, row func(sys, name string, a agg)) {
+	for _, sys := range systems {
+		a, ok := r.aggs[[2]string{wl, sys}]
+		if !ok {
+			continue
+		}
+		name := text[sys]
+		if a.failed > 0 {
+			name += fmt.Sprintf(" (%d failed)", a.failed)
+		}
+		if a.n == 0 {
+			p("| %s | failed |\n", name)
+			continue
+		}
+		row(sys, name, a)
 	}
-	return text, a.n > 0
 }

@@ -767,8 +767,12 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 		p("## Plot\n\n(no plot: %v)\n\n", plotErr)
 	}
 
-	for _, wl := range r.wls {
+	for i, wl := range r.wls {
 		p("## %s\n\n", workloadText[wl])
+		src := r.srcOf(wl)
+		if src != 0 && (i == 0 || r.srcOf(r.wls[i-1]) != src) {
+			r.runNote(b, src)
+		}
 		switch wl {
 		case "hot":
 			p("All connections ask for one key, `GET /hot/.../key`. Minimum = ⌈duration ÷ (ttl + upstream latency)⌉ (ttl of the system: 50 ms, NGINX 1 s, `reverse_proxy` 0); ratio = upstream requests ÷ minimum.\n\n")
@@ -815,6 +819,11 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 			}
 		})
 		p("\n")
+		// Hand-written notes about a run measured apart go after its last section.
+		if src != 0 && (i == len(r.wls)-1 || r.srcOf(r.wls[i+1]) != src) {
+			r.appendNotes(b, r.runs[src].dir, "")
+			p("\n")
+		}
 	}
 	r.fleetMarkdown(b)
 
@@ -969,6 +978,16 @@ set format y "%.0f"
 		return fmt.Errorf("gnuplot: %v: %s", err, strings.TrimSpace(string(outb)))
 	}
 	return nil
+}
+
+// srcOf is the index of the -dir that wl's figures were read from.
+func (r *report) srcOf(wl string) int {
+	for _, sys := range r.systems {
+		if ms := r.byKey[[2]string{wl, sys}]; len(ms) > 0 {
+			return ms[0].src
+		}
+	}
+	return 0
 }
 
 // measuredRows calls row for each of systems measured in wl, in order, with

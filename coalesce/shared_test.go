@@ -291,7 +291,10 @@ func TestFleetLeaderThatDiesLeavesItsWaitersToGoAlone(t *testing.T) {
 	hung := newGate(t)
 	dead := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) { hung.wait(r) })
 	alive := numbered()
-	const maxWait = time.Second
+	// The waiting server's local leader waits half of max_wait for the
+	// fleet: time enough, on a loaded machine, for its nine local followers
+	// to join it before it goes upstream alone.
+	const maxWait = 2 * time.Second
 	cfg := func(c *Config) { c.MaxWait = maxWait }
 	leader := newFleet(t, redis, 1, dead, cfg)[0]
 	other := newFleet(t, redis, 1, alive, cfg)[0]
@@ -303,6 +306,7 @@ func TestFleetLeaderThatDiesLeavesItsWaitersToGoAlone(t *testing.T) {
 	for i := range chans {
 		chans[i] = async(func() reply { return getAs(t, other, "/slow") })
 	}
+	waitWaiters(t, other.e, int64(len(chans)-1))
 	for i, ch := range chans {
 		r := receive(t, ch, fmt.Sprintf("waiter %d", i))
 		if r.status != 200 || r.body != "v1" {

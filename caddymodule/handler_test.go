@@ -14,7 +14,7 @@ import (
 // The Caddyfile writes what the user wrote in the JSON form: a 0 that means
 // "none" becomes a negative duration, an option left out stays out.
 func TestCaddyfileWritesNoneAsANegativeDuration(t *testing.T) {
-	for input, want := range map[string]string{
+	checkAdapts(t, map[string]string{
 		"coalesce":                                `{}`,
 		"coalesce {\n ttl 0\n}":                   `{"ttl":-1}`,
 		"coalesce {\n ttl 200ms\n}":               `{"ttl":200000000}`,
@@ -24,19 +24,7 @@ func TestCaddyfileWritesNoneAsANegativeDuration(t *testing.T) {
 		"coalesce {\n ttl 0\n stale 5s\n}":        `{"ttl":-1,"stale":5000000000}`,
 		"coalesce {\n max_entries 5\n zone a\n}":  `{"max_entries":5,"zone":"a"}`,
 		"coalesce {\n max_flight_memory 32MiB\n}": `{"max_flight_memory":33554432}`,
-	} {
-		h, err := parseCoalesce(t, input)
-		if err != nil {
-			t.Fatalf("%q: %v", input, err)
-		}
-		got, err := json.Marshal(h)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if string(got) != want {
-			t.Errorf("%q adapts to %s, want %s", input, got, want)
-		}
-	}
+	})
 }
 
 func TestJSONZeroMeansTheDefaultAndNegativeMeansNone(t *testing.T) {
@@ -113,5 +101,24 @@ func TestPlaceholdersReportTheLastDecision(t *testing.T) {
 	setPlaceholders(bypassed, coalesce.Event{Outcome: coalesce.OutcomeBypass})
 	if got, ok := bypassed.GetString("http.coalesce.key_hash"); !ok || got != "" {
 		t.Errorf("key_hash of a bypassed request: %q (known %t), want empty and known", got, ok)
+	}
+}
+
+// checkAdapts checks that each Caddyfile input adapts to the handler JSON
+// given for it.
+func checkAdapts(t *testing.T, cases map[string]string) {
+	t.Helper()
+	for input, want := range cases {
+		h, err := parseCoalesce(t, input)
+		if err != nil {
+			t.Fatalf("%q: %v", input, err)
+		}
+		got, err := json.Marshal(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(got) != want {
+			t.Errorf("%q adapts to %s, want %s", input, got, want)
+		}
 	}
 }

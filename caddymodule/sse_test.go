@@ -1,7 +1,6 @@
 package caddymodule
 
 import (
-	"encoding/json"
 	"testing"
 	"time"
 
@@ -10,24 +9,12 @@ import (
 
 // `sse` alone is `{}` in JSON (every default); a 0 that means "none" is -1.
 func TestCaddyfileSSEBlock(t *testing.T) {
-	for input, want := range map[string]string{
+	checkAdapts(t, map[string]string{
 		"coalesce {\n sse\n}":      `{"sse":{}}`,
 		"coalesce {\n sse {\n}\n}": `{"sse":{}}`,
 		"coalesce {\n sse {\n replay 0\n linger 0\n heartbeat 0\n}\n}":                                      `{"sse":{"replay":-1,"linger":-1,"heartbeat":-1}}`,
 		"coalesce {\n sse {\n replay 16\n buffer 8\n linger 500ms\n heartbeat 1s\n max_subscribers 5\n}\n}": `{"sse":{"replay":16,"buffer":8,"linger":500000000,"heartbeat":1000000000,"max_subscribers":5}}`,
-	} {
-		h, err := parseCoalesce(t, input)
-		if err != nil {
-			t.Fatalf("%q: %v", input, err)
-		}
-		got, err := json.Marshal(h)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if string(got) != want {
-			t.Errorf("%q adapts to %s, want %s", input, got, want)
-		}
-	}
+	})
 }
 
 func TestSSEOptionsDefaults(t *testing.T) {

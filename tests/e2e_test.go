@@ -65,6 +65,83 @@ func caddyEnv(dir string) []string {
 	return append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir+"/data", "XDG_CONFIG_HOME="+dir+"/config")
 }
 
+// builtCaddy is a `caddy run` process of the test.
+type builtCaddy struct {
+	cmd       *exec.Cmd
+	output    *syncBuffer
+	exited    chan struct{}
+	waitErr   error
+	adminPort int
+}
+
+// startBuiltCaddy runs bin with caddyfile and waits until its admin API and
+// /healthz (which the site must answer with "ok") respond. The process is
+// killed when the test ends, and its output logged if the test failed.
+func startBuiltCaddy(t *testing.T, bin, dir, caddyfile string, adminPort, port int) *builtCaddy {
+	t.Helper()
+	cfgPath := filepath.Join(dir, "Caddyfile")
+	if err := os.WriteFile(cfgPath, []byte(caddyfile), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c := &builtCaddy{output: new(syncBuffer), exited: make(chan struct{}), adminPort: adminPort}
+	c.cmd = exec.Command(bin, "run", "--config", cfgPath, "--adapter", "caddyfile")
+	c.cmd.Env = caddyEnv(dir)
+	c.cmd.Stdout, c.cmd.Stderr = c.output, c.output
+	if err := c.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { c.waitErr = c.cmd.Wait(); close(c.exited) }()
+	t.Cleanup(func() {
+		_ = c.cmd.Process.Kill()
+		select {
+		case <-c.exited:
+		case <-time.After(10 * time.Second):
+			t.Errorf("caddy (pid %d) did not exit after SIGKILL", c.cmd.Process.Pid)
+		}
+		if t.Failed() {
+			t.Logf("caddy output (last 64 KiB):\n%s", tail(c.output.String(), 64<<10))
+		}
+	})
+
+	client := &http.Client{Timeout: 5 * time.Second}
+	defer client.CloseIdleConnections()
+	ready := func() bool {
+		select {
+		case <-c.exited:
+			t.Fatalf("caddy exited before it was ready: %v\n%s", c.waitErr, c.output.String())
+		default:
+		}
+		a := get(client, "GET", fmt.Sprintf("http://127.0.0.1:%d/config/", adminPort))
+		s := get(client, "GET", fmt.Sprintf("http://127.0.0.1:%d/healthz", port))
+		return a.err == nil && a.status == 200 && s.err == nil && s.body == "ok"
+	}
+	if !waitFor(60*time.Second, ready) {
+		t.Fatalf("caddy not ready after 60s\n%s", c.output.String())
+	}
+	return c
+}
+
+// siteCaddyfile is the Caddyfile of a built Caddy's test: its admin API
+// and one HTTP site on the given ports of 127.0.0.1, the site answering
+// /healthz with "ok" (startBuiltCaddy waits for it) and site otherwise.
+func siteCaddyfile(adminPort, port int, site string) string {
+	return fmt.Sprintf(`{
+	admin 127.0.0.1:%d
+	default_bind 127.0.0.1
+	http_port %d
+	auto_https off
+	grace_period 1s
+}
+
+:%d {
+	handle /healthz {
+		respond "ok" 200
+	}
+	%s
+}
+`, adminPort, port, port, site)
+}
+
 func TestBuiltBinaryEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("end-to-end test builds Caddy with xcaddy (about 100 s the first time); skipped with -short")
@@ -97,66 +174,12 @@ func TestBuiltBinaryEndToEnd(t *testing.T) {
 		}
 	})
 
-	caddyfile := fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	default_bind 127.0.0.1
-	http_port %d
-	auto_https off
-	grace_period 1s
-}
-
-:%d {
-	handle /healthz {
-		respond "ok" 200
-	}
-	coalesce {
+	startBuiltCaddy(t, bin, dir, siteCaddyfile(adminPort, port, fmt.Sprintf(`coalesce {
 		ttl 1s
 	}
-	reverse_proxy %s
-}
-`, adminPort, port, port, up.addr)
-	cfgPath := filepath.Join(dir, "Caddyfile")
-	if err := os.WriteFile(cfgPath, []byte(caddyfile), 0o644); err != nil {
-		t.Fatal(err)
-	}
-
-	var output syncBuffer
-	cmd := exec.Command(bin, "run", "--config", cfgPath, "--adapter", "caddyfile")
-	cmd.Env = caddyEnv(dir)
-	cmd.Stdout, cmd.Stderr = &output, &output
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var waitErr error
-	exited := make(chan struct{})
-	go func() { waitErr = cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			t.Errorf("caddy (pid %d) did not exit after SIGKILL", cmd.Process.Pid)
-		}
-		if t.Failed() {
-			t.Logf("caddy output:\n%s", output.String())
-		}
-	})
-
+	reverse_proxy %s`, up.addr)), adminPort, port)
 	client := newClient(t)
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	ready := func() bool {
-		select {
-		case <-exited:
-			t.Fatalf("caddy exited before it was ready: %v\n%s", waitErr, output.String())
-		default:
-		}
-		a := get(client, "GET", fmt.Sprintf("http://127.0.0.1:%d/config/", adminPort))
-		s := get(client, "GET", base+"/healthz")
-		return a.err == nil && a.status == 200 && s.err == nil && s.body == "ok"
-	}
-	if !waitFor(30*time.Second, ready) {
-		t.Fatalf("caddy not ready after 30s\n%s", output.String())
-	}
 
 	t.Run("a herd of 50 makes one upstream call", func(t *testing.T) {
 		for i, f := range herd(client, 50, "GET", base+"/healthz") {

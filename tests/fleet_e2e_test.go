@@ -8,7 +8,6 @@ import (
 	"math"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -22,9 +21,7 @@ import (
 // instance is one Caddy process of a fleet.
 type instance struct {
 	base, admin string
-	cmd         *exec.Cmd
-	exited      chan struct{}
-	output      *syncBuffer
+	*builtCaddy
 }
 
 // startFleetInstance runs bin with a Caddyfile whose coalesce handler
@@ -32,62 +29,12 @@ type instance struct {
 func startFleetInstance(t *testing.T, bin, dir, name, site string) *instance {
 	t.Helper()
 	adminPort, port := freePort(t), freePort(t)
-	caddyfile := fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	default_bind 127.0.0.1
-	http_port %d
-	auto_https off
-	grace_period 1s
-}
-
-:%d {
-	handle /healthz {
-		respond "ok" 200
-	}
-%s
-}
-`, adminPort, port, port, site)
 	idir := filepath.Join(dir, name)
 	if err := os.MkdirAll(idir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	cfgPath := filepath.Join(idir, "Caddyfile")
-	if err := os.WriteFile(cfgPath, []byte(caddyfile), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	in := &instance{base: fmt.Sprintf("http://127.0.0.1:%d", port), admin: fmt.Sprintf("http://127.0.0.1:%d", adminPort),
-		exited: make(chan struct{}), output: new(syncBuffer)}
-	in.cmd = exec.Command(bin, "run", "--config", cfgPath, "--adapter", "caddyfile")
-	in.cmd.Env = caddyEnv(idir)
-	in.cmd.Stdout, in.cmd.Stderr = in.output, in.output
-	if err := in.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = in.cmd.Wait(); close(in.exited) }()
-	t.Cleanup(func() {
-		_ = in.cmd.Process.Kill()
-		select {
-		case <-in.exited:
-		case <-time.After(10 * time.Second):
-			t.Errorf("caddy %s did not exit after SIGKILL", name)
-		}
-		if t.Failed() {
-			t.Logf("caddy %s output:\n%s", name, in.output.String())
-		}
-	})
-	client := newClient(t)
-	if !waitFor(30*time.Second, func() bool {
-		select {
-		case <-in.exited:
-			t.Fatalf("caddy %s exited before it was ready:\n%s", name, in.output.String())
-		default:
-		}
-		s := get(client, "GET", in.base+"/healthz")
-		return s.err == nil && s.body == "ok"
-	}) {
-		t.Fatalf("caddy %s not ready after 30s\n%s", name, in.output.String())
-	}
-	return in
+	return &instance{base: fmt.Sprintf("http://127.0.0.1:%d", port), admin: fmt.Sprintf("http://127.0.0.1:%d", adminPort),
+		builtCaddy: startBuiltCaddy(t, bin, idir, siteCaddyfile(adminPort, port, site), adminPort, port)}
 }
 
 // shared is the tier's part of the instance's /coalesce/stats, and

@@ -8,8 +8,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -163,59 +161,8 @@ func slowReaderClient(t *testing.T) *http.Client {
 func runBuiltCaddy(t *testing.T, bin, dir, routes string) (string, int) {
 	t.Helper()
 	adminPort, port := freePort(t), freePort(t)
-	caddyfile := fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	default_bind 127.0.0.1
-	http_port %d
-	auto_https off
-	grace_period 1s
-}
-
-:%d {
-	handle /healthz {
-		respond "ok" 200
-	}
-	%s
-}
-`, adminPort, port, port, routes)
-	cfgPath := filepath.Join(dir, "Caddyfile")
-	if err := os.WriteFile(cfgPath, []byte(caddyfile), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	var output syncBuffer
-	cmd := exec.Command(bin, "run", "--config", cfgPath, "--adapter", "caddyfile")
-	cmd.Env = caddyEnv(dir)
-	cmd.Stdout, cmd.Stderr = &output, &output
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			t.Errorf("caddy (pid %d) did not exit after SIGKILL", cmd.Process.Pid)
-		}
-		if t.Failed() {
-			t.Logf("caddy output:\n%s", output.String())
-		}
-	})
-	client := newClient(t)
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	if !waitFor(30*time.Second, func() bool {
-		select {
-		case <-exited:
-			t.Fatalf("caddy exited before it was ready\n%s", output.String())
-		default:
-		}
-		f := get(client, "GET", base+"/healthz")
-		return f.err == nil && f.body == "ok"
-	}) {
-		t.Fatalf("caddy not ready after 30s\n%s", output.String())
-	}
-	return base, cmd.Process.Pid
+	c := startBuiltCaddy(t, bin, dir, siteCaddyfile(adminPort, port, routes), adminPort, port)
+	return fmt.Sprintf("http://127.0.0.1:%d", port), c.cmd.Process.Pid
 }
 
 // rss is the resident memory of process pid in bytes.

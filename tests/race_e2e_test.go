@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -276,62 +275,6 @@ func TestRaceBuildOfCaddyReportsNothingUnderMixedLoad(t *testing.T) {
 			t.Errorf("no %q during the load: %v", want, seen)
 		}
 	}
-}
-
-// builtCaddy is a `caddy run` process of the test.
-type builtCaddy struct {
-	cmd       *exec.Cmd
-	output    *syncBuffer
-	exited    chan struct{}
-	waitErr   error
-	adminPort int
-}
-
-// startBuiltCaddy runs bin with caddyfile and waits until its admin API and
-// /healthz (which the site must answer with "ok") respond. The process is
-// killed when the test ends, and its output logged if the test failed.
-func startBuiltCaddy(t *testing.T, bin, dir, caddyfile string, adminPort, port int) *builtCaddy {
-	t.Helper()
-	cfgPath := filepath.Join(dir, "Caddyfile")
-	if err := os.WriteFile(cfgPath, []byte(caddyfile), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	c := &builtCaddy{output: new(syncBuffer), exited: make(chan struct{}), adminPort: adminPort}
-	c.cmd = exec.Command(bin, "run", "--config", cfgPath, "--adapter", "caddyfile")
-	c.cmd.Env = caddyEnv(dir)
-	c.cmd.Stdout, c.cmd.Stderr = c.output, c.output
-	if err := c.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { c.waitErr = c.cmd.Wait(); close(c.exited) }()
-	t.Cleanup(func() {
-		_ = c.cmd.Process.Kill()
-		select {
-		case <-c.exited:
-		case <-time.After(10 * time.Second):
-			t.Errorf("caddy (pid %d) did not exit after SIGKILL", c.cmd.Process.Pid)
-		}
-		if t.Failed() {
-			t.Logf("caddy output (last 64 KiB):\n%s", tail(c.output.String(), 64<<10))
-		}
-	})
-
-	client := &http.Client{Timeout: 5 * time.Second}
-	defer client.CloseIdleConnections()
-	ready := func() bool {
-		select {
-		case <-c.exited:
-			t.Fatalf("caddy exited before it was ready: %v\n%s", c.waitErr, c.output.String())
-		default:
-		}
-		a := get(client, "GET", fmt.Sprintf("http://127.0.0.1:%d/config/", adminPort))
-		s := get(client, "GET", fmt.Sprintf("http://127.0.0.1:%d/healthz", port))
-		return a.err == nil && a.status == 200 && s.err == nil && s.body == "ok"
-	}
-	if !waitFor(60*time.Second, ready) {
-		t.Fatalf("caddy not ready after 60s\n%s", c.output.String())
-	}
-	return c
 }
 
 // load replaces the running configuration through the admin API, as

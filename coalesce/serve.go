@@ -26,7 +26,7 @@ func (e *Engine) Serve(w http.ResponseWriter, r *http.Request, next Next) error 
 		// only while less than a quarter of it is in use, and below
 		// Caddy's 5.7 KiB of frames that keeps a stack that grew to 32 KiB
 		// shrinkable to 16 KiB.
-		_ = sub.Serve(w) // a write error is the client going away
+		_ = sub.Serve(w, r) // a write error is the client going away
 		return nil
 	}
 	return e.serve(w, r, next)

@@ -2,6 +2,7 @@ package tests
 
 import (
 	"bufio"
+	"compress/gzip"
 	"context"
 	"fmt"
 	"io"
@@ -145,6 +146,7 @@ type subscriber struct {
 	errs   atomic.Pointer[string]
 	ids    chan int           // every event id, for tests that follow them
 	lat    chan time.Duration // delivery latency of each event (publish → read)
+	end    error              // how the body ended (nil: cleanly), once done is closed
 }
 
 // subscribe opens a stream to path with extra headers ("Name: value").
@@ -184,7 +186,16 @@ func (s *subscriber) fail(msg string) {
 
 func (s *subscriber) read() {
 	defer close(s.done)
-	sc := bufio.NewScanner(s.resp.Body)
+	var body io.Reader = s.resp.Body
+	if s.resp.Header.Get("Content-Encoding") == "gzip" {
+		zr, err := gzip.NewReader(body)
+		if err != nil {
+			s.end = err
+			return
+		}
+		body = zr
+	}
+	sc := bufio.NewScanner(body)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		v, ok := strings.CutPrefix(sc.Text(), "data: ")
@@ -209,6 +220,7 @@ func (s *subscriber) read() {
 		default:
 		}
 	}
+	s.end = sc.Err()
 }
 
 // streamsState is /coalesce/streams.
@@ -364,6 +376,41 @@ func TestSSEThousandSubscribersShareOneUpstreamStream(t *testing.T) {
 	}
 	if got := up.Calls(); got != 1 {
 		t.Errorf("upstream connections: %d, want 1 for %d subscribers", got, n)
+	}
+}
+
+// Subscribers that ask for gzip through encode get their events
+// compressed, every one and in order, beside subscribers that do not (the
+// encoding is part of the key: one upstream stream each).
+func TestSSECompressedAndPlainSubscribersReceiveEveryEvent(t *testing.T) {
+	src := newEventSource()
+	up := newUpstream(t, src.serve)
+	startCaddy(t, sseSite("linger 100ms"), up)
+	client, admin := sseClient(t), newClient(t)
+	path := pathFor(t, "")
+
+	var subs []*subscriber
+	for range 3 {
+		subs = append(subs, subscribe(t, client, path, "Accept-Encoding: gzip"), subscribe(t, client, path))
+	}
+	waitUntil(t, 30*time.Second, "6 subscribers", func() bool { return subscribersOf(t, admin, path) == 6 })
+	const events = 10
+	src.publish(events)
+	for i, s := range subs {
+		waitUntil(t, 30*time.Second, fmt.Sprintf("subscriber %d's events", i), func() bool { return s.got.Load() == events })
+		if e := s.errs.Load(); e != nil {
+			t.Fatalf("subscriber %d: %s", i, *e)
+		}
+		want := ""
+		if i%2 == 0 {
+			want = "gzip"
+		}
+		if got := s.resp.Header.Get("Content-Encoding"); got != want {
+			t.Errorf("subscriber %d: Content-Encoding %q, want %q", i, got, want)
+		}
+	}
+	if got := up.Calls(); got != 2 {
+		t.Errorf("upstream connections: %d, want 2 (one per encoding)", got)
 	}
 }
 
@@ -630,6 +677,9 @@ func TestSSEReloadWithThousandSubscribersIsPrompt(t *testing.T) {
 		}
 		if e := s.errs.Load(); e != nil {
 			t.Fatalf("subscriber %d: %s", i, *e)
+		}
+		if s.end != nil {
+			t.Fatalf("subscriber %d's response ended with %v; a reload ends it cleanly", i, s.end)
 		}
 	}
 	// They reconnect with their Last-Event-ID and are replayed: the events

@@ -64,14 +64,7 @@ func (s *stream) publish(r *run, ev *event) bool {
 		s.retry = ev.retry
 	}
 	start := time.Now()
-	for _, sub := range s.subs {
-		if !sub.enqueue(ev, s.hub.cfg.Buffer) {
-			slow = append(slow, sub)
-		}
-	}
-	for _, sub := range slow {
-		s.dropLocked(sub, ReasonSlow)
-	}
+	slow = s.deliverLocked(ev)
 	took := time.Since(start)
 	if s.beat != nil {
 		s.beat.Reset(s.hub.cfg.Heartbeat)
@@ -88,6 +81,32 @@ func (s *stream) publish(r *run, ev *event) bool {
 	return true
 }
 
+// deliverLocked hands ev to every subscriber: queued, or written at once to
+// a detached subscriber's connection. It drops the subscribers too far
+// behind and returns them (for the tally), and takes out those whose
+// connection failed (they left). The caller holds the stream's lock.
+func (s *stream) deliverLocked(ev *event) (slow []*subscriber) {
+	var gone []*subscriber
+	for _, sub := range s.subs {
+		switch sub.enqueue(ev, s.hub.cfg.Buffer) {
+		case behind:
+			slow = append(slow, sub)
+		case lost:
+			gone = append(gone, sub)
+		}
+	}
+	for _, sub := range slow {
+		s.dropLocked(sub, ReasonSlow)
+	}
+	for _, sub := range gone {
+		if !sub.removed {
+			s.removeLocked(sub)
+		}
+		sub.hangUp()
+	}
+	return slow
+}
+
 // heartbeat writes a comment to every subscriber after a silence.
 func (s *stream) heartbeat() {
 	var slow []*subscriber
@@ -96,14 +115,7 @@ func (s *stream) heartbeat() {
 		s.mu.Unlock()
 		return
 	}
-	for _, sub := range s.subs {
-		if !sub.enqueue(heartbeat, s.hub.cfg.Buffer) {
-			slow = append(slow, sub)
-		}
-	}
-	for _, sub := range slow {
-		s.dropLocked(sub, ReasonSlow)
-	}
+	slow = s.deliverLocked(heartbeat)
 	s.beat.Reset(s.hub.cfg.Heartbeat)
 	s.mu.Unlock()
 	for _, sub := range slow {

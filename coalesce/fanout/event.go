@@ -12,6 +12,10 @@ import (
 // and the ring, and never modified.
 type event struct {
 	raw []byte
+	// chunk is raw framed as one chunk of HTTP/1.1's chunked transfer
+	// coding, what is written to a detached subscriber's connection. raw
+	// lies inside it: one allocation holds both.
+	chunk []byte
 	// id is the stream's last event ID once this event is dispatched (what
 	// a browser sends as Last-Event-ID after it); hasID: the event set it
 	// with an id field of its own.
@@ -27,7 +31,26 @@ type event struct {
 // heartbeat is the comment written after a stream has been silent for the
 // heartbeat interval. It ends with a blank line, so that it never joins the
 // lines of an event.
-var heartbeat = &event{raw: []byte(":\n\n"), retry: -1, comment: true}
+var heartbeat = newEvent(framed([]byte(":\n\n")))
+
+// newEvent returns a comment-only event for raw and its chunk; parse reads
+// its fields.
+func newEvent(raw, chunk []byte) *event {
+	return &event{raw: raw, chunk: chunk, retry: -1, comment: true}
+}
+
+// framed copies b into one chunk of chunked transfer coding (its size in
+// hex, CRLF, b, CRLF) and returns the copy of b within it, and the chunk.
+func framed(b []byte) (raw, chunk []byte) {
+	var size [20]byte
+	head := append(strconv.AppendInt(size[:0], int64(len(b)), 16), '\r', '\n')
+	chunk = make([]byte, 0, len(head)+len(b)+2)
+	chunk = append(chunk, head...)
+	chunk = append(chunk, b...)
+	chunk = append(chunk, '\r', '\n')
+	end := len(head) + len(b)
+	return chunk[len(head):end:end], chunk
+}
 
 // errEventTooLarge ends an upstream connection whose event does not end
 // within the bound.
@@ -114,18 +137,16 @@ func (s *splitter) scan(p []byte, emit func(*event)) error {
 			s.cr = false
 			i++
 		}
-		var raw []byte
-		if len(s.pending) == 0 {
-			raw = bytes.Clone(p[start:end])
-		} else {
-			raw = append(s.pending, p[start:end]...)
+		whole := p[start:end]
+		if len(s.pending) > 0 {
+			whole = append(s.pending, whole...)
 			s.pending = nil
 		}
 		start = end
-		if s.max > 0 && len(raw) > s.max {
+		if s.max > 0 && len(whole) > s.max {
 			return errEventTooLarge
 		}
-		emit(s.parse(raw))
+		emit(s.parse(framed(whole)))
 	}
 	if start < len(p) {
 		if s.max > 0 && len(s.pending)+len(p)-start > s.max {
@@ -138,8 +159,8 @@ func (s *splitter) scan(p []byte, emit func(*event)) error {
 
 // parse reads the fields the fan-out acts on: id and retry. raw is kept as
 // it is.
-func (s *splitter) parse(raw []byte) *event {
-	ev := &event{raw: raw, retry: -1, comment: true}
+func (s *splitter) parse(raw, chunk []byte) *event {
+	ev := newEvent(raw, chunk)
 	rest := raw
 	for len(rest) > 0 {
 		i := bytes.IndexAny(rest, "\r\n")

@@ -123,6 +123,7 @@ type Hub struct {
 
 	subscribers atomic.Int64
 	wg          sync.WaitGroup // upstream goroutines
+	conns       sync.WaitGroup // detached subscribers' goroutines (detached.go)
 }
 
 // NewHub returns a hub with no streams.
@@ -144,6 +145,7 @@ func (h *Hub) Close() {
 		s.end(ReasonClosed)
 	}
 	h.wg.Wait()
+	h.conns.Wait()
 }
 
 // Owner groups the streams started, and the subscribers served, through one

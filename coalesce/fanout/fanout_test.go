@@ -221,7 +221,7 @@ func newEdge(t *testing.T, cfg Config, o *origin) *edge {
 				w.Header()[k] = v
 			}
 			w.Header().Set("X-Outcome", strconv.Itoa(int(sub.Outcome)))
-			_ = sub.Serve(w)
+			_ = sub.Serve(w, r)
 		case Answered:
 			w.WriteHeader(sub.Answer.Status)
 			_, _ = w.Write(sub.Answer.Body)
@@ -247,6 +247,7 @@ type client struct {
 	cancel context.CancelFunc
 	data   chan string
 	done   chan struct{}
+	err    error // how the body ended (nil: cleanly), once done is closed
 }
 
 func subscribe(t *testing.T, e *edge, lastEventID string) *client {
@@ -272,6 +273,7 @@ func subscribe(t *testing.T, e *edge, lastEventID string) *client {
 				c.data <- v
 			}
 		}
+		c.err = sc.Err()
 	}()
 	t.Cleanup(func() {
 		cancel()
@@ -429,6 +431,52 @@ func TestSlowSubscriberIsDroppedOthersKeepUp(t *testing.T) {
 	}
 }
 
+// A subscriber that reads more slowly than events arrive, but stays
+// within Buffer events, receives every event in order and is not dropped:
+// what its connection cannot take at once is written by a drain.
+func TestSubscriberBehindCatchesUpWithoutLoss(t *testing.T) {
+	o := newOrigin(t)
+	o.size = 64 << 10 // 24 events: more than the socket buffers between them hold
+	e := newEdge(t, testConfig(), o)
+	tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		if tc, ok := c.(*net.TCPConn); ok {
+			_ = tc.SetReadBuffer(64 << 10)
+		}
+		return c, err
+	}}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr}).Get(e.srv.URL + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	waitFor(t, "subscriber", func() bool { return e.hub.Stats().Subscribers == 1 })
+	const n = 24
+	o.publish(n) // nothing is read meanwhile
+	waitFor(t, "the stream to take every event", func() bool { return e.tally.events.Load() == n })
+
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for want := 1; want <= n; {
+		if !sc.Scan() {
+			t.Fatalf("stream ended before event %d: %v", want, sc.Err())
+		}
+		if v, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+			if got, _, _ := strings.Cut(v, " "); got != strconv.Itoa(want) {
+				t.Fatalf("got event %s, want %d", got, want)
+			}
+			want++
+		}
+	}
+	if got := e.tally.dropped(ReasonSlow); got != 0 {
+		t.Errorf("slow drops: %d, want 0", got)
+	}
+	if got := e.hub.Stats().Subscribers; got != 1 {
+		t.Errorf("subscribers: %d, want 1", got)
+	}
+}
+
 func TestUpstreamRestartReconnectsWithLastEventID(t *testing.T) {
 	o := newOrigin(t)
 	e := newEdge(t, testConfig(), o)
@@ -525,6 +573,9 @@ func TestOwnerCloseHandsTheStreamOver(t *testing.T) {
 	case <-old.done:
 	case <-time.After(bound):
 		t.Fatal("the old owner's subscriber was not closed")
+	}
+	if old.err != nil {
+		t.Errorf("the closed subscriber's response ended with %v; a close ends it cleanly (EventSource reconnects)", old.err)
 	}
 	waitFor(t, "the old upstream request to end", func() bool { return o.open.Load() == 0 })
 	o.publish(6) // events during the reload

@@ -24,9 +24,12 @@ type subscriber struct {
 
 	// Guarded by mu, which the stream takes under its own lock.
 	mu     sync.Mutex
-	queue  []*event // events not yet taken by Serve; at most Buffer
+	queue  []*event // events not yet taken by Serve (or a drain); at most Buffer
 	closed bool     // wake is closed
 	reason Reason   // why it was closed
+	// conn is set when the subscriber is detached from its request
+	// (detached.go): its events are written to conn by the stream itself.
+	conn conn
 
 	// Guarded by the stream's lock.
 	index   int                      // in stream.subs
@@ -36,19 +39,37 @@ type subscriber struct {
 	leaveOnce sync.Once
 }
 
-// enqueue queues ev for the subscriber, unless Buffer events already wait:
-// then it reports false and queues nothing. The caller holds the stream's
-// lock.
-func (sub *subscriber) enqueue(ev *event, buffer int) bool {
+// delivery is what enqueue did with an event.
+type delivery uint8
+
+const (
+	delivered delivery = iota // queued, or written
+	behind                    // Buffer events already wait: nothing queued
+	lost                      // a detached subscriber's connection failed
+)
+
+// enqueue queues ev for the subscriber, unless Buffer events already wait.
+// A detached subscriber that is not behind gets ev written at once. The
+// caller holds the stream's lock.
+func (sub *subscriber) enqueue(ev *event, buffer int) delivery {
 	sub.mu.Lock()
+	if sub.conn.c != nil && !sub.conn.draining {
+		d := lost
+		if !sub.conn.dead {
+			d = sub.writeLocked(ev)
+		}
+		sub.mu.Unlock()
+		return d
+	}
 	n := len(sub.queue)
 	if n >= buffer {
 		sub.mu.Unlock()
-		return false
+		return behind
 	}
 	sub.queue = append(sub.queue, ev)
+	detached := sub.conn.c != nil
 	sub.mu.Unlock()
-	if n == 0 {
+	if n == 0 && !detached {
 		// The first event of a batch wakes Serve; it takes the whole
 		// queue, so later events need no signal of their own.
 		select {
@@ -56,7 +77,7 @@ func (sub *subscriber) enqueue(ev *event, buffer int) bool {
 		default:
 		}
 	}
-	return true
+	return delivered
 }
 
 // closeLocked marks the subscriber closed for reason and wakes it for good.
@@ -65,6 +86,9 @@ func (sub *subscriber) enqueue(ev *event, buffer int) bool {
 func (sub *subscriber) closeLocked(reason Reason) {
 	sub.mu.Lock()
 	sub.closed, sub.reason = true, reason
+	if sub.conn.c != nil {
+		sub.closeConnLocked()
+	}
 	sub.mu.Unlock()
 	close(sub.wake)
 }
@@ -172,16 +196,21 @@ func (sub *subscriber) leave() {
 	})
 }
 
-// Serve writes the stream to w: a 200 with the header already in w, the
-// replayed events, then every event as it comes, until the client leaves
-// or the stream drops the subscriber. The caller copies Header into w
-// first. Serve returns nil when the stream closed the subscriber.
-func (s *Subscription) Serve(w http.ResponseWriter) error {
+// Serve writes the stream to w, the response to r: a 200 with the header
+// already in w, the replayed events, then every event as it comes, until
+// the client leaves or the stream drops the subscriber. The caller copies
+// Header into w first. Serve returns nil when the stream closed the
+// subscriber.
+//
+// Once the header and the replayed events are out, an HTTP/1 response
+// whose body goes out as written (no Content-Encoding) is detached: Serve
+// takes its connection over from net/http and returns at once, and the
+// stream writes the events to the connection itself (detached.go).
+func (s *Subscription) Serve(w http.ResponseWriter, r *http.Request) error {
 	sub := s.sub
 	if sub == nil {
 		return errors.New("fanout: Serve of a subscription that did not join")
 	}
-	defer sub.leave()
 	rc := http.NewResponseController(w)
 	st := sub.stream
 	st.mu.Lock()
@@ -191,13 +220,22 @@ func (s *Subscription) Serve(w http.ResponseWriter) error {
 	w.WriteHeader(http.StatusOK)
 	for _, ev := range sub.replay {
 		if _, err := w.Write(ev.raw); err != nil {
+			sub.leave()
 			return err
 		}
 	}
 	sub.replay = nil
 	if err := flush(rc); err != nil {
+		sub.leave()
 		return err
 	}
+	if detachable(r, w.Header()) {
+		if c, _, err := rc.Hijack(); err == nil {
+			sub.detach(c, r.ProtoAtLeast(1, 1))
+			return nil
+		}
+	}
+	defer sub.leave()
 	var spare []*event
 	for {
 		select {

@@ -2,6 +2,8 @@ package fanout
 
 import (
 	"context"
+	"runtime"
+	"sync"
 	"time"
 )
 
@@ -86,15 +88,57 @@ func (s *stream) publish(r *run, ev *event) bool {
 // behind and returns them (for the tally), and takes out those whose
 // connection failed (they left). The caller holds the stream's lock.
 func (s *stream) deliverLocked(ev *event) (slow []*subscriber) {
-	var gone []*subscriber
-	for _, sub := range s.subs {
-		switch sub.enqueue(ev, s.hub.cfg.Buffer) {
+	// Writing to a connection is a system call of a few microseconds: a
+	// large stream's subscribers are shared among as many goroutines as
+	// run at once, so that the last subscriber in line waits for its share,
+	// not for all of them.
+	subs := s.subs
+	parts := min(runtime.GOMAXPROCS(0), len(subs)/minShare)
+	if parts <= 1 {
+		return s.settleLocked(deliver(subs, ev, s.hub.cfg.Buffer))
+	}
+	share := (len(subs) + parts - 1) / parts
+	outs := make([]deliveries, parts)
+	var wg sync.WaitGroup
+	for i := 1; i < parts; i++ {
+		wg.Go(func() {
+			outs[i] = deliver(subs[i*share:min((i+1)*share, len(subs))], ev, s.hub.cfg.Buffer)
+		})
+	}
+	outs[0] = deliver(subs[:share], ev, s.hub.cfg.Buffer)
+	wg.Wait()
+	var all deliveries
+	for _, o := range outs {
+		all.slow = append(all.slow, o.slow...)
+		all.gone = append(all.gone, o.gone...)
+	}
+	return s.settleLocked(all)
+}
+
+// minShare is the fewest subscribers worth a goroutine of their own when
+// an event is handed out.
+const minShare = 256
+
+// deliveries are the subscribers an event could not be handed to.
+type deliveries struct{ slow, gone []*subscriber }
+
+// deliver hands ev to subs.
+func deliver(subs []*subscriber, ev *event, buffer int) (d deliveries) {
+	for _, sub := range subs {
+		switch sub.enqueue(ev, buffer) {
 		case behind:
-			slow = append(slow, sub)
+			d.slow = append(d.slow, sub)
 		case lost:
-			gone = append(gone, sub)
+			d.gone = append(d.gone, sub)
 		}
 	}
+	return d
+}
+
+// settleLocked drops the subscribers an event found too far behind, and
+// takes out those whose connection failed. It returns the dropped ones.
+func (s *stream) settleLocked(d deliveries) (slow []*subscriber) {
+	slow, gone := d.slow, d.gone
 	for _, sub := range slow {
 		s.dropLocked(sub, ReasonSlow)
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"flag"
@@ -9,6 +10,7 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"runtime"
@@ -58,7 +60,13 @@ func origin(args []string) {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	pad := strings.Repeat("x", *size)
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1}, Timeout: 5 * time.Second}
+	var pub *publisher
+	if *publish != "" {
+		if pub, err = newPublisher(*publish); err != nil {
+			log.Fatal(err)
+		}
+		defer pub.close()
+	}
 	tick := time.NewTicker(time.Second / time.Duration(*rate))
 	defer tick.Stop()
 	for n := int64(1); ; n++ {
@@ -70,14 +78,10 @@ func origin(args []string) {
 		}
 		h.made.Store(n)
 		data := fmt.Sprintf("%d %d %s", n, time.Now().UnixNano(), pad)
-		if *publish != "" {
-			resp, err := client.Post(*publish, "text/plain", strings.NewReader(data))
-			if err != nil {
+		if pub != nil {
+			if err := pub.send(data); err != nil {
 				log.Printf("publish: %v", err)
-				continue
 			}
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
 			continue
 		}
 		ev := []byte(fmt.Sprintf("id: %d\ndata: %s\n\n", n, data))
@@ -185,4 +189,58 @@ func floor(args []string) {
 			"heap_inuse": m.HeapInuse, "heap_alloc": m.HeapAlloc, "stack_inuse": m.StackInuse, "sys": m.Sys})
 	})
 	log.Fatal(http.ListenAndServe(*listen, mux))
+}
+
+// publisher POSTs events to a pub/sub server over one connection, pipelined:
+// it sends each request when its event is made, without waiting for the
+// answer to the one before, so the server's time to answer does not slow
+// the events down (a publisher that waits for each answer delivered about
+// 35 events a second to 5 000 nchan subscribers instead of 50). One
+// connection keeps them in order; the answers are read and counted apart.
+type publisher struct {
+	conn net.Conn
+	host string
+	path string
+	done chan struct{}
+}
+
+func newPublisher(rawURL string) (*publisher, error) {
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := net.Dial("tcp", u.Host)
+	if err != nil {
+		return nil, err
+	}
+	p := &publisher{conn: conn, host: u.Host, path: u.RequestURI(), done: make(chan struct{})}
+	go p.readAnswers()
+	return p, nil
+}
+
+func (p *publisher) send(data string) error {
+	_, err := fmt.Fprintf(p.conn, "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s",
+		p.path, p.host, len(data), data)
+	return err
+}
+
+func (p *publisher) readAnswers() {
+	defer close(p.done)
+	br := bufio.NewReader(p.conn)
+	for {
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			return
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode >= 300 {
+			log.Printf("publish: %s", resp.Status)
+		}
+	}
+}
+
+func (p *publisher) close() {
+	_ = p.conn.Close()
+	<-p.done
 }

@@ -195,6 +195,10 @@ func (sub *subscriber) closeConnLocked() {
 		_ = c.c.Close()
 	case c.draining:
 		_ = c.c.SetWriteDeadline(time.Now().Add(closeGrace))
+	case c.chunked && c.raw == nil:
+		// No write without blocking: a drain writes the last chunk.
+		_ = c.c.SetWriteDeadline(time.Now().Add(closeGrace))
+		sub.startDrainLocked()
 	default:
 		if c.chunked {
 			_, _ = writeNow(c.raw, lastChunk)

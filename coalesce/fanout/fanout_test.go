@@ -211,9 +211,14 @@ func testConfig() Config {
 }
 
 func newEdge(t *testing.T, cfg Config, o *origin) *edge {
+	return newEdgeTLS(t, cfg, o, false)
+}
+
+// newEdgeTLS is newEdge over HTTPS (HTTP/1.1) when tls is set.
+func newEdgeTLS(t *testing.T, cfg Config, o *origin, tls bool) *edge {
 	e := &edge{hub: NewHub(cfg), tally: &counts{}, open: openOrigin(o)}
 	e.owner.Store(e.hub.NewOwner(e.tally))
-	e.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	e.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		sub := e.hub.Join(r.Context(), e.owner.Load(), "key", r.URL.Path, r.Header.Get("Last-Event-ID"), e.open)
 		switch sub.Outcome {
 		case Started, Joined:
@@ -233,6 +238,11 @@ func newEdge(t *testing.T, cfg Config, o *origin) *edge {
 			w.WriteHeader(http.StatusBadGateway)
 		}
 	}))
+	if tls {
+		e.srv.StartTLS()
+	} else {
+		e.srv.Start()
+	}
 	t.Cleanup(func() {
 		e.srv.Close()
 		e.hub.Close()
@@ -431,6 +441,37 @@ func TestSlowSubscriberIsDroppedOthersKeepUp(t *testing.T) {
 	}
 }
 
+// Over TLS a connection takes no write that cannot block, so every event
+// goes out through a drain: the subscribers still get every event in order,
+// and a close still ends each response cleanly.
+func TestSubscribersOverTLSGetEveryEventAndACleanEnd(t *testing.T) {
+	o := newOrigin(t)
+	e := newEdgeTLS(t, testConfig(), o, true)
+	clients := make([]*client, 5)
+	for i := range clients {
+		clients[i] = subscribe(t, e, "")
+	}
+	waitFor(t, "subscribers", func() bool { return e.hub.Stats().Subscribers == int64(len(clients)) })
+	o.publish(30)
+	for _, c := range clients {
+		c.expect(t, 1, 30)
+	}
+	e.owner.Load().Close()
+	for i, c := range clients {
+		select {
+		case <-c.done:
+		case <-time.After(bound):
+			t.Fatalf("subscriber %d was not closed", i)
+		}
+		if c.err != nil {
+			t.Errorf("subscriber %d's response ended with %v, want a clean end", i, c.err)
+		}
+	}
+	if got := o.total.Load(); got != 1 {
+		t.Errorf("upstream requests: %d, want 1", got)
+	}
+}
+
 // A subscriber that reads more slowly than events arrive, but stays
 // within Buffer events, receives every event in order and is not dropped:
 // what its connection cannot take at once is written by a drain.
@@ -454,7 +495,8 @@ func TestSubscriberBehindCatchesUpWithoutLoss(t *testing.T) {
 	waitFor(t, "subscriber", func() bool { return e.hub.Stats().Subscribers == 1 })
 	const n = 24
 	o.publish(n) // nothing is read meanwhile
-	waitFor(t, "the stream to take every event", func() bool { return e.tally.events.Load() == n })
+	// Every event and the origin's prologue (its retry: is an event of its own).
+	waitFor(t, "the stream to take every event", func() bool { return e.tally.events.Load() == n+1 })
 
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)

@@ -196,12 +196,13 @@ func floor(args []string) {
 // answer to the one before, so the server's time to answer does not slow
 // the events down (a publisher that waits for each answer delivered about
 // 35 events a second to 5 000 nchan subscribers instead of 50). One
-// connection keeps them in order; the answers are read and counted apart.
+// connection keeps them in order; the answers are read apart. It connects
+// at its first event (the server may start after the origin), and again
+// after a failure.
 type publisher struct {
-	conn net.Conn
-	host string
-	path string
-	done chan struct{}
+	host, path string
+	conn       net.Conn
+	done       chan struct{} // closed when conn's answers are read to the end
 }
 
 func newPublisher(rawURL string) (*publisher, error) {
@@ -209,24 +210,29 @@ func newPublisher(rawURL string) (*publisher, error) {
 	if err != nil {
 		return nil, err
 	}
-	conn, err := net.Dial("tcp", u.Host)
-	if err != nil {
-		return nil, err
-	}
-	p := &publisher{conn: conn, host: u.Host, path: u.RequestURI(), done: make(chan struct{})}
-	go p.readAnswers()
-	return p, nil
+	return &publisher{host: u.Host, path: u.RequestURI()}, nil
 }
 
 func (p *publisher) send(data string) error {
+	if p.conn == nil {
+		c, err := net.Dial("tcp", p.host)
+		if err != nil {
+			return err
+		}
+		p.conn, p.done = c, make(chan struct{})
+		go readAnswers(c, p.done)
+	}
 	_, err := fmt.Fprintf(p.conn, "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s",
 		p.path, p.host, len(data), data)
+	if err != nil {
+		p.close()
+	}
 	return err
 }
 
-func (p *publisher) readAnswers() {
-	defer close(p.done)
-	br := bufio.NewReader(p.conn)
+func readAnswers(c net.Conn, done chan struct{}) {
+	defer close(done)
+	br := bufio.NewReader(c)
 	for {
 		resp, err := http.ReadResponse(br, nil)
 		if err != nil {
@@ -241,6 +247,9 @@ func (p *publisher) readAnswers() {
 }
 
 func (p *publisher) close() {
-	_ = p.conn.Close()
-	<-p.done
+	if p.conn != nil {
+		_ = p.conn.Close()
+		<-p.done
+		p.conn = nil
+	}
 }

@@ -105,9 +105,14 @@ func (s *eventSource) ids() []string {
 }
 
 // sseSite is a site whose route has encode (which once held event-stream
-// headers back) before coalesce with `sse { options }`.
+// headers back) before coalesce with `sse { options }`, with an access log
+// (Caddy then wraps every response in a recorder that counts its bytes,
+// also those of a connection it hands out).
 func sseSite(options string) string {
 	return fmt.Sprintf(`:%d {
+	log {
+		output discard
+	}
 	handle /warm {
 		respond "warm" 200
 	}

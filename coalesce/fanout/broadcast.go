@@ -97,15 +97,13 @@ func (s *stream) deliverLocked(ev *event) (slow []*subscriber) {
 	if parts <= 1 {
 		return s.settleLocked(deliver(subs, ev, s.hub.cfg.Buffer))
 	}
-	share := (len(subs) + parts - 1) / parts
+	part := func(i int) []*subscriber { return subs[i*len(subs)/parts : (i+1)*len(subs)/parts] }
 	outs := make([]deliveries, parts)
 	var wg sync.WaitGroup
 	for i := 1; i < parts; i++ {
-		wg.Go(func() {
-			outs[i] = deliver(subs[i*share:min((i+1)*share, len(subs))], ev, s.hub.cfg.Buffer)
-		})
+		wg.Go(func() { outs[i] = deliver(part(i), ev, s.hub.cfg.Buffer) })
 	}
-	outs[0] = deliver(subs[:share], ev, s.hub.cfg.Buffer)
+	outs[0] = deliver(part(0), ev, s.hub.cfg.Buffer)
 	wg.Wait()
 	var all deliveries
 	for _, o := range outs {

@@ -43,7 +43,8 @@ type conn struct {
 	// write to c. offset is how much of queue[0] it has written already.
 	draining bool
 	offset   int
-	dead     bool // c failed or was closed
+	dead     bool // c failed or is being closed: nothing more is written
+	closed   bool // closeConn ran (once: the first one closes c)
 }
 
 func (c *conn) payload(ev *event) []byte {
@@ -56,12 +57,47 @@ func (c *conn) payload(ev *event) []byte {
 // lastChunk ends a response in chunked transfer coding.
 var lastChunk = []byte("0\r\n\r\n")
 
-// detachable reports whether the response to r, with header h already
-// written, may be detached: HTTP/1 (HTTP/2 and 3 multiplex one connection),
-// and a body that goes out as written.
-func detachable(r *http.Request, h http.Header) bool {
-	return r.ProtoMajor == 1 && h.Get("Content-Encoding") == "" &&
-		h.Get("Content-Length") == "" && h.Get("Transfer-Encoding") == ""
+// detachable reports whether the response w to r, its header and replay
+// flushed, may be detached: HTTP/1 (HTTP/2 and 3 multiplex one connection),
+// a body that goes out as written, and nothing held back by a writer that
+// buffers the response (Caddy's recorder for a log of the body, templates):
+// what it holds would never reach the client.
+func detachable(r *http.Request, w http.ResponseWriter) bool {
+	h := w.Header()
+	if r.ProtoMajor != 1 || h.Get("Content-Encoding") != "" ||
+		h.Get("Content-Length") != "" || h.Get("Transfer-Encoding") != "" {
+		return false
+	}
+	for {
+		if b, ok := w.(interface{ Buffered() bool }); ok && b.Buffered() {
+			return false
+		}
+		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			return true
+		}
+		w = u.Unwrap()
+	}
+}
+
+// hijack takes the connection over from the innermost writer, net/http's:
+// the writers in between (Caddy's recorders count the bytes of a
+// connection they hand out, and read those counts when the handler
+// returns) are left out of the stream's writes.
+func hijack(w http.ResponseWriter) (net.Conn, error) {
+	for {
+		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			break
+		}
+		w = u.Unwrap()
+	}
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		return nil, http.ErrNotSupported
+	}
+	c, _, err := hj.Hijack()
+	return c, err
 }
 
 // detach hands the subscriber's connection nc, taken over from net/http
@@ -92,6 +128,7 @@ func (sub *subscriber) detach(nc net.Conn, chunked bool) {
 		sub.leave()
 		return
 	}
+	_ = nc.SetDeadline(time.Time{})
 	st.mu.Lock()
 	sub.rc = nil
 	sub.mu.Lock()
@@ -159,7 +196,10 @@ func (sub *subscriber) drain() {
 				if c.chunked {
 					_, _ = c.c.Write(lastChunk)
 				}
-				sub.hangUp()
+				sub.mu.Lock()
+				c.dead = true
+				sub.mu.Unlock()
+				sub.closeConn()
 			}
 			return
 		}
@@ -176,7 +216,12 @@ func (sub *subscriber) drain() {
 		// WriteTo consumes the slice: keep its array for the next batch.
 		all := bufs
 		if _, err := bufs.WriteTo(c.c); err != nil {
-			sub.hangUp()
+			sub.mu.Lock()
+			c.dead, c.draining = true, false
+			clear(sub.queue)
+			sub.queue = nil
+			sub.mu.Unlock()
+			sub.closeConn()
 			return
 		}
 		bufs = all[:0]
@@ -192,20 +237,53 @@ func (sub *subscriber) closeConnLocked() {
 	case c.dead:
 	case sub.reason == ReasonSlow:
 		c.dead = true
-		_ = c.c.Close()
+		sub.closeNetLocked()
 	case c.draining:
 		_ = c.c.SetWriteDeadline(time.Now().Add(closeGrace))
-	case c.chunked && c.raw == nil:
-		// No write without blocking: a drain writes the last chunk.
-		_ = c.c.SetWriteDeadline(time.Now().Add(closeGrace))
-		sub.startDrainLocked()
 	default:
 		if c.chunked {
-			_, _ = writeNow(c.raw, lastChunk)
+			if n, err := writeNow(c.raw, lastChunk); err == nil && n == 0 {
+				// The socket is full, or takes no write that cannot
+				// block: a drain writes the last chunk.
+				_ = c.c.SetWriteDeadline(time.Now().Add(closeGrace))
+				sub.startDrainLocked()
+				return
+			}
 		}
 		c.dead = true
-		_ = c.c.Close()
+		sub.closeNetLocked()
 	}
+}
+
+// closeConn closes a detached subscriber's connection, once.
+func (sub *subscriber) closeConn() {
+	sub.mu.Lock()
+	sub.closeNetLocked()
+	sub.mu.Unlock()
+}
+
+// closeNetLocked closes the connection unless it was closed already. A
+// socket's close returns at once; closing anything else (TLS writes its
+// close_notify, for up to seconds to a client that reads nothing) is left
+// to a goroutine, since the caller may hold the stream's lock. The watch,
+// which ends only once the connection is closed, holds the hub's count
+// meanwhile. The caller holds sub.mu.
+func (sub *subscriber) closeNetLocked() {
+	c := &sub.conn
+	if c.closed {
+		return
+	}
+	c.closed = true
+	if c.raw != nil {
+		_ = c.c.Close()
+		return
+	}
+	h := sub.stream.hub
+	h.conns.Add(1)
+	go func() {
+		defer h.conns.Done()
+		_ = c.c.Close()
+	}()
 }
 
 // hangUp closes a detached subscriber's connection.
@@ -213,7 +291,7 @@ func (sub *subscriber) hangUp() {
 	sub.mu.Lock()
 	sub.conn.dead = true
 	sub.mu.Unlock()
-	_ = sub.conn.c.Close()
+	sub.closeConn()
 }
 
 // watch waits for the client of a detached subscriber to leave (or the

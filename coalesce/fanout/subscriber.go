@@ -53,7 +53,7 @@ const (
 // caller holds the stream's lock.
 func (sub *subscriber) enqueue(ev *event, buffer int) delivery {
 	sub.mu.Lock()
-	if sub.conn.c != nil && !sub.conn.draining {
+	if sub.conn.c != nil && (sub.conn.dead || !sub.conn.draining) {
 		d := lost
 		if !sub.conn.dead {
 			d = sub.writeLocked(ev)
@@ -225,12 +225,13 @@ func (s *Subscription) Serve(w http.ResponseWriter, r *http.Request) error {
 		}
 	}
 	sub.replay = nil
-	if err := flush(rc); err != nil {
+	flushed := rc.Flush()
+	if flushed != nil && !errors.Is(flushed, http.ErrNotSupported) {
 		sub.leave()
-		return err
+		return flushed
 	}
-	if detachable(r, w.Header()) {
-		if c, _, err := rc.Hijack(); err == nil {
+	if flushed == nil && detachable(r, w) {
+		if c, err := hijack(w); err == nil {
 			sub.detach(c, r.ProtoAtLeast(1, 1))
 			return nil
 		}

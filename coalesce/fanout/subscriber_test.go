@@ -3,6 +3,8 @@ package fanout
 import (
 	"context"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"testing"
 )
 
@@ -77,5 +79,49 @@ func TestQueueGrowsWithTheBacklogAndStillDropsBeyondBuffer(t *testing.T) {
 	}
 	if batch, closed, _ := reader.take(nil); len(batch) != 1 || closed {
 		t.Errorf("the reader got %d events (closed %v) of the last publish, want 1", len(batch), closed)
+	}
+}
+
+// bufferingWriter stands for a writer that holds the response back (Caddy's
+// recorder when a log wants the body): a subscriber behind it is never
+// detached, or what it holds would never reach the client.
+type bufferingWriter struct {
+	http.ResponseWriter
+	buffered bool
+}
+
+func (w *bufferingWriter) Buffered() bool              { return w.buffered }
+func (w *bufferingWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func TestDetachableOnlyWhenTheBodyGoesOutAsWritten(t *testing.T) {
+	req := func(major int) *http.Request {
+		r := httptest.NewRequest("GET", "/events", nil)
+		r.ProtoMajor = major
+		return r
+	}
+	withHeader := func(k, v string) http.ResponseWriter {
+		w := httptest.NewRecorder()
+		if k != "" {
+			w.Header().Set(k, v)
+		}
+		return w
+	}
+	for _, c := range []struct {
+		name string
+		r    *http.Request
+		w    http.ResponseWriter
+		want bool
+	}{
+		{"HTTP/1.1", req(1), withHeader("", ""), true},
+		{"HTTP/2", req(2), withHeader("", ""), false},
+		{"compressed", req(1), withHeader("Content-Encoding", "gzip"), false},
+		{"with a length", req(1), withHeader("Content-Length", "10"), false},
+		{"behind a writer that streams", req(1), &bufferingWriter{ResponseWriter: httptest.NewRecorder()}, true},
+		{"behind a writer that buffers", req(1), &bufferingWriter{ResponseWriter: httptest.NewRecorder(), buffered: true}, false},
+		{"deeper behind one that buffers", req(1), &bufferingWriter{ResponseWriter: &bufferingWriter{ResponseWriter: httptest.NewRecorder(), buffered: true}}, false},
+	} {
+		if got := detachable(c.r, c.w); got != c.want {
+			t.Errorf("%s: detachable %v, want %v", c.name, got, c.want)
+		}
 	}
 }

@@ -85,19 +85,23 @@ func detachable(r *http.Request, w http.ResponseWriter) bool {
 // connection they hand out, and read those counts when the handler
 // returns) are left out of the stream's writes.
 func hijack(w http.ResponseWriter) (net.Conn, error) {
-	for {
-		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
-		if !ok {
-			break
-		}
-		w = u.Unwrap()
-	}
-	hj, ok := w.(http.Hijacker)
+	hj, ok := innermost(w).(http.Hijacker)
 	if !ok {
 		return nil, http.ErrNotSupported
 	}
 	c, _, err := hj.Hijack()
 	return c, err
+}
+
+// innermost is the writer at the bottom of w's Unwrap chain.
+func innermost(w http.ResponseWriter) http.ResponseWriter {
+	for {
+		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			return w
+		}
+		w = u.Unwrap()
+	}
 }
 
 // detach hands the subscriber's connection nc, taken over from net/http

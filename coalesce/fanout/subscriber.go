@@ -34,7 +34,7 @@ type subscriber struct {
 	// Guarded by the stream's lock.
 	index   int                      // in stream.subs
 	removed bool                     // out of stream.subs
-	rc      *http.ResponseController // set once Serve writes
+	rc      *http.ResponseController // net/http's writer, set once Serve writes
 
 	leaveOnce sync.Once
 }
@@ -212,9 +212,14 @@ func (s *Subscription) Serve(w http.ResponseWriter, r *http.Request) error {
 		return errors.New("fanout: Serve of a subscription that did not join")
 	}
 	rc := http.NewResponseController(w)
+	// The stream sets the connection's write deadline from its own
+	// goroutine: on net/http's writer, which allows that, not through the
+	// writers in between (Caddy's idle timeout keeps the deadline in a
+	// field that its Write reads without a lock).
+	conn := http.NewResponseController(innermost(w))
 	st := sub.stream
 	st.mu.Lock()
-	sub.rc = rc
+	sub.rc = conn
 	st.mu.Unlock()
 
 	w.WriteHeader(http.StatusOK)
@@ -263,7 +268,7 @@ func (s *Subscription) Serve(w http.ResponseWriter, r *http.Request) error {
 		}
 		err := flush(rc)
 		if closed {
-			_ = rc.SetWriteDeadline(time.Time{})
+			_ = conn.SetWriteDeadline(time.Time{})
 			return err
 		}
 		if err != nil {

@@ -170,9 +170,10 @@ func initSSEMetrics() {
 		sseMetrics.reconnects = counter("sse_upstream_reconnects_total", "Upstream event stream requests sent again after the connection ended, with Last-Event-ID.")
 		sseMetrics.fanout = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "sse_fanout_seconds",
-			Help: "Time to hand one upstream event to every subscriber of its stream (what the last one waits for before it is woken).",
-			// 1000 subscribers take tens of microseconds.
-			Buckets: []float64{5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1},
+			Help: "Time to hand one upstream event to every subscriber of its stream (what the last one in line waits for): writing it to detached subscribers' connections, queueing it for the others.",
+			// Queueing for 1 000 subscribers takes tens of microseconds;
+			// writing to 1 000 connections a few milliseconds.
+			Buckets: []float64{5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1},
 		}, []string{"handler"})
 		sseMetrics.state = &streamCollector{
 			streams:     prometheus.NewDesc(prometheus.BuildFQName(metricsNamespace, metricsSubsystem, "sse_streams"), "Event streams fanned out now (one upstream request each).", []string{"handler"}, nil),

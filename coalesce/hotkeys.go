@@ -285,17 +285,28 @@ func (s *hotShard) insert(id uint64, r *http.Request) *hotCounter {
 	c := sum.heap[0]
 	delete(sum.index, c.id)
 	s.labelBytes -= int64(len(c.method) + len(c.host) + len(c.path))
-	*c = hotCounter{id: id, prevCount: prev, count: c.count, overcount: c.count, pos: 0}
+	// Most keys of a site share its host and method: the replaced
+	// counter's copies are kept for them (label).
+	*c = hotCounter{id: id, prevCount: prev, count: c.count, overcount: c.count, pos: 0, method: c.method, host: c.host}
 	c.label(r)
 	sum.index[id] = c
 	s.labelBytes += int64(len(c.method) + len(c.host) + len(c.path))
 	return c
 }
 
-// label copies the request's method, host and path into the counter: the
-// request's own strings may share memory with the rest of it.
+// label copies the request's method, host and path into the counter (the
+// request's own strings may share memory with the rest of it), keeping the
+// counter's method and host when they are the request's.
 func (c *hotCounter) label(r *http.Request) {
-	c.method, c.host, c.path = strings.Clone(r.Method), strings.Clone(r.Host), strings.Clone(r.URL.Path)
+	c.method, c.host, c.path = cloneUnless(r.Method, c.method), cloneUnless(r.Host, c.host), strings.Clone(r.URL.Path)
+}
+
+// cloneUnless returns a copy of s, or had when it already holds s.
+func cloneUnless(s, had string) string {
+	if s == had {
+		return had
+	}
+	return strings.Clone(s)
 }
 
 func (m *hotSummary) reset() {

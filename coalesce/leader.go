@@ -158,25 +158,9 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		return e.refuseFlight(f, key, r, until)
 	}
 	defer pass.release()
-	rec = newRecorder(w, e.cfg.MaxBody,
-		func(reason string) {
-			// A response that cannot be buffered is healthy but cannot be
-			// shared or stored: the followers go on their own, the copy it
-			// replaces goes, and so do the next requests for a while. It is
-			// judged now, by its status: a stream may last for hours, and a
-			// half-open probe would keep its slot as long. (rec.mu is held:
-			// rec.status is set.) A full flight memory budget says nothing
-			// about the response: the followers go, the copy and the key stay
-			// as they are.
-			pass.settle(ur, nil, rec.status)
-			f.Publish(&result{reason: reason, admitted: pass.admitted()}, nil)
-			if reason != detailFlightMemory {
-				e.markHitForMiss(key)
-			}
-		},
-		func(reason string) string {
-			return cacheStatus{fwd: fwd, detail: reason}.String()
-		})
+	fr := &flightRecorder{e: e, f: f, pass: pass, ur: ur, key: key, fwd: fwd}
+	rec = &fr.rec
+	rec.init(w, e.cfg.MaxBody, fr)
 	rec.memory = &e.flightMemory
 	defer rec.finish() // also when next panics: no late flush after the handler
 	err := pass.send(next, rec, ur)
@@ -273,6 +257,37 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		}
 	}
 	return a
+}
+
+// flightRecorder is a flight's recorder, with what the flight does when its
+// response turns into a stream.
+type flightRecorder struct {
+	rec  recorder
+	e    *Engine
+	f    *registry.Flight[*result]
+	pass *passage
+	ur   *http.Request
+	key  Key
+	fwd  string
+}
+
+// streaming: a response that cannot be buffered is healthy but cannot be
+// shared or stored: the followers go on their own, the copy it replaces
+// goes, and so do the next requests for a while. It is judged now, by its
+// status: a stream may last for hours, and a half-open probe would keep its
+// slot as long. (rec.mu is held: rec.status is set.) A full flight memory
+// budget says nothing about the response: the followers go, the copy and
+// the key stay as they are.
+func (fr *flightRecorder) streaming(reason string) {
+	fr.pass.settle(fr.ur, nil, fr.rec.status)
+	fr.f.Publish(&result{reason: reason, admitted: fr.pass.admitted()}, nil)
+	if reason != detailFlightMemory {
+		fr.e.markHitForMiss(fr.key)
+	}
+}
+
+func (fr *flightRecorder) streamStatus(reason string) string {
+	return cacheStatus{fwd: fr.fwd, detail: reason}.String()
 }
 
 // refuseFlight answers a flight whose upstream's breaker refused it: its

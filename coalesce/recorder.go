@@ -21,7 +21,7 @@ const streamAfter = 100 * time.Millisecond
 // recorder is the leader's ResponseWriter. It buffers a response for sharing
 // as long as it may be shared: up to maxBody bytes, not a stream. Otherwise
 // it turns into a pass-through to the leader's client ("streaming") and
-// calls onStream once, before the first byte goes out, so that followers
+// tells its watcher once, before the first byte goes out, so that followers
 // can stop waiting.
 //
 // mu serialises the handler's calls with the late flush, a timer that may
@@ -49,12 +49,29 @@ type recorder struct {
 
 	streaming    bool
 	streamReason string
-	cacheStatus  func(reason string) string // Cache-Status member when streaming
-	onStream     func(reason string)
+	watch        streamWatcher
 }
 
-func newRecorder(w http.ResponseWriter, maxBody int64, onStream func(string), cacheStatus func(string) string) *recorder {
-	return &recorder{w: w, header: make(http.Header), maxBody: maxBody, onStream: onStream, cacheStatus: cacheStatus}
+// streamWatcher is told when a recorder turns into a stream.
+type streamWatcher interface {
+	// streaming is called once, with the recorder's lock held, before the
+	// first byte goes to the client.
+	streaming(reason string)
+	// streamStatus is the Cache-Status member the streamed response carries
+	// ("" for none).
+	streamStatus(reason string) string
+}
+
+// init readies a recorder that is part of a larger value (one allocation
+// per flight); newRecorder allocates one of its own.
+func (rec *recorder) init(w http.ResponseWriter, maxBody int64, watch streamWatcher) {
+	rec.w, rec.header, rec.maxBody, rec.watch = w, make(http.Header), maxBody, watch
+}
+
+func newRecorder(w http.ResponseWriter, maxBody int64, watch streamWatcher) *recorder {
+	rec := new(recorder)
+	rec.init(w, maxBody, watch)
+	return rec
 }
 
 func (rec *recorder) Header() http.Header {
@@ -219,12 +236,12 @@ func (rec *recorder) stream(reason string) {
 	}
 	rec.streaming = true
 	rec.streamReason = reason
-	rec.onStream(reason)
+	rec.watch.streaming(reason)
 	dst := rec.w.Header()
 	for k, vs := range rec.header {
 		dst[k] = vs
 	}
-	if cs := rec.cacheStatus(reason); cs != "" {
+	if cs := rec.watch.streamStatus(reason); cs != "" {
 		dst.Add("Cache-Status", cs)
 	}
 	rec.w.WriteHeader(rec.status)

@@ -36,15 +36,22 @@ func (c *clientWriter) Write(p []byte) (int, error) {
 }
 func (c *clientWriter) Flush() { c.flushes++; c.log = append(c.log, "flush") }
 
+// testWatcher logs the recorder's turn into a stream.
+type testWatcher struct {
+	c       *clientWriter
+	reasons []string
+}
+
+func (tw *testWatcher) streaming(reason string) {
+	tw.reasons = append(tw.reasons, reason)
+	tw.c.log = append(tw.c.log, "onStream")
+}
+
+func (tw *testWatcher) streamStatus(reason string) string { return "test; detail=" + reason }
+
 func newTestRecorder(c *clientWriter, maxBody int64) (*recorder, *[]string) {
-	var reasons []string
-	rec := newRecorder(c, maxBody,
-		func(reason string) {
-			reasons = append(reasons, reason)
-			c.log = append(c.log, "onStream")
-		},
-		func(reason string) string { return "test; detail=" + reason })
-	return rec, &reasons
+	tw := &testWatcher{c: c}
+	return newRecorder(c, maxBody, tw), &tw.reasons
 }
 
 func chunks(total, size int) [][]byte {

@@ -39,7 +39,10 @@ func newResponse(status int, h http.Header, body []byte, req *http.Request) *Res
 	if !resp.fromHead && bodyAllowed(status) {
 		// The body is complete: its length is known and sent as such, so the
 		// header every client gets a copy of already says it.
-		h["Content-Length"] = []string{strconv.Itoa(len(body))}
+		var digits [20]byte
+		if cl := h["Content-Length"]; len(cl) != 1 || cl[0] != string(strconv.AppendInt(digits[:0], int64(len(body)), 10)) {
+			h["Content-Length"] = []string{strconv.Itoa(len(body))}
+		}
 		delete(h, "Transfer-Encoding")
 	}
 	resp.upstreamAge = ageValue(h)

@@ -170,6 +170,12 @@ type passage struct {
 	// account (admitted).
 	answered *Breaker
 	ok       bool
+
+	// Where pick, and send's context and header watch, live: one
+	// allocation with the passage on every upstream request.
+	slot  Pick
+	ctx   pickContext
+	watch headerWatch
 }
 
 // admit is asked before r goes upstream. It returns the request to send
@@ -185,7 +191,9 @@ func (e *Engine) admit(r *http.Request, admitted *Breaker) (*http.Request, *pass
 		return r, nil, time.Time{}
 	}
 	now := time.Now()
-	p := &passage{e: e, pick: &Pick{set: g.set, cfg: g.cfg, settings: g.settings, admitted: admitted}}
+	p := &passage{e: e}
+	p.slot = Pick{set: g.set, cfg: g.cfg, settings: g.settings, admitted: admitted}
+	p.pick = &p.slot
 	if now.UnixNano()-e.seen.steeredAt.Load() > int64(steerForget) {
 		if e.hooks.Upstream == nil {
 			p.pre = g.breaker(defaultUpstream)

@@ -48,16 +48,20 @@ func cuttable(r *http.Request) bool {
 // response headers; afterwards
 // the passage knows (cut). Nothing the handler writes after the cut goes
 // out (reverse_proxy writes 499 for its cancelled request): the caller
-// answers.
+// answers. A passage sends one request.
 func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error {
 	if p == nil {
 		return next(w, r)
 	}
+	p.ctx.pick = p.pick
 	if p.e.guard.cfg.Timeout <= 0 || !cuttable(r) {
-		return next(w, r.WithContext(&pickContext{Context: r.Context(), pick: p.pick}))
+		p.ctx.Context = r.Context()
+		return next(w, r.WithContext(&p.ctx))
 	}
 	ctx, cancel := context.WithCancelCause(r.Context())
-	hw := &headerWatch{ResponseWriter: w}
+	p.ctx.Context = ctx
+	hw := &p.watch
+	hw.ResponseWriter = w
 	if _, buffers := w.(*recorder); !buffers {
 		hw.header = w.Header().Clone()
 	}
@@ -71,7 +75,7 @@ func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error 
 		cancel(nil)
 		p.cut.Store(hw.state.Load() == headersLate)
 	}()
-	return next(hw, r.WithContext(&pickContext{Context: ctx, pick: p.pick}))
+	return next(hw, r.WithContext(&p.ctx))
 }
 
 // timedOut reports whether the timeout cut the request send sent.

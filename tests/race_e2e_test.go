@@ -44,16 +44,7 @@ func raceCaddyfile(adminPort, port int, accessLog, api, flaky, failing, live, de
 		hotOptions = "ttl 10ms\n\t\t\tstale 1s\n\t\t\tmax_wait 5s"
 		proxyExtra = "header_up X-Config-Generation " + strconv.Itoa(generation)
 	}
-	return fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	default_bind 127.0.0.1
-	http_port %d
-	auto_https off
-	grace_period 1s
-}
-
-:%d {
-	log {
+	return siteCaddyfile(adminPort, port, fmt.Sprintf(`log {
 		output file %s
 		format json
 	}
@@ -62,9 +53,6 @@ func raceCaddyfile(adminPort, port int, accessLog, api, flaky, failing, live, de
 	log_append coalesce_waiters {http.coalesce.waiters}
 	log_append coalesce_detail {http.coalesce.detail}
 
-	handle /healthz {
-		respond "ok" 200
-	}
 	handle /api/* {
 		coalesce {
 			%s
@@ -108,9 +96,7 @@ func raceCaddyfile(adminPort, port int, accessLog, api, flaky, failing, live, de
 			lb_policy breaker round_robin
 			lb_retries 2
 		}
-	}
-}
-`, adminPort, port, port, accessLog, hotOptions, api, proxyExtra, flaky, failing, live, dead)
+	}`, accessLog, hotOptions, api, proxyExtra, flaky, failing, live, dead))
 }
 
 func TestRaceBuildOfCaddyReportsNothingUnderMixedLoad(t *testing.T) {

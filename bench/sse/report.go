@@ -74,10 +74,7 @@ func report(args []string) {
 	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	for _, r := range stalls {
 		st := r.Sub.Stall
-		var d50 []int64
-		for i := range st.CleanP50 {
-			d50 = append(d50, st.StallP50[i]-st.CleanP50[i])
-		}
+		d50 := pairDiffs(st.StallP50, st.CleanP50)
 		mean, ci := meanCI(st.DiffP99)
 		mean50, ci50 := meanCI(d50)
 		drops := "—"
@@ -104,10 +101,7 @@ func report(args []string) {
 		fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, r := range inside {
 			st := r.Sub.Stall
-			var d []int64
-			for i := range st.CleanFanoutNs {
-				d = append(d, st.StallFanoutNs[i]-st.CleanFanoutNs[i])
-			}
+			d := pairDiffs(st.StallFanoutNs, st.CleanFanoutNs)
 			mean, ci := meanCI(d)
 			us := func(ns float64) string { return fmt.Sprintf("%.1f µs", ns/1000) }
 			le := func(v []int64) string {
@@ -131,4 +125,14 @@ func report(args []string) {
 		}
 		fmt.Println()
 	}
+}
+
+// pairDiffs is, per pair of windows, the stalled one's figure minus the
+// clean one's.
+func pairDiffs(stalled, clean []int64) []int64 {
+	d := make([]int64, len(clean))
+	for i := range clean {
+		d[i] = stalled[i] - clean[i]
+	}
+	return d
 }

@@ -80,19 +80,6 @@ func detachable(r *http.Request, w http.ResponseWriter) bool {
 	}
 }
 
-// hijack takes the connection over from the innermost writer, net/http's:
-// the writers in between (Caddy's recorders count the bytes of a
-// connection they hand out, and read those counts when the handler
-// returns) are left out of the stream's writes.
-func hijack(w http.ResponseWriter) (net.Conn, error) {
-	hj, ok := innermost(w).(http.Hijacker)
-	if !ok {
-		return nil, http.ErrNotSupported
-	}
-	c, _, err := hj.Hijack()
-	return c, err
-}
-
 // innermost is the writer at the bottom of w's Unwrap chain.
 func innermost(w http.ResponseWriter) http.ResponseWriter {
 	for {
@@ -200,10 +187,7 @@ func (sub *subscriber) drain() {
 				if c.chunked {
 					_, _ = c.c.Write(lastChunk)
 				}
-				sub.mu.Lock()
-				c.dead = true
-				sub.mu.Unlock()
-				sub.closeConn()
+				sub.hangUp()
 			}
 			return
 		}
@@ -224,8 +208,8 @@ func (sub *subscriber) drain() {
 			c.dead, c.draining = true, false
 			clear(sub.queue)
 			sub.queue = nil
+			sub.closeNetLocked()
 			sub.mu.Unlock()
-			sub.closeConn()
 			return
 		}
 		bufs = all[:0]
@@ -259,13 +243,6 @@ func (sub *subscriber) closeConnLocked() {
 	}
 }
 
-// closeConn closes a detached subscriber's connection, once.
-func (sub *subscriber) closeConn() {
-	sub.mu.Lock()
-	sub.closeNetLocked()
-	sub.mu.Unlock()
-}
-
 // closeNetLocked closes the connection unless it was closed already. A
 // socket's close returns at once; closing anything else (TLS writes its
 // close_notify, for up to seconds to a client that reads nothing) is left
@@ -290,12 +267,13 @@ func (sub *subscriber) closeNetLocked() {
 	}()
 }
 
-// hangUp closes a detached subscriber's connection.
+// hangUp closes a detached subscriber's connection: nothing more is
+// written to it.
 func (sub *subscriber) hangUp() {
 	sub.mu.Lock()
 	sub.conn.dead = true
+	sub.closeNetLocked()
 	sub.mu.Unlock()
-	sub.closeConn()
 }
 
 // watch waits for the client of a detached subscriber to leave (or the

@@ -216,7 +216,8 @@ func (s *Subscription) Serve(w http.ResponseWriter, r *http.Request) error {
 	// goroutine: on net/http's writer, which allows that, not through the
 	// writers in between (Caddy's idle timeout keeps the deadline in a
 	// field that its Write reads without a lock).
-	conn := http.NewResponseController(innermost(w))
+	inner := innermost(w)
+	conn := http.NewResponseController(inner)
 	st := sub.stream
 	st.mu.Lock()
 	sub.rc = conn
@@ -235,8 +236,12 @@ func (s *Subscription) Serve(w http.ResponseWriter, r *http.Request) error {
 		sub.leave()
 		return flushed
 	}
-	if flushed == nil && detachable(r, w) {
-		if c, err := hijack(w); err == nil {
+	// The connection is taken over from net/http's own writer: the writers
+	// in between (Caddy's recorders count the bytes of a connection they
+	// hand out, and read those counts when the handler returns) are left
+	// out of the stream's writes.
+	if hj, ok := inner.(http.Hijacker); ok && flushed == nil && detachable(r, w) {
+		if c, _, err := hj.Hijack(); err == nil {
 			sub.detach(c, r.ProtoAtLeast(1, 1))
 			return nil
 		}

@@ -164,6 +164,40 @@ func TestRedisDownActsAloneAndComesBack(t *testing.T) {
 	}
 }
 
+// A follower waiting for another server's fleet leader when Redis dies
+// would never hear its wake-up: it is released as soon as the subscription
+// breaks, not when its wait runs out.
+func TestFollowerReleasedWhenRedisDies(t *testing.T) {
+	srv := redistest.Start(t)
+	a, b := open(t, srv.URL(), "z", nil), open(t, srv.URL(), "z", nil)
+	ctx := context.Background()
+	if _, _, lock, err := a.Lookup(ctx, "k", 30*time.Second); err != nil || lock == nil {
+		t.Fatalf("first lookup: lock %v err %v; want the lock", lock, err)
+	}
+	if _, _, lock, err := b.Lookup(ctx, "k", 30*time.Second); err != nil || lock != nil {
+		t.Fatalf("second lookup: lock %v err %v; want a follower", lock, err)
+	}
+	const limit = 30 * time.Second
+	res := make(chan error, 1)
+	go func() { _, err := b.Wait(ctx, "k", limit); res <- err }()
+	waitFor(t, "the follower to wait", func() bool {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return len(b.waiters["k"]) == 1
+	})
+	srv.Stop()
+	start := time.Now()
+	select {
+	case err := <-res:
+		if err == nil || errors.Is(err, ErrWaitTimeout) {
+			t.Fatalf("wait: %v, want the follower sent on its own", err)
+		}
+		t.Logf("released %s after Redis died: %v", time.Since(start).Round(time.Millisecond), err)
+	case <-time.After(limit / 3):
+		t.Fatalf("the follower still waits %s after Redis died", limit/3)
+	}
+}
+
 func TestFleetBreakerOpensEverywhere(t *testing.T) {
 	srv := redistest.Start(t)
 	var mu sync.Mutex

@@ -37,6 +37,11 @@ func (t *Tier) Wait(ctx context.Context, key string, limit time.Duration) ([]byt
 	t.waiters[key] = append(t.waiters[key], ch)
 	t.mu.Unlock()
 	defer t.forget(key, ch)
+	if !t.listening.Load() {
+		// The subscription broke since the check above, and its release
+		// of the waiters (listen) may have come before this one joined.
+		return nil, ErrNoEntry
+	}
 
 	// Listening began after the lock was found taken: the leader may have
 	// finished in between.
@@ -116,6 +121,20 @@ func (t *Tier) wake(key string, written bool) {
 	}
 }
 
+// releaseAll wakes every waiting follower with no entry to share.
+func (t *Tier) releaseAll() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, chs := range t.waiters {
+		for _, ch := range chs {
+			select {
+			case ch <- false:
+			default:
+			}
+		}
+	}
+}
+
 // listen subscribes to the zone's wake-ups and the fleet's breaker
 // openings, and dispatches them. go-redis connects again after a broken
 // connection and subscribes on the new one; until Redis confirms the
@@ -142,7 +161,12 @@ func (t *Tier) listen() {
 				_ = t.ps.Ping(ctx)
 				continue
 			}
-			t.listening.Store(false)
+			if t.listening.Swap(false) {
+				// Wake-ups published while the connection was broken are
+				// lost: every follower goes upstream on its own now, not
+				// once its wait runs out.
+				t.releaseAll()
+			}
 			if !t.pause(backoff) {
 				return
 			}

@@ -153,11 +153,14 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 	// shareFlight below gives them the stored answer.
 	defer lock.Finish(context.Background(), nil, time.Time{}, time.Time{})
 
-	ur, pass, until := e.admit(upstreamRequest(r, f.Context()), nil)
+	pass, until := e.admit(nil)
 	if !until.IsZero() {
 		return e.refuseFlight(f, key, r, until)
 	}
 	defer pass.release()
+	// The flight's context is its upstream request's alone: the breaker's
+	// timeout cuts the request by ending it.
+	ur := upstreamRequest(r, pass.context(f.Context(), f.Cancel))
 	fr := &flightRecorder{e: e, f: f, pass: pass, ur: ur, key: key, fwd: fwd}
 	rec = &fr.rec
 	rec.init(w, e.cfg.MaxBody, fr)
@@ -185,10 +188,10 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		// A load-balancing policy found every member's breaker open.
 		return e.refuseFlight(f, key, r, until)
 	}
-	if f.Context().Err() != nil {
+	if f.Context().Err() != nil && !pass.timedOut() {
 		// The flight's context ends before Leave only when every client of a
-		// client's flight has gone (nobody is left to answer), or at a
-		// refresh's own timeout. A handler that returned no error after the
+		// client's flight has gone (nobody is left to answer), at a
+		// refresh's own timeout, or at the breaker's timeout (a cut, above). A handler that returned no error after the
 		// cancel (a plain http.Handler) may have written nothing or a part:
 		// not stored. The followers of a refresh that timed out get the
 		// stale-if-error copy, or 504. Those of a refresh that Close

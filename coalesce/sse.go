@@ -296,7 +296,7 @@ func (e *Engine) openStream(r *http.Request, next Next) fanout.Open {
 		h.Del("If-None-Match")
 		h.Del("If-Modified-Since")
 
-		ur, pass, until := e.admit(ur, nil)
+		pass, until := e.admit(nil)
 		if !until.IsZero() {
 			return &refusedError{until: until}
 		}

@@ -176,19 +176,35 @@ type passage struct {
 	slot  Pick
 	ctx   pickContext
 	watch headerWatch
+	// cancel ends ctx's parent, when that is the caller's own (see
+	// context): the breaker's timeout cuts the request with it.
+	cancel context.CancelCauseFunc
 }
 
-// admit is asked before r goes upstream. It returns the request to send
-// (send gives it the passage's Pick for a load-balancing policy) and its
-// passage, or, when
-// the upstream's breaker refuses, the time it lets requests through again.
-// admitted is the breaker that let the request's flight through, for a
-// follower that goes upstream on its own (nil otherwise). The passage (nil
-// when breakers are off) must be settled or released.
-func (e *Engine) admit(r *http.Request, admitted *Breaker) (*http.Request, *passage, time.Time) {
+// context returns parent with the passage's Pick in it, for the request
+// that send sends. cancel, when not nil, ends parent, a context that is the
+// request's alone (a flight's): the breaker's timeout then cuts the request
+// with it rather than with a context of its own (one context and one copy
+// of the request fewer on every flight).
+func (p *passage) context(parent context.Context, cancel context.CancelCauseFunc) context.Context {
+	if p == nil {
+		return parent
+	}
+	p.ctx.Context, p.ctx.pick, p.cancel = parent, p.pick, cancel
+	return &p.ctx
+}
+
+// admit is asked before a request goes upstream. It returns the request's
+// passage (send sends the request with the passage's Pick for a
+// load-balancing policy), or, when the upstream's breaker refuses, the time
+// it lets requests through again. admitted is the breaker that let the
+// request's flight through, for a follower that goes upstream on its own
+// (nil otherwise). The passage (nil when breakers are off) must be settled
+// or released.
+func (e *Engine) admit(admitted *Breaker) (*passage, time.Time) {
 	g := e.guard
 	if g == nil {
-		return r, nil, time.Time{}
+		return nil, time.Time{}
 	}
 	now := time.Now()
 	p := &passage{e: e}
@@ -200,17 +216,17 @@ func (e *Engine) admit(r *http.Request, admitted *Breaker) (*http.Request, *pass
 		} else if seen := e.seen.load(); len(seen) == 1 {
 			p.pre = seen[0].b
 		} else if until := refusingUntil(seen, now); !until.IsZero() && !p.pick.onFlightsAccount(admitted) {
-			return r, nil, until
+			return nil, until
 		}
 		if p.pre != nil {
 			done, retry, ok := p.pre.allow(now)
 			if !ok && !p.pick.onFlightsAccount(p.pre) {
-				return r, nil, retry
+				return nil, retry
 			}
 			p.pick.held, p.pick.heldDone = p.pre, done
 		}
 	}
-	return r, p, time.Time{}
+	return p, time.Time{}
 }
 
 // admitted is the breaker that let this request through on a healthy

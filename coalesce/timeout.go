@@ -45,26 +45,37 @@ func cuttable(r *http.Request) bool {
 // send calls next with r under the passage, its Pick in the context. A
 // request the timeout may cut goes with a context that is cancelled, with
 // ErrUpstreamTimeout as its cause, when the timeout passes before the
-// response headers; afterwards
-// the passage knows (cut). Nothing the handler writes after the cut goes
-// out (reverse_proxy writes 499 for its cancelled request): the caller
-// answers. A passage sends one request.
+// response headers: the context passage.context was given with its cancel,
+// or else one of send's own. Afterwards the passage knows (timedOut).
+// Nothing the handler writes after the cut goes out (reverse_proxy writes
+// 499 for its cancelled request): the caller answers. A passage sends one
+// request.
 func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error {
 	if p == nil {
 		return next(w, r)
 	}
-	p.ctx.pick = p.pick
-	if p.e.guard.cfg.Timeout <= 0 || !cuttable(r) {
-		p.ctx.Context = r.Context()
-		return next(w, r.WithContext(&p.ctx))
+	timed := p.e.guard.cfg.Timeout > 0 && cuttable(r)
+	if r.Context() != context.Context(&p.ctx) || (timed && p.cancel == nil) {
+		parent := r.Context()
+		if parent == context.Context(&p.ctx) {
+			parent = p.ctx.Context
+		}
+		var cancel context.CancelCauseFunc
+		if timed {
+			parent, cancel = context.WithCancelCause(parent)
+			defer cancel(nil)
+		}
+		r = r.WithContext(p.context(parent, cancel))
 	}
-	ctx, cancel := context.WithCancelCause(r.Context())
-	p.ctx.Context = ctx
+	if !timed {
+		return next(w, r)
+	}
 	hw := &p.watch
 	hw.ResponseWriter = w
 	if _, buffers := w.(*recorder); !buffers {
 		hw.header = w.Header().Clone()
 	}
+	cancel := p.cancel
 	hw.timer = time.AfterFunc(p.e.guard.cfg.Timeout, func() {
 		if hw.state.CompareAndSwap(headersDue, headersLate) {
 			cancel(ErrUpstreamTimeout)
@@ -72,10 +83,9 @@ func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error 
 	})
 	defer func() {
 		hw.timer.Stop()
-		cancel(nil)
 		p.cut.Store(hw.state.Load() == headersLate)
 	}()
-	return next(hw, r.WithContext(&p.ctx))
+	return next(hw, r)
 }
 
 // timedOut reports whether the timeout cut the request send sent.

@@ -114,7 +114,7 @@ type Flight[V any] struct {
 	started time.Time
 
 	ctx    context.Context
-	cancel context.CancelFunc
+	cancel context.CancelCauseFunc
 
 	// clients counts the leader's client (until it leaves) and the
 	// followers still waiting. It never goes up again once it has reached
@@ -231,7 +231,7 @@ func (r *Registry[V]) Running(key string) bool {
 // flight's context is a child of parent. Called under s.mu.
 func (r *Registry[V]) newFlight(parent context.Context, s *shard[V], key string, note any) *Flight[V] {
 	f := &Flight[V]{key: key, note: note, reg: r, shard: s, started: r.now(), done: make(chan struct{})}
-	f.ctx, f.cancel = context.WithCancel(parent)
+	f.ctx, f.cancel = context.WithCancelCause(parent)
 	f.clients.Store(1)
 	s.flights[key] = f
 	return f
@@ -290,7 +290,7 @@ func (f *Flight[V]) release() {
 		default:
 			f.reg.abandoned.Add(1)
 		}
-		f.cancel()
+		f.cancel(nil)
 		f.remove()
 	}
 }
@@ -321,6 +321,13 @@ func (f *Flight[V]) Waiters() int { return int(f.followers.Load()) }
 // flight has gone (or after the flight is done and the leader has left), or,
 // for a flight started by Lead, when Lead's ctx ends.
 func (f *Flight[V]) Context() context.Context { return f.ctx }
+
+// Cancel ends the flight's context now, with cause as its context.Cause:
+// the leader's work stops as if every client had gone, while the flight
+// stays what it was (its followers wait for Publish, new callers join it).
+// It lets a leader end work it has given up on, such as an upstream
+// request past its deadline, without a context of its own for that.
+func (f *Flight[V]) Cancel(cause error) { f.cancel(cause) }
 
 // Publish hands the result to every follower and removes the flight from the
 // registry, so that later Joins start afresh. Only the first call counts.

@@ -10,7 +10,7 @@ import (
 )
 
 // entry is a stored response with its timing. Entries are immutable once
-// stored; a refresh stores a new entry.
+// stored (but for read); a refresh stores a new entry.
 type entry struct {
 	resp *Response
 	// url is the target's urlHash; began is when the request that fetched
@@ -23,6 +23,10 @@ type entry struct {
 	stale        time.Time // then served while one refresh runs, until then
 	staleIfError time.Time // kept as a stale_if_error stand-in until then
 	size         int64
+	// lone: stored for a request that no other client shared (a lone
+	// leader); read is set at its first hit (see loneCopies).
+	lone bool
+	read atomic.Bool
 }
 
 // entryLifetimes are the configured windows of an entry: fresh for ttl,
@@ -98,6 +102,44 @@ type microCache struct {
 	epoch   time.Time
 
 	door *doorkeeper
+	lone loneCopies
+}
+
+// loneCopies tells whether the copies stored for lone leaders are read
+// again, window by window of loneWindow such copies. While nearly none are
+// (fewer than 1 in 16: an all-miss load of ids, crawlers or cache busting,
+// where every miss would pay a store and push out an expired entry for
+// nothing), the doorkeeper decides for lone responses even while the cache
+// has room; once 1 in 8 are read again, every storable response is stored
+// again. Lock-free, no goroutine.
+type loneCopies struct {
+	stored atomic.Int64 // in this window
+	read   atomic.Int64 // first hits on lone copies, in this window
+	unread atomic.Bool  // the last window's copies went (nearly) unread
+}
+
+const loneWindow = 1024
+
+// storedOne counts a lone copy stored; the one that ends a window decides
+// the next.
+func (l *loneCopies) storedOne() {
+	if l.stored.Add(1) != loneWindow {
+		return
+	}
+	read := l.read.Swap(0)
+	l.stored.Add(-loneWindow)
+	if l.unread.Load() {
+		l.unread.Store(read*8 < loneWindow)
+	} else {
+		l.unread.Store(read*16 < loneWindow)
+	}
+}
+
+// hit tells the cache that e answered a request.
+func (c *microCache) hit(e *entry) {
+	if e.lone && !e.read.Load() && e.read.CompareAndSwap(false, true) {
+		c.lone.read.Add(1)
+	}
 }
 
 // writtenSlots: 32 KiB per cache.
@@ -275,15 +317,19 @@ func (c *microCache) get(k Key, now time.Time) *entry {
 
 // admits decides whether a response of size bytes that only one client
 // asked for (a lone leader) may be stored under k: while k's shard has room
-// it may, but it may push other entries out only for a key asked for
-// before, as TinyLFU's doorkeeper admits. Traffic of keys asked for once
-// (ids, crawlers, cache busting) then costs no entry, no store and no
-// eviction, and never pushes out entries that are asked for again. Every
-// call records k, so that the key's next miss is stored. (Room may be
-// taken between admits and put: then put evicts, as for a herd.)
+// and lone copies are read again (loneCopies) it may, but otherwise only for
+// a key asked for before, as TinyLFU's doorkeeper admits. Traffic of keys
+// asked for once (ids, crawlers, cache busting) then costs no entry, no
+// store and no eviction, and never pushes out entries that are asked for
+// again. Every call records k, so that the key's next miss is stored. (Room
+// may be taken between admits and put: then put evicts, as for a herd.)
 func (c *microCache) admits(k Key, size int64) bool {
 	if c.door.seen(k) {
 		return true
+	}
+	if c.lone.unread.Load() {
+		c.unadmitted.Add(1)
+		return false
 	}
 	s := c.shard(k)
 	s.mu.Lock()
@@ -341,6 +387,9 @@ func (c *microCache) put(k Key, e *entry) bool {
 	s.bytes += e.size
 	c.bytes.Add(e.size)
 	c.entries.Add(1)
+	if e.lone {
+		c.lone.storedOne()
+	}
 	return true
 }
 

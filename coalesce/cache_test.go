@@ -3,8 +3,12 @@ package coalesce
 import (
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -513,5 +517,91 @@ func TestPutDropsDeadEntriesBeforeTheBudgetFills(t *testing.T) {
 	}
 	if c.get(keyN(n-1), start.Add(n*time.Millisecond)) == nil {
 		t.Error("the last entry, still fresh, is gone")
+	}
+}
+
+// While the copies stored for lone requests go unread (an all-miss load),
+// a key's first miss is not stored, even with room in the cache; its
+// second is, and the third is a hit. Once such copies are read again, every
+// first miss is stored again. A herd is stored whatever the mode.
+func TestUnreadLoneCopiesLetOnlyKeysAskedForBeforeIn(t *testing.T) {
+	e := newEngine(t, func(c *Config) { c.TTL = time.Second })
+	var calls atomic.Int64
+	upstream := func(w http.ResponseWriter, _ *http.Request) error {
+		calls.Add(1)
+		_, err := w.Write([]byte("ok"))
+		return err
+	}
+	serve := func(path string) string {
+		t.Helper()
+		rec := httptest.NewRecorder()
+		if err := e.Serve(rec, httptest.NewRequest(http.MethodGet, "http://api.example"+path, nil), upstream); err != nil || rec.Code != 200 {
+			t.Fatalf("GET %s: %v, status %d", path, err, rec.Code)
+		}
+		return rec.Header().Get("Cache-Status")
+	}
+	stored := func(cs string) bool { return strings.Contains(cs, "stored") }
+	hit := func(cs string) bool { return strings.Contains(cs, "; hit") }
+
+	// A fresh cache stores the first miss: the second request is a hit.
+	if cs := serve("/first"); !stored(cs) {
+		t.Fatalf("first miss on a fresh cache: %q, want stored", cs)
+	}
+	if cs := serve("/first"); !hit(cs) {
+		t.Fatalf("second request: %q, want a hit", cs)
+	}
+
+	// A window of keys asked for once: their copies go unread.
+	for i := range loneWindow {
+		serve("/once/" + strconv.Itoa(i))
+	}
+	before := calls.Load()
+	if cs := serve("/new"); stored(cs) {
+		t.Errorf("first miss after a window of unread copies: %q, want not stored", cs)
+	}
+	if cs := serve("/new"); !stored(cs) {
+		t.Errorf("second miss of the key: %q, want stored", cs)
+	}
+	if cs := serve("/new"); !hit(cs) {
+		t.Errorf("third request: %q, want a hit", cs)
+	}
+	if got := calls.Load() - before; got != 2 {
+		t.Errorf("upstream calls for /new: %d, want 2", got)
+	}
+	if st := e.Stats().Cache; st.Unadmitted == 0 {
+		t.Errorf("cache stats %+v: want the unstored first miss counted as unadmitted", st)
+	}
+
+	// A herd is stored on its first miss all the same.
+	g := newGate(t)
+	herdCalls := calls.Load()
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() {
+			rec := httptest.NewRecorder()
+			_ = e.Serve(rec, httptest.NewRequest(http.MethodGet, "http://api.example/herd", nil), func(w http.ResponseWriter, r *http.Request) error {
+				g.wait(r)
+				return upstream(w, r)
+			})
+		})
+	}
+	waitFor(t, "a follower of /herd", func() bool { return e.Stats().Registry.Waiters == 1 })
+	g.open()
+	wg.Wait()
+	if cs := serve("/herd"); !hit(cs) || calls.Load()-herdCalls != 1 {
+		t.Errorf("after a herd of 2 on a new key: %q and %d upstream calls, want a hit after 1", cs, calls.Load()-herdCalls)
+	}
+
+	// Keys read again: each asked for three times (its second miss
+	// stored, its third a hit). A window of such copies turns storing
+	// every first miss back on.
+	for i := range loneWindow {
+		p := "/again/" + strconv.Itoa(i)
+		serve(p)
+		serve(p)
+		serve(p)
+	}
+	if cs := serve("/fresh"); !stored(cs) {
+		t.Errorf("first miss once copies are read again: %q, want stored", cs)
 	}
 }

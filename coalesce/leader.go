@@ -356,7 +356,7 @@ func (e *Engine) store(key Key, resp *Response, r *http.Request, requested time.
 		e.cache.remove(key)
 		return false
 	}
-	ent.url = requestURL(r)
+	ent.url, ent.lone = requestURL(r), !inDemand
 	e.hitForMiss.clear(key)
 	return e.cache.put(key, ent)
 }

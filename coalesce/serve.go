@@ -73,6 +73,7 @@ func (e *Engine) serve(w http.ResponseWriter, r *http.Request, next Next) error 
 			// fresh == stored (ttl 0, kept for stale alone) is never a fresh
 			// hit, even for a request that took its time before it looked.
 			if now.Before(ent.fresh) && ent.fresh.After(ent.stored) {
+				e.cache.hit(ent)
 				ent.resp.write(w, r, cacheStatus{hit: true, ttl: ent.fresh.Sub(now), withTTL: true, detailTTL: true}, now.Sub(ent.stored))
 				e.observe(r, Event{Outcome: OutcomeHit, Key: key})
 				return nil
@@ -81,6 +82,7 @@ func (e *Engine) serve(w http.ResponseWriter, r *http.Request, next Next) error 
 				if !alone {
 					e.refresh(r, lookup, next)
 				}
+				e.cache.hit(ent)
 				ent.resp.write(w, r, cacheStatus{hit: true, fwd: fwdStale, ttl: ent.ttlLeft(now), withTTL: true, detail: detailStaleWhileRevalidate}, now.Sub(ent.stored))
 				e.observe(r, Event{Outcome: OutcomeStale, Key: key, Detail: detailStaleWhileRevalidate})
 				return nil

@@ -221,7 +221,7 @@ func newMicroCache(maxEntries int, maxBytes int64) *microCache {
 	// Budgets are divided rounding down, so that the shards together never
 	// hold more than maxEntries entries or maxBytes bytes.
 	n := min(cacheShards, max(1, maxEntries))
-	c := &microCache{n: uint8(n), epoch: time.Now(), door: newDoorkeeper(maxEntries)}
+	c := &microCache{n: uint8(n), epoch: time.Now(), door: newDoorkeeper(maxEntries, 8)}
 	for i := range c.urls {
 		c.urls[i].keys = map[urlHash]urlKeys{}
 	}
@@ -344,6 +344,17 @@ func (c *microCache) admits(k Key, size int64) bool {
 	return !full
 }
 
+// passesLone decides, for a response only one client asked for, whether
+// the cache would keep it out before it is buffered: while lone copies go
+// unread, for a key not asked for before (recording k, as admits does).
+func (c *microCache) passesLone(k Key) bool {
+	if !c.lone.unread.Load() || c.door.seen(k) {
+		return false
+	}
+	c.unadmitted.Add(1)
+	return true
+}
+
 // put stores e under k, replacing what was there, and evicts least recently
 // used entries until the shard is within its budgets. An entry larger than
 // the whole shard budget is not stored, nor one whose URL was written since
@@ -413,9 +424,11 @@ type doorkeeper struct {
 	resetAt int64
 }
 
-func newDoorkeeper(entries int) *doorkeeper {
+// newDoorkeeper returns a doorkeeper cleared after entries new keys, with
+// bitsPerKey bits per key it may hold.
+func newDoorkeeper(entries, bitsPerKey int) *doorkeeper {
 	bits := uint64(1) << 12
-	for bits < 8*uint64(entries) && bits < 1<<27 {
+	for bits < uint64(bitsPerKey)*uint64(entries) && bits < 1<<27 {
 		bits <<= 1
 	}
 	return &doorkeeper{words: make([]atomic.Uint64, bits/64), mask: bits - 1, resetAt: int64(max(entries, 64))}
@@ -423,9 +436,14 @@ func newDoorkeeper(entries int) *doorkeeper {
 
 // seen reports whether k was recorded since the last clear, and records it.
 func (d *doorkeeper) seen(k Key) bool {
+	return d.seenHashes(binary.LittleEndian.Uint64(k[8:]), binary.LittleEndian.Uint64(k[16:]), binary.LittleEndian.Uint64(k[24:]))
+}
+
+// seenHashes is seen for a key given by three independent hashes of it.
+func (d *doorkeeper) seenHashes(hashes ...uint64) bool {
 	present := true
-	for i := 1; i <= 3; i++ {
-		bit := binary.LittleEndian.Uint64(k[8*i:]) & d.mask
+	for _, h := range hashes {
+		bit := h & d.mask
 		w, b := &d.words[bit/64], uint64(1)<<(bit%64)
 		if w.Load()&b == 0 {
 			present = false

@@ -475,7 +475,7 @@ func TestDoorkeeperAdmitsKeysAskedForBeforeWhenTheCacheIsFull(t *testing.T) {
 // The doorkeeper forgets after as many new keys as the cache holds, and
 // holds few false positives before that.
 func TestDoorkeeperForgetsAndRarelyErrs(t *testing.T) {
-	d := newDoorkeeper(1000)
+	d := newDoorkeeper(1000, 8)
 	for i := range 999 {
 		if d.seen(keyN(i)) {
 			t.Logf("false positive at key %d", i)
@@ -535,8 +535,8 @@ func TestUnreadLoneCopiesLetOnlyKeysAskedForBeforeIn(t *testing.T) {
 	serve := func(path string) string {
 		t.Helper()
 		rec := httptest.NewRecorder()
-		if err := e.Serve(rec, httptest.NewRequest(http.MethodGet, "http://api.example"+path, nil), upstream); err != nil || rec.Code != 200 {
-			t.Fatalf("GET %s: %v, status %d", path, err, rec.Code)
+		if err := e.Serve(rec, httptest.NewRequest(http.MethodGet, "http://api.example"+path, nil), upstream); err != nil || rec.Code != 200 || rec.Body.String() != "ok" {
+			t.Fatalf("GET %s: %v, status %d, body %q", path, err, rec.Code, rec.Body)
 		}
 		return rec.Header().Get("Cache-Status")
 	}
@@ -556,8 +556,8 @@ func TestUnreadLoneCopiesLetOnlyKeysAskedForBeforeIn(t *testing.T) {
 		serve("/once/" + strconv.Itoa(i))
 	}
 	before := calls.Load()
-	if cs := serve("/new"); stored(cs) {
-		t.Errorf("first miss after a window of unread copies: %q, want not stored", cs)
+	if cs := serve("/new"); cs != "caddy-coalesce; fwd=uri-miss; fwd-status=200" {
+		t.Errorf("first miss after a window of unread copies: %q, want a miss not stored", cs)
 	}
 	if cs := serve("/new"); !stored(cs) {
 		t.Errorf("second miss of the key: %q, want stored", cs)
@@ -603,5 +603,66 @@ func TestUnreadLoneCopiesLetOnlyKeysAskedForBeforeIn(t *testing.T) {
 	}
 	if cs := serve("/fresh"); !stored(cs) {
 		t.Errorf("first miss once copies are read again: %q, want stored", cs)
+	}
+}
+
+// A lone leader's response that the cache would not keep goes to its client
+// as it arrives: a request for the same key that comes once the header is
+// out does not wait for the rest of the body.
+func TestUnkeptLoneMissPassesThroughUnbuffered(t *testing.T) {
+	e := newEngine(t, func(c *Config) { c.TTL = time.Second })
+	quick := func(w http.ResponseWriter, _ *http.Request) error {
+		_, err := w.Write([]byte("abcd"))
+		return err
+	}
+	for i := range loneWindow { // lone copies that go unread
+		if err := e.Serve(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "http://api.example/once/"+strconv.Itoa(i), nil), quick); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g := newGate(t)
+	headerOut := make(chan struct{})
+	var calls atomic.Int64
+	upstream := func(w http.ResponseWriter, r *http.Request) error {
+		if calls.Add(1) > 1 {
+			return quick(w, r)
+		}
+		w.Header().Set("Content-Length", "4")
+		w.WriteHeader(http.StatusOK)
+		_, _ = w.Write([]byte("ab"))
+		_ = http.NewResponseController(w).Flush()
+		close(headerOut)
+		g.wait(r)
+		_, err := w.Write([]byte("cd"))
+		return err
+	}
+	first := httptest.NewRecorder()
+	done := make(chan error, 1)
+	go func() {
+		done <- e.Serve(first, httptest.NewRequest(http.MethodGet, "http://api.example/slow", nil), upstream)
+	}()
+	<-headerOut
+	second := httptest.NewRecorder()
+	if err := e.Serve(second, httptest.NewRequest(http.MethodGet, "http://api.example/slow", nil), upstream); err != nil || second.Body.String() != "abcd" {
+		t.Fatalf("second request while the first's body arrives: %v, body %q", err, second.Body)
+	}
+	select {
+	case <-done:
+		t.Fatal("the first request ended before its upstream finished the body")
+	default:
+	}
+	g.open()
+	if err := <-done; err != nil || first.Code != 200 || first.Body.String() != "abcd" {
+		t.Fatalf("first request: %v, status %d, body %q", err, first.Code, first.Body)
+	}
+	if cs := first.Header().Get("Cache-Status"); cs != "caddy-coalesce; fwd=uri-miss; fwd-status=200" {
+		t.Errorf("first request's Cache-Status %q, want a miss not stored", cs)
+	}
+	if n := calls.Load(); n != 2 {
+		t.Errorf("%d upstream calls, want 2 (the second did not wait for the first)", n)
+	}
+	// The key has now been asked for: its copy was kept.
+	if cs := second.Header().Get("Cache-Status"); !strings.Contains(cs, "stored") {
+		t.Errorf("second request's Cache-Status %q, want stored", cs)
 	}
 }

@@ -151,8 +151,11 @@ const (
 	detailUpstreamError        = "upstream-error"
 	detailAbandoned            = "abandoned"
 	detailFlightMemory         = "flight-memory"
-	detailUncollapsible        = "uncollapsible"
-	detailVaryMismatch         = "vary-mismatch"
+	// A lone leader's response that the cache would not keep went to its
+	// client as it arrived (see flightRecorder.passes).
+	detailLoneMiss      = "lone-miss"
+	detailUncollapsible = "uncollapsible"
+	detailVaryMismatch  = "vary-mismatch"
 	// A follower of a refresh that Close cancelled went upstream alone.
 	detailClosed = "closed"
 )

@@ -161,7 +161,7 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 	// The flight's context is its upstream request's alone: the breaker's
 	// timeout cuts the request by ending it.
 	ur := upstreamRequest(r, pass.context(f.Context(), f.Cancel))
-	fr := &flightRecorder{e: e, f: f, pass: pass, ur: ur, key: key, fwd: fwd}
+	fr := &flightRecorder{e: e, f: f, pass: pass, ur: ur, key: key, fwd: fwd, lone: fwd != fwdStale && lock == nil}
 	rec = &fr.rec
 	rec.init(w, e.cfg.MaxBody, fr)
 	rec.memory = &e.flightMemory
@@ -176,6 +176,9 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 	if rec.streaming {
 		pass.settle(ur, err, rec.status)
 		a.streamed, a.detail, a.err = true, rec.streamReason, err
+		if a.detail == detailLoneMiss {
+			a.detail = "" // an unbuffered miss is a miss (its Cache-Status says no more)
+		}
 		return a
 	}
 	if err == nil && !rec.wroteHeader {
@@ -272,6 +275,9 @@ type flightRecorder struct {
 	ur   *http.Request
 	key  Key
 	fwd  string
+	// lone: the flight is a client's, not the fleet's: its response may
+	// pass to the client unbuffered (passes).
+	lone bool
 }
 
 // streaming: a response that cannot be buffered is healthy but cannot be
@@ -284,13 +290,29 @@ type flightRecorder struct {
 func (fr *flightRecorder) streaming(reason string) {
 	fr.pass.settle(fr.ur, nil, fr.rec.status)
 	fr.f.Publish(&result{reason: reason, admitted: fr.pass.admitted()}, nil)
-	if reason != detailFlightMemory {
+	if reason != detailFlightMemory && reason != detailLoneMiss {
 		fr.e.markHitForMiss(fr.key)
 	}
 }
 
 func (fr *flightRecorder) streamStatus(reason string) string {
+	if reason == detailLoneMiss {
+		// As the buffered answer the cache did not keep says.
+		return cacheStatus{fwd: fr.fwd, fwdStatus: fr.rec.status}.String()
+	}
 	return cacheStatus{fwd: fr.fwd, detail: reason}.String()
+}
+
+// passes: a client's flight that nobody joined, whose response the cache
+// would not keep (its lone copies go unread and the key was not asked for
+// before: microCache.passesLone), needs no buffer. Its response goes to
+// the client as it arrives, as reverse_proxy alone would send it, with no
+// copy, store or publish; a follower that joins after this goes upstream
+// on its own. Statuses that a stale_if_error copy or the breaker's failure
+// accounting answer otherwise are buffered as before.
+func (fr *flightRecorder) passes(status int) bool {
+	return fr.lone && status < 500 && !fr.e.failureStatus(status) &&
+		fr.f.Waiters() == 0 && fr.e.cache.passesLone(fr.key)
 }
 
 // refuseFlight answers a flight whose upstream's breaker refused it: its

@@ -60,6 +60,11 @@ type streamWatcher interface {
 	// streamStatus is the Cache-Status member the streamed response carries
 	// ("" for none).
 	streamStatus(reason string) string
+	// passes reports whether a response with status, which could be
+	// buffered, goes to the client as it arrives all the same (nobody else
+	// would use it); it is then streamed for detailLoneMiss. Asked once,
+	// with the recorder's lock held, when the header is written.
+	passes(status int) bool
 }
 
 // init readies a recorder that is part of a larger value (one allocation
@@ -114,6 +119,8 @@ func (rec *recorder) writeHeader(status int) {
 		rec.stream("too-large")
 	case rec.knownLength && !rec.reserve(cl):
 		rec.stream(detailFlightMemory)
+	case rec.watch.passes(status):
+		rec.stream(detailLoneMiss)
 	case rec.knownLength:
 		rec.buf.Grow(int(cl))
 	}

@@ -362,10 +362,15 @@ func (e *Engine) verdict(r *http.Request, err error, status int) verdict {
 	if status == StatusClientClosed {
 		return excluded
 	}
-	if slices.Contains(e.guard.cfg.Statuses, status) {
+	if e.failureStatus(status) {
 		return failure
 	}
 	return success
+}
+
+// failureStatus reports whether the breaker counts status as a failure.
+func (e *Engine) failureStatus(status int) bool {
+	return e.guard != nil && slices.Contains(e.guard.cfg.Statuses, status)
 }
 
 // Pick is one request's slot for a load-balancing policy that knows the

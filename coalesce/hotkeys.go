@@ -27,6 +27,15 @@ import (
 // most the replaced counter's count. The summaries are sharded by key so
 // that requests for different keys rarely meet on a lock; a key lives in
 // one shard, so a shard's summary is exact for its keys.
+//
+// Once a summary is full, a key takes a counter from it only at its second
+// request among the last four times capacity new keys (a doorkeeper, as
+// the micro-cache's): traffic of paths asked for once, which Space-Saving
+// would write into the summary on every request, costs a few bits instead.
+// The first request is then added to the count, not to the shares (hit,
+// collapsed, stale, upstream) nor to the identities; a false positive of
+// the doorkeeper (with 32 bits a key, under one in a thousand) counts one
+// request too many.
 
 // HotKeysConfig configures the hot-key view. The zero value means the
 // documented defaults.
@@ -94,6 +103,10 @@ type HotKeys struct {
 	identity []string
 	seed     maphash.Seed
 	shards   [hotShards]hotShard
+	// door lets a key take a counter at its second request among the last
+	// doorKeys new keys: under key churn (every request for another path)
+	// the summaries are not rewritten on every request.
+	door *doorkeeper
 }
 
 type hotShard struct {
@@ -117,6 +130,7 @@ type hotCounter struct {
 	count, overcount           uint64
 	upstream, hit, coll, stale uint64
 	prevCount                  uint64 // the key's count in the previous window when this one began
+	unkinded                   uint64 // requests in count whose outcome was not recorded (the doorkeeper's)
 	identities                 [16]uint64
 	alerted                    bool
 	pos                        int // in the heap
@@ -131,6 +145,7 @@ func NewHotKeys(cfg HotKeysConfig, identity []string) *HotKeys {
 		epoch:    time.Now(),
 		identity: append(slices.Clone(DefaultIdentityHeaders), identity...),
 		seed:     maphash.MakeSeed(),
+		door:     newDoorkeeper(4*cfg.capacity(), 32),
 	}
 	per := max(1, cfg.capacity()/hotShards)
 	for i := range h.shards {
@@ -161,7 +176,18 @@ func (h *HotKeys) Record(r *http.Request, ev Event, now time.Time) (HotKey, bool
 	s.advance(period)
 	c := s.cur.index[id]
 	if c == nil {
+		full := len(s.cur.heap) >= s.capacity
+		if full && !h.door.seenHashes(id, bits.RotateLeft64(id, 21)*0x9e3779b97f4a7c15, bits.RotateLeft64(id, 42)*0xc2b2ae3d27d4eb4f) {
+			// A key not asked for lately takes no counter from a full
+			// summary yet.
+			s.mu.Unlock()
+			return HotKey{}, false
+		}
 		c = s.insert(id, r)
+		if full {
+			c.count++ // the request the doorkeeper let by, of no known kind
+			c.unkinded++
+		}
 	}
 	c.count++
 	switch ev.Outcome {
@@ -216,14 +242,14 @@ func (h *HotKeys) row(c *hotCounter, prev uint64, now time.Time, period int64) H
 		Count:      uint64(math.Round(count)),
 		Overcount:  c.overcount,
 	}
-	if c.count > 0 {
+	if kinded := c.count - min(c.unkinded, c.count); kinded > 0 {
 		// Shares and the upstream rate come from the current window, the
 		// one with the outcomes.
-		n := float64(c.count - min(c.overcount, c.count))
+		n := float64(kinded - min(c.overcount, kinded))
 		if n > 0 {
 			k.Hit, k.Collapsed, k.Stale = float64(c.hit)/n, float64(c.coll)/n, float64(c.stale)/n
 		}
-		k.Upstream = float64(c.upstream) * count / float64(c.count) * perMinute
+		k.Upstream = float64(c.upstream) * count / float64(kinded) * perMinute
 	}
 	return k
 }

@@ -665,4 +665,19 @@ func TestUnkeptLoneMissPassesThroughUnbuffered(t *testing.T) {
 	if cs := second.Header().Get("Cache-Status"); !strings.Contains(cs, "stored") {
 		t.Errorf("second request's Cache-Status %q, want stored", cs)
 	}
+	// A conditional request's answer is worked out from the response: it
+	// is buffered, and a validator that matches is answered 304.
+	cond := httptest.NewRequest(http.MethodGet, "http://api.example/tagged", nil)
+	cond.Header.Set("If-None-Match", `"v1"`)
+	rec := httptest.NewRecorder()
+	err := e.Serve(rec, cond, func(w http.ResponseWriter, r *http.Request) error {
+		if r.Header.Get("If-None-Match") != "" {
+			t.Error("the client's validator went upstream")
+		}
+		w.Header().Set("Etag", `"v1"`)
+		return quick(w, r)
+	})
+	if err != nil || rec.Code != http.StatusNotModified || rec.Body.Len() != 0 {
+		t.Errorf("new key with a matching If-None-Match: %v, status %d, body %q; want 304", err, rec.Code, rec.Body)
+	}
 }

@@ -161,7 +161,7 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 	// The flight's context is its upstream request's alone: the breaker's
 	// timeout cuts the request by ending it.
 	ur := upstreamRequest(r, pass.context(f.Context(), f.Cancel))
-	fr := &flightRecorder{e: e, f: f, pass: pass, ur: ur, key: key, fwd: fwd, lone: fwd != fwdStale && lock == nil}
+	fr := &flightRecorder{e: e, f: f, pass: pass, ur: ur, key: key, fwd: fwd, lone: fwd != fwdStale && lock == nil && !conditional(r)}
 	rec = &fr.rec
 	rec.init(w, e.cfg.MaxBody, fr)
 	rec.memory = &e.flightMemory
@@ -275,8 +275,9 @@ type flightRecorder struct {
 	ur   *http.Request
 	key  Key
 	fwd  string
-	// lone: the flight is a client's, not the fleet's: its response may
-	// pass to the client unbuffered (passes).
+	// lone: the flight is a client's, not the fleet's, and the client's
+	// answer is the response itself (no validators to answer 304 from):
+	// it may pass to the client unbuffered (passes).
 	lone bool
 }
 
@@ -333,12 +334,18 @@ func (e *Engine) refuseFlight(f *registry.Flight[*result], key Key, r *http.Requ
 // complete and can answer every follower.
 func upstreamRequest(r *http.Request, ctx context.Context) *http.Request {
 	ur := r.WithContext(ctx)
-	if fieldValue(r.Header, "If-None-Match") != "" || fieldValue(r.Header, "If-Modified-Since") != "" {
+	if conditional(r) {
 		ur.Header = r.Header.Clone()
 		ur.Header.Del("If-None-Match")
 		ur.Header.Del("If-Modified-Since")
 	}
 	return ur
+}
+
+// conditional reports whether r carries validators: its answer may be a
+// 304 that the module works out from the full response.
+func conditional(r *http.Request) bool {
+	return fieldValue(r.Header, "If-None-Match") != "" || fieldValue(r.Header, "If-Modified-Since") != ""
 }
 
 // markHitForMiss sends key's next requests upstream on their own for

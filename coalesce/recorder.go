@@ -117,10 +117,10 @@ func (rec *recorder) writeHeader(status int) {
 		rec.stream("trailers")
 	case rec.knownLength && cl > rec.maxBody:
 		rec.stream("too-large")
-	case rec.knownLength && !rec.reserve(cl):
-		rec.stream(detailFlightMemory)
 	case rec.watch.passes(status):
 		rec.stream(detailLoneMiss)
+	case rec.knownLength && !rec.reserve(cl):
+		rec.stream(detailFlightMemory)
 	case rec.knownLength:
 		rec.buf.Grow(int(cl))
 	}

@@ -130,8 +130,9 @@ func (r *report) span(wl, sys string, f func(m measurement) float64, format func
 	return " (" + format(lo) + "–" + format(hi) + ")"
 }
 
-// perRound lists f(a) / f(b) for the rounds where both were measured.
-func (r *report) perRound(wl, a, b string, f func(m measurement) float64) string {
+// roundRatios are f(a) / f(b) for the rounds where both were measured, in
+// round order, each with whether the round was disturbed.
+func (r *report) roundRatios(wl, a, b string, f func(m measurement) float64) (ratios []float64, marked []bool) {
 	byRound := map[int]float64{}
 	otherB := map[int]float64{}
 	for _, m := range r.byKey[[2]string{wl, b}] {
@@ -140,20 +141,41 @@ func (r *report) perRound(wl, a, b string, f func(m measurement) float64) string
 			otherB[m.Round] = m.OtherCPU
 		}
 	}
-	var parts []string
 	ms := slices.Clone(r.byKey[[2]string{wl, a}])
 	sort.Slice(ms, func(i, j int) bool { return ms[i].Round < ms[j].Round })
 	for _, m := range ms {
 		if d, ok := byRound[m.Round]; ok && m.Failed == "" && d > 0 {
-			mark := ""
-			if m.OtherCPU > disturbed || otherB[m.Round] > disturbed {
-				mark = "\\*"
-			}
-			parts = append(parts, f2(f(m)/d)+mark)
+			ratios = append(ratios, f(m)/d)
+			marked = append(marked, m.OtherCPU > disturbed || otherB[m.Round] > disturbed)
 		}
 	}
-	if len(parts) < 2 {
+	return ratios, marked
+}
+
+// pairedMedian is the median of the per-round ratios f(a) / f(b), NaN with
+// fewer than two rounds. The two systems of a round are measured seconds
+// apart, its ratio minutes apart from the next round's: on a machine whose
+// speed drifts, the median of the pairs is the steadier figure.
+func (r *report) pairedMedian(wl, a, b string, f func(m measurement) float64) float64 {
+	ratios, _ := r.roundRatios(wl, a, b, f)
+	if len(ratios) < 2 {
+		return nan()
+	}
+	return median(slices.Clone(ratios))
+}
+
+// perRound lists f(a) / f(b) for the rounds where both were measured.
+func (r *report) perRound(wl, a, b string, f func(m measurement) float64) string {
+	ratios, marked := r.roundRatios(wl, a, b, f)
+	if len(ratios) < 2 {
 		return ""
+	}
+	parts := make([]string, len(ratios))
+	for i, x := range ratios {
+		parts[i] = f2(x)
+		if marked[i] {
+			parts[i] += "\\*"
+		}
 	}
 	return "; per round " + strings.Join(parts, ", ")
 }

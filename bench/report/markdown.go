@@ -35,7 +35,7 @@ func (r *report) markdown(b *strings.Builder, img string, plotErr error) {
 		p("**%s measurement(s) failed** (see the `failed=` lines in the raw files); they are left out of the medians.\n\n", f)
 	}
 
-	p("## Targets\n\nFigures are medians over the rounds; *per round* gives the ratio of the two systems in each round (measured minutes apart), to show how much of a verdict is noise.\n\n| target | measured | verdict |\n|---|---|---|\n")
+	p("## Targets\n\nFigures are medians over the rounds; *per round* gives the ratio of the two systems in each round (measured minutes apart), to show how much of a verdict is noise. The all-miss targets are judged on the median of those per-round ratios.\n\n| target | measured | verdict |\n|---|---|---|\n")
 	for _, v := range r.targets() {
 		p("| %s | %s | %s |\n", v.target, v.measured, v.result)
 	}

@@ -116,9 +116,22 @@ type loneCopies struct {
 	stored atomic.Int64 // in this window
 	read   atomic.Int64 // first hits on lone copies, in this window
 	unread atomic.Bool  // the last window's copies went (nearly) unread
+	kept   atomic.Int64 // lone responses kept out since unread was set
 }
 
 const loneWindow = 1024
+
+// keptOut counts a lone response the doorkeeper kept out while copies went
+// unread. Every loneRetry of them, lone copies are stored again for a
+// window, so that a load that changed (its keys asked for again, or only
+// herds, which store no lone copy to end a window with) is seen.
+func (l *loneCopies) keptOut() {
+	if l.kept.Add(1)%loneRetry == 0 {
+		l.unread.Store(false)
+	}
+}
+
+const loneRetry = 16 * loneWindow
 
 // storedOne counts a lone copy stored; the one that ends a window decides
 // the next.
@@ -329,6 +342,7 @@ func (c *microCache) admits(k Key, size int64) bool {
 	}
 	if c.lone.unread.Load() {
 		c.unadmitted.Add(1)
+		c.lone.keptOut()
 		return false
 	}
 	s := c.shard(k)
@@ -348,11 +362,21 @@ func (c *microCache) admits(k Key, size int64) bool {
 // the cache would keep it out before it is buffered: while lone copies go
 // unread, for a key not asked for before (recording k, as admits does).
 func (c *microCache) passesLone(k Key) bool {
-	if !c.lone.unread.Load() || c.door.seen(k) {
+	if !c.lone.unread.Load() || c.holds(k) || c.door.seen(k) {
 		return false
 	}
 	c.unadmitted.Add(1)
+	c.lone.keptOut()
 	return true
+}
+
+// holds reports whether an entry is stored under k, of any age: a copy that
+// may stand in for a failure, or that a response must replace or remove.
+func (c *microCache) holds(k Key) bool {
+	s := c.shard(k)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lru.Contains(k)
 }
 
 // put stores e under k, replacing what was there, and evicts least recently

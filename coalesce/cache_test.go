@@ -1,6 +1,7 @@
 package coalesce
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -679,5 +680,99 @@ func TestUnkeptLoneMissPassesThroughUnbuffered(t *testing.T) {
 	})
 	if err != nil || rec.Code != http.StatusNotModified || rec.Body.Len() != 0 {
 		t.Errorf("new key with a matching If-None-Match: %v, status %d, body %q; want 304", err, rec.Code, rec.Body)
+	}
+}
+
+// A key that still has a copy in the cache is buffered whatever the
+// doorkeeper says: its copy stands in for an upstream that fails mid-body
+// (stale_if_error).
+func TestLoneMissWithAStoredCopyIsBuffered(t *testing.T) {
+	e := newEngine(t, func(c *Config) { c.TTL, c.StaleIfError = 20*time.Millisecond, time.Minute })
+	quick := func(w http.ResponseWriter, _ *http.Request) error {
+		_, err := w.Write([]byte("good"))
+		return err
+	}
+	get := func(path string, next Next) (*httptest.ResponseRecorder, error) {
+		rec := httptest.NewRecorder()
+		return rec, e.Serve(rec, httptest.NewRequest(http.MethodGet, "http://api.example"+path, nil), next)
+	}
+	if rec, err := get("/kept", quick); err != nil || !strings.Contains(rec.Header().Get("Cache-Status"), "stored") {
+		t.Fatalf("first request: %v, %q", err, rec.Header().Get("Cache-Status"))
+	}
+	// Lone copies that go unread, then enough new keys for the doorkeeper
+	// (cleared after max_entries new keys) to forget /kept.
+	for i := range loneWindow + DefaultMaxEntries {
+		if _, err := get("/once/"+strconv.Itoa(i), quick); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "the copy of /kept to expire", func() bool {
+		ent := e.cache.get(e.keys.derive(httptest.NewRequest(http.MethodGet, "http://api.example/kept", nil), http.MethodGet), time.Now())
+		return ent != nil && !time.Now().Before(ent.fresh)
+	})
+	broken := func(w http.ResponseWriter, _ *http.Request) error {
+		w.Header().Set("Content-Length", "10")
+		_, _ = w.Write([]byte("ba"))
+		return errors.New("upstream broke mid-body")
+	}
+	rec, err := get("/kept", broken)
+	if err != nil || rec.Body.String() != "good" || !strings.Contains(rec.Header().Get("Cache-Status"), "stale-if-error") {
+		t.Errorf("upstream broke mid-body with a copy stored: %v, body %q, Cache-Status %q; want the stale_if_error copy", err, rec.Body, rec.Header().Get("Cache-Status"))
+	}
+}
+
+// While lone copies go unread, the cache stores them again for a window
+// every loneRetry responses it kept out, to see whether the load changed.
+func TestUnreadLoneCopiesAreTriedAgain(t *testing.T) {
+	e := newEngine(t, func(c *Config) { c.TTL = time.Second })
+	serve := func(path string) string {
+		t.Helper()
+		rec := httptest.NewRecorder()
+		if err := e.Serve(rec, httptest.NewRequest(http.MethodGet, "http://api.example"+path, nil), func(w http.ResponseWriter, _ *http.Request) error {
+			_, err := w.Write([]byte("ok"))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return rec.Header().Get("Cache-Status")
+	}
+	for i := range loneWindow {
+		serve("/once/" + strconv.Itoa(i))
+	}
+	if cs := serve("/new"); strings.Contains(cs, "stored") {
+		t.Fatalf("first miss after a window of unread copies: %q, want not stored", cs)
+	}
+	// The doorkeeper's false positives store a few; the rest are kept out
+	// until loneRetry of them have been.
+	stored := 0
+	i := 0
+	for ; i < loneRetry*9/10; i++ {
+		if strings.Contains(serve("/more/"+strconv.Itoa(i)), "stored") {
+			stored++
+		}
+	}
+	if stored > i/50 {
+		t.Errorf("%d of %d first misses stored while copies went unread", stored, i)
+	}
+	// Around loneRetry kept out, every first miss is stored again, for a
+	// window of loneWindow copies: a run of them, not a false positive.
+	for run := 0; run < 8; i++ {
+		if i == loneRetry*11/10 {
+			t.Fatalf("no run of stored first misses after %d requests", i)
+		}
+		if strings.Contains(serve("/more/"+strconv.Itoa(i)), "stored") {
+			run++
+		} else {
+			run = 0
+		}
+	}
+	stored = 0
+	for j := range 256 {
+		if strings.Contains(serve("/after/"+strconv.Itoa(j)), "stored") {
+			stored++
+		}
+	}
+	if stored != 256 {
+		t.Errorf("%d of the next 256 first misses stored, want all (tried again)", stored)
 	}
 }

@@ -397,9 +397,9 @@ func (h *HotKeys) Top(limit int, now time.Time) []HotKey {
 		for _, p := range s.prev.heap {
 			if s.cur.index[p.id] == nil {
 				row := h.row(&hotCounter{method: p.method, host: p.host, path: p.path, identities: p.identities}, p.count, now, period)
-				if p.count > 0 {
-					row.Hit, row.Collapsed, row.Stale = ratio(p.hit, p.count), ratio(p.coll, p.count), ratio(p.stale, p.count)
-					row.Upstream = float64(p.upstream) * h.weight(now, period) * float64(time.Minute) / float64(h.window)
+				if kinded := p.count - min(p.unkinded, p.count); kinded > 0 {
+					row.Hit, row.Collapsed, row.Stale = ratio(p.hit, kinded), ratio(p.coll, kinded), ratio(p.stale, kinded)
+					row.Upstream = float64(p.upstream) * float64(p.count) / float64(kinded) * h.weight(now, period) * float64(time.Minute) / float64(h.window)
 				}
 				if row.Requests > 0 {
 					rows = append(rows, row)

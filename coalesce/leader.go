@@ -191,7 +191,7 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		// A load-balancing policy found every member's breaker open.
 		return e.refuseFlight(f, key, r, until)
 	}
-	if f.Context().Err() != nil && !pass.timedOut() {
+	if f.Context().Err() != nil && !errors.Is(context.Cause(f.Context()), ErrUpstreamTimeout) {
 		// The flight's context ends before Leave only when every client of a
 		// client's flight has gone (nobody is left to answer), at a
 		// refresh's own timeout, or at the breaker's timeout (a cut, above). A handler that returned no error after the

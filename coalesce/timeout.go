@@ -83,6 +83,10 @@ func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error 
 	})
 	defer func() {
 		hw.timer.Stop()
+		// A timer already firing has either cut the request (headersLate)
+		// or loses to this: the cut and the cancel always agree, and no
+		// late cancel ends a flight that was not cut.
+		hw.state.CompareAndSwap(headersDue, headersIn)
 		p.cut.Store(hw.state.Load() == headersLate)
 	}()
 	return next(hw, r)

@@ -4,9 +4,10 @@
 // The first client to Join a key becomes the leader of a new flight; clients
 // that Join while the flight runs become its followers and Wait for the one
 // result the leader Publishes. Unlike golang.org/x/sync/singleflight, a flight
-// has its own context, detached from the leader's client: it is cancelled only
+// has its own context, detached from the leader's client: it is cancelled
 // when every client (leader and followers) has gone, so the first client to
-// disconnect never fails the others. Followers wait with a bound, and a
+// disconnect never fails the others, or when the leader gives its work up
+// (Cancel). Followers wait with a bound, and a
 // registry holds a bounded number of flights.
 //
 // The package uses only the standard library.
@@ -318,8 +319,9 @@ func (f *Flight[V]) Waiters() int { return int(f.followers.Load()) }
 
 // Context is the context for the leader's work: it carries the values of the
 // leader's client context and is cancelled only when every client of the
-// flight has gone (or after the flight is done and the leader has left), or,
-// for a flight started by Lead, when Lead's ctx ends.
+// flight has gone (or after the flight is done and the leader has left), when
+// the leader calls Cancel, or, for a flight started by Lead, when Lead's ctx
+// ends.
 func (f *Flight[V]) Context() context.Context { return f.ctx }
 
 // Cancel ends the flight's context now, with cause as its context.Cause:

@@ -42,7 +42,6 @@ func (e *Engine) uncollapsible(w http.ResponseWriter, r *http.Request, next Next
 // Cache-Status member; key is zero for a bypassed request (no stored copy
 // can stand in for it).
 func (e *Engine) forward(w http.ResponseWriter, r *http.Request, next Next, key Key, member cacheStatus, ev Event, admitted *Breaker) error {
-	ur := r
 	pass, until := e.admit(admitted)
 	if !until.IsZero() {
 		return e.refuse(w, r, key, until)
@@ -55,15 +54,15 @@ func (e *Engine) forward(w http.ResponseWriter, r *http.Request, next Next, key 
 		return err
 	}
 	defer pass.release()
-	err := pass.send(next, sw, ur)
+	err := pass.send(next, sw, r)
 	if pass.timedOut() {
-		pass.settle(ur, err, 0)
+		pass.settle(r, err, 0)
 		w.Header().Add("Cache-Status", cutStatus(member.fwd, false).String())
 		ev.Detail = detailUpstreamTimeout
 		e.observe(r, ev)
 		return errCut
 	}
-	if until := pass.settle(ur, err, sw.status); !until.IsZero() && err != nil && sw.status == 0 {
+	if until := pass.settle(r, err, sw.status); !until.IsZero() && err != nil && sw.status == 0 {
 		return e.refuse(w, r, key, until)
 	}
 	sw.tag()

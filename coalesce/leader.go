@@ -192,11 +192,11 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		return e.refuseFlight(f, key, r, until)
 	}
 	if f.Context().Err() != nil && !errors.Is(context.Cause(f.Context()), ErrUpstreamTimeout) {
-		// The flight's context ends before Leave only when every client of a
-		// client's flight has gone (nobody is left to answer), at a
-		// refresh's own timeout, or at the breaker's timeout (a cut, above). A handler that returned no error after the
-		// cancel (a plain http.Handler) may have written nothing or a part:
-		// not stored. The followers of a refresh that timed out get the
+		// Besides a cut (above), the flight's context ends before Leave only
+		// when every client of a client's flight has gone (nobody is left to
+		// answer), or at a refresh's own timeout. A handler that returned no
+		// error after the cancel (a plain http.Handler) may have written
+		// nothing or a part: not stored. The followers of a refresh that timed out get the
 		// stale-if-error copy, or 504. Those of a refresh that Close
 		// cancelled (the engine's config is being unloaded while its
 		// requests finish) go upstream on their own, as if nothing had

@@ -182,10 +182,11 @@ type passage struct {
 }
 
 // context returns parent with the passage's Pick in it, for the request
-// that send sends. cancel, when not nil, ends parent, a context that is the
-// request's alone (a flight's): the breaker's timeout then cuts the request
-// with it rather than with a context of its own (one context and one copy
-// of the request fewer on every flight).
+// that send sends. cancel ends parent, a context that is the request's alone
+// (a flight's): the breaker's timeout cuts the request with it rather than
+// with a context of its own (one context and one copy of the request fewer
+// on every flight). Only send calls it with a nil cancel, for a request it
+// does not time.
 func (p *passage) context(parent context.Context, cancel context.CancelCauseFunc) context.Context {
 	if p == nil {
 		return parent

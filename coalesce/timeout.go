@@ -55,11 +55,9 @@ func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error 
 		return next(w, r)
 	}
 	timed := p.e.guard.cfg.Timeout > 0 && cuttable(r)
-	if r.Context() != context.Context(&p.ctx) || (timed && p.cancel == nil) {
+	if r.Context() != context.Context(&p.ctx) {
+		// r carries its client's context: a cut needs a context of its own.
 		parent := r.Context()
-		if parent == context.Context(&p.ctx) {
-			parent = p.ctx.Context
-		}
 		var cancel context.CancelCauseFunc
 		if timed {
 			parent, cancel = context.WithCancelCause(parent)

@@ -15,7 +15,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-	"github.com/caddyserver/caddy/v2/caddytest"
 )
 
 // The circuit breaker, end to end: real upstreams on 127.0.0.1 behind the
@@ -780,7 +779,7 @@ func TestBreakerStateChangeLoggedToAStalledSinkDelaysNoOtherRequest(t *testing.T
 	global := strings.TrimSuffix(globalOptions, "}\n") + "\tlog breakers {\n\t\toutput test_stalled\n\t\tinclude http.handlers.coalesce\n\t}\n}\n"
 	release := armLogStall()
 	t.Cleanup(release)
-	caddytest.NewTester(t).InitServer(global+withUpstreams(breakerSite("breaker {\nfailures 2\nopen 10s\n}", "{up}", ""), []*upstream{up}), "caddyfile")
+	loadFirst(t, global+withUpstreams(breakerSite("breaker {\nfailures 2\nopen 10s\n}", "{up}", ""), []*upstream{up}), "caddyfile")
 	client := newClient(t)
 	client.Timeout = 5 * time.Second
 

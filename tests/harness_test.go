@@ -102,9 +102,51 @@ func (u *upstream) PathCalls(path string) int {
 // order.
 func startCaddy(t *testing.T, site string, ups ...*upstream) *caddytest.Tester {
 	t.Helper()
+	return loadFirst(t, globalOptions+withUpstreams(site, ups), "caddyfile")
+}
+
+// loadFirst loads config (JSON, or the adapter format's) as a test's first
+// config, once the previous test's server has let go of the ports.
+func loadFirst(t *testing.T, config, format string) *caddytest.Tester {
+	t.Helper()
+	quiesce(t)
 	tester := caddytest.NewTester(t)
-	tester.InitServer(globalOptions+withUpstreams(site, ups), "caddyfile")
+	tester.InitServer(config, format)
 	return tester
+}
+
+// quiesce unloads the previous test's config and waits until nothing
+// listens on the HTTP and HTTPS ports. A load returns once the old
+// servers' shutdown has started, not finished: for a moment the old server
+// and the new one both accept on the listener they share, and a
+// connection the old one takes is closed unanswered (a test's first
+// request would get EOF). With no server left, the old listener is closed
+// once a dial is refused, and the next config listens afresh.
+func quiesce(t *testing.T) {
+	t.Helper()
+	empty := fmt.Sprintf(`{"admin": {"listen": "localhost:%d"}}`, adminPort)
+	resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/load", adminPort), "application/json", strings.NewReader(empty))
+	if err != nil {
+		return // no Caddy in this process yet
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("unloading the previous config: %d %s", resp.StatusCode, body)
+	}
+	for _, port := range []int{httpPort, httpsPort} {
+		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+		if !waitFor(20*time.Second, func() bool {
+			conn, err := net.DialTimeout("tcp4", addr, time.Second)
+			if err != nil {
+				return true
+			}
+			conn.Close()
+			return false
+		}) {
+			t.Fatalf("the previous config's server still listens on %s", addr)
+		}
+	}
 }
 
 // reloadCaddy loads a new site into the running Caddy through the admin

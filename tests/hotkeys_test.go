@@ -12,8 +12,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-
-	"github.com/caddyserver/caddy/v2/caddytest"
 )
 
 // topKey is one row of GET /coalesce/top.
@@ -118,8 +116,7 @@ func TestHotKeyRateAlertsOncePerKeyPerWindow(t *testing.T) {
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, r.URL.Path) })
 	logFile := filepath.Join(t.TempDir(), "caddy.log")
 	global := strings.Replace(globalOptions, "skip_install_trust\n", fmt.Sprintf("skip_install_trust\n\tlog {\n\t\toutput file %s\n\t\tformat json\n\t}\n", logFile), 1)
-	tester := caddytest.NewTester(t)
-	tester.InitServer(global+withUpstreams(site("ttl 0\n\t\thot_key_rate 20/1m\n\t\tzone hot-rate"), []*upstream{up}), "caddyfile")
+	loadFirst(t, global+withUpstreams(site("ttl 0\n\t\thot_key_rate 20/1m\n\t\tzone hot-rate"), []*upstream{up}), "caddyfile")
 	client := newClient(t)
 	before := scrapeMetrics(t, client)
 

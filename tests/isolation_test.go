@@ -16,8 +16,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2/caddytest"
 )
 
 // Isolation under load and cache poisoning: every response a client gets
@@ -39,7 +37,7 @@ func trustingGlobalOptions(t *testing.T) string {
 // startTrustingCaddy is startCaddy with trustingGlobalOptions.
 func startTrustingCaddy(t *testing.T, site string, ups ...*upstream) {
 	t.Helper()
-	caddytest.NewTester(t).InitServer(trustingGlobalOptions(t)+withUpstreams(site, ups), "caddyfile")
+	loadFirst(t, trustingGlobalOptions(t)+withUpstreams(site, ups), "caddyfile")
 }
 
 // fingerprint is what the echoing upstream says it was asked: the request

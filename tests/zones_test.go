@@ -7,8 +7,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2/caddytest"
 )
 
 // twoRoutesJSON is a JSON config with two routes on one server, the way a
@@ -94,7 +92,7 @@ func initServer(t *testing.T, config, format string) {
 	if format == "caddyfile" {
 		config = globalOptions + config
 	}
-	caddytest.NewTester(t).InitServer(config, format)
+	loadFirst(t, config, format)
 }
 
 // expectBody fails t unless f is a 200 with body want.

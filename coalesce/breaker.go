@@ -84,21 +84,29 @@ var (
 
 // ticket is a request that a breaker let through; it must be reported
 // exactly once, or a half-open breaker keeps its probe slot forever.
-// Reporting it delivers the state changes it caused.
-type ticket func(error)
+// Reporting it delivers the state changes it caused. The zero ticket is
+// none: nothing to report.
+type ticket struct {
+	b    *Breaker
+	done func(error) // gobreaker's
+}
+
+// taken reports whether t is a ticket a breaker gave.
+func (t ticket) taken() bool { return t.done != nil }
 
 func (t ticket) report(v verdict) {
-	if t == nil {
+	if t.done == nil {
 		return
 	}
 	switch v {
 	case success:
-		t(nil)
+		t.done(nil)
 	case failure:
-		t(errFailed)
+		t.done(errFailed)
 	default:
-		t(errExcluded)
+		t.done(errExcluded)
 	}
+	t.b.deliver()
 }
 
 // Breaker is the circuit breaker of one upstream (for one setting): a
@@ -276,17 +284,14 @@ func (b *Breaker) ready() bool {
 func (b *Breaker) allow(now time.Time) (ticket, time.Time, bool) {
 	b.lastUsed.Store(now.UnixNano())
 	if until := b.fleetOpenUntil(now); !until.IsZero() {
-		return nil, until, false
+		return ticket{}, until, false
 	}
 	done, err := b.cb.Allow()
 	b.deliver()
 	if err == nil {
-		return func(err error) {
-			done(err)
-			b.deliver()
-		}, time.Time{}, true
+		return ticket{b: b, done: done}, time.Time{}, true
 	}
-	return nil, b.retryAt(now), false
+	return ticket{}, b.retryAt(now), false
 }
 
 // retryAt is when a refused request may try again: when an open breaker

@@ -153,7 +153,8 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 	// shareFlight below gives them the stored answer.
 	defer lock.Finish(context.Background(), nil, time.Time{}, time.Time{})
 
-	pass, until := e.admit(nil)
+	fr := &flightRecorder{e: e, f: f, key: key, fwd: fwd, lone: fwd != fwdStale && lock == nil && !conditional(r)}
+	pass, until := e.admit(&fr.passage, nil)
 	if !until.IsZero() {
 		return e.refuseFlight(f, key, r, until)
 	}
@@ -161,7 +162,7 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 	// The flight's context is its upstream request's alone: the breaker's
 	// timeout cuts the request by ending it.
 	ur := upstreamRequest(r, pass.context(f.Context(), f.Cancel))
-	fr := &flightRecorder{e: e, f: f, pass: pass, ur: ur, key: key, fwd: fwd, lone: fwd != fwdStale && lock == nil && !conditional(r)}
+	fr.pass, fr.ur = pass, ur
 	rec = &fr.rec
 	rec.init(w, e.cfg.MaxBody, fr)
 	rec.memory = &e.flightMemory
@@ -271,7 +272,11 @@ type flightRecorder struct {
 	rec  recorder
 	e    *Engine
 	f    *registry.Flight[*result]
-	pass *passage
+	pass *passage // &passage, or nil when breakers are off
+	// passage and res are where the flight's passage and a streamed
+	// response's result live: one allocation with the recorder.
+	passage passage
+	res     result
 	ur   *http.Request
 	key  Key
 	fwd  string
@@ -290,7 +295,8 @@ type flightRecorder struct {
 // the key stay as they are.
 func (fr *flightRecorder) streaming(reason string) {
 	fr.pass.settle(fr.ur, nil, fr.rec.status)
-	fr.f.Publish(&result{reason: reason, admitted: fr.pass.admitted()}, nil)
+	fr.res = result{reason: reason, admitted: fr.pass.admitted()}
+	fr.f.Publish(&fr.res, nil)
 	if reason != detailFlightMemory && reason != detailLoneMiss {
 		fr.e.markHitForMiss(fr.key)
 	}

@@ -33,7 +33,7 @@ type Pick struct {
 	none time.Time
 
 	// held is the breaker the engine guessed before the policy ran, and
-	// heldDone the ticket it gave (nil when it let the request through on
+	// heldDone the ticket it gave (none when it let the request through on
 	// its flight's account): passed on when the policy takes that member,
 	// given back when it takes another.
 	held     *Breaker
@@ -53,7 +53,7 @@ func (p *Pick) onFlightsAccount(b *Breaker) bool {
 // releaseHeld gives the guessed ticket back, uncounted.
 func (p *Pick) releaseHeld() {
 	p.heldDone.report(excluded)
-	p.held, p.heldDone = nil, nil
+	p.held, p.heldDone = nil, ticket{}
 }
 
 type pickKey struct{}
@@ -89,13 +89,13 @@ func PickFrom(ctx context.Context) *Pick {
 // selection for another request (a second proxy in the same chain) leaves
 // the first one uncounted.
 func (p *Pick) Begin(req *http.Request) {
-	if p.done != nil {
+	if p.done.taken() {
 		if req == p.req {
 			p.done.report(failure)
 		} else {
 			p.done.report(excluded)
 		}
-		p.done = nil
+		p.done = ticket{}
 	}
 	if req != p.req {
 		p.tried = p.tried[:0]
@@ -128,7 +128,7 @@ func (p *Pick) Take(upstream string) bool {
 	var done ticket
 	if b == p.held {
 		// The engine's guess: its ticket is this request's.
-		done, p.held, p.heldDone = p.heldDone, nil, nil
+		done, p.held, p.heldDone = p.heldDone, nil, ticket{}
 	} else {
 		p.releaseHeld()
 		var ok bool

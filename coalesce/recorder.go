@@ -38,7 +38,7 @@ type recorder struct {
 
 	status      int
 	wroteHeader bool
-	headerAt    time.Time
+	headerAt    time.Time // of an unknown-length response
 	knownLength bool
 	buf         bytes.Buffer
 
@@ -104,11 +104,13 @@ func (rec *recorder) writeHeader(status int) {
 	}
 	rec.status = status
 	rec.wroteHeader = true
-	rec.headerAt = time.Now()
 	var cl int64
 	if v := fieldValue(rec.header, "Content-Length"); v != "" {
 		n, err := strconv.ParseInt(v, 10, 64)
 		cl, rec.knownLength = n, err == nil && n >= 0
+	}
+	if !rec.knownLength {
+		rec.headerAt = time.Now() // for Flush
 	}
 	switch {
 	case streamingResponse(rec.header):

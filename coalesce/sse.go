@@ -296,7 +296,7 @@ func (e *Engine) openStream(r *http.Request, next Next) fanout.Open {
 		h.Del("If-None-Match")
 		h.Del("If-Modified-Since")
 
-		pass, until := e.admit(nil)
+		pass, until := e.admit(nil, nil)
 		if !until.IsZero() {
 			return &refusedError{until: until}
 		}

@@ -198,17 +198,22 @@ func (p *passage) context(parent context.Context, cancel context.CancelCauseFunc
 // admit is asked before a request goes upstream. It returns the request's
 // passage (send sends the request with the passage's Pick for a
 // load-balancing policy), or, when the upstream's breaker refuses, the time
-// it lets requests through again. admitted is the breaker that let the
-// request's flight through, for a follower that goes upstream on its own
-// (nil otherwise). The passage (nil when breakers are off) must be settled
-// or released.
-func (e *Engine) admit(admitted *Breaker) (*passage, time.Time) {
+// it lets requests through again. into is where the passage is made (a
+// part of a larger value: one allocation fewer), nil for one of its own.
+// admitted is the breaker that let the request's flight through, for a
+// follower that goes upstream on its own (nil otherwise). The passage (nil
+// when breakers are off) must be settled or released.
+func (e *Engine) admit(into *passage, admitted *Breaker) (*passage, time.Time) {
 	g := e.guard
 	if g == nil {
 		return nil, time.Time{}
 	}
 	now := time.Now()
-	p := &passage{e: e}
+	p := into
+	if p == nil {
+		p = new(passage)
+	}
+	p.e = e
 	p.slot = Pick{set: g.set, cfg: g.cfg, settings: g.settings, admitted: admitted}
 	p.pick = &p.slot
 	if now.UnixNano()-e.seen.steeredAt.Load() > int64(steerForget) {
@@ -280,7 +285,7 @@ func (p *passage) settle(r *http.Request, err error, status int) time.Time {
 		pk.releaseHeld()
 		if pk.chosen != nil {
 			p.count(pk.chosen, pk.done, v, now)
-			pk.done = nil
+			pk.done = ticket{}
 		}
 		if err != nil && !pk.none.IsZero() {
 			return pk.none
@@ -299,7 +304,7 @@ func (p *passage) settle(r *http.Request, err error, status int) time.Time {
 	b := g.breaker(up)
 	var done ticket
 	if b == pk.held {
-		done, pk.held, pk.heldDone = pk.heldDone, nil, nil
+		done, pk.held, pk.heldDone = pk.heldDone, nil, ticket{}
 	} else {
 		// Another upstream answered than the one guessed (the engine is
 		// still learning, or serves a pool without the policy): the guess
@@ -317,7 +322,7 @@ func (p *passage) settle(r *http.Request, err error, status int) time.Time {
 func (p *passage) count(b *Breaker, done ticket, v verdict, now time.Time) {
 	p.e.seen.saw(b, now)
 	p.answered, p.ok = b, v != failure
-	if done == nil {
+	if !done.taken() {
 		var ok bool
 		if done, _, ok = b.allow(now); !ok {
 			return
@@ -336,7 +341,7 @@ func (p *passage) release() {
 	p.settled = true
 	p.pick.releaseHeld()
 	p.pick.done.report(excluded)
-	p.pick.done = nil
+	p.pick.done = ticket{}
 }
 
 // verdict classifies an upstream request (one the breaker's timeout cut is

@@ -286,13 +286,17 @@ func (f *Flight[V]) addFollower(max int) bool {
 // release drops one client; the last one out cancels the flight's context.
 func (f *Flight[V]) release() {
 	if f.clients.Add(-1) == 0 {
+		published := false
 		select {
 		case <-f.done:
+			published = true
 		default:
 			f.reg.abandoned.Add(1)
 		}
 		f.cancel(nil)
-		f.remove()
+		if !published {
+			f.remove() // Publish removes a published one
+		}
 	}
 }
 

@@ -234,6 +234,7 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 	}
 
 	a.resp = newResponse(rec.status, rec.header, rec.buf.Bytes(), r)
+	a.resp.dropServer = rec.dropServer
 	if ok, reason := shareable(a.resp.Status, a.resp.Header, a.resp.cc); !ok {
 		f.Publish(&result{reason: reason, admitted: pass.admitted()}, nil)
 		e.markHitForMiss(key)
@@ -277,9 +278,9 @@ type flightRecorder struct {
 	// response's result live: one allocation with the recorder.
 	passage passage
 	res     result
-	ur   *http.Request
-	key  Key
-	fwd  string
+	ur      *http.Request
+	key     Key
+	fwd     string
 	// lone: the flight is a client's, not the fleet's, and the client's
 	// answer is the response itself (no validators to answer 304 from):
 	// it may pass to the client unbuffered (passes).

@@ -38,6 +38,10 @@ type recorder struct {
 
 	status      int
 	wroteHeader bool
+	// server is the client's own Server field, lent to the handler's
+	// header (see init); dropServer: the handler dropped it.
+	server      []string
+	dropServer  bool
 	headerAt    time.Time // of an unknown-length response
 	knownLength bool
 	buf         bytes.Buffer
@@ -69,8 +73,34 @@ type streamWatcher interface {
 
 // init readies a recorder that is part of a larger value (one allocation
 // per flight); newRecorder allocates one of its own.
+//
+// The handler's header starts with the client's Server field, as the
+// client's own header would: Caddy sets "Server: Caddy" on every response,
+// and reverse_proxy deletes it from the header it is given (it sends Via
+// instead), while a handler that answers itself keeps it. Through the
+// module a client gets what it would get without it (settleServer).
 func (rec *recorder) init(w http.ResponseWriter, maxBody int64, watch streamWatcher) {
 	rec.w, rec.header, rec.maxBody, rec.watch = w, make(http.Header), maxBody, watch
+	if s, ok := w.Header()["Server"]; ok {
+		rec.header["Server"], rec.server = s, s
+	}
+}
+
+// settleServer is called when the header is final. A handler that deleted
+// the client's Server field deleted it for every client of the response
+// (dropServer); one that left it as it was leaves each client its own, so
+// it is not part of the response; one that set its own sends that.
+func (rec *recorder) settleServer() {
+	if rec.server == nil {
+		return
+	}
+	vs, ok := rec.header["Server"]
+	switch {
+	case !ok:
+		rec.dropServer = true
+	case len(vs) == len(rec.server) && (len(vs) == 0 || &vs[0] == &rec.server[0]):
+		delete(rec.header, "Server")
+	}
 }
 
 func newRecorder(w http.ResponseWriter, maxBody int64, watch streamWatcher) *recorder {
@@ -104,6 +134,7 @@ func (rec *recorder) writeHeader(status int) {
 	}
 	rec.status = status
 	rec.wroteHeader = true
+	rec.settleServer()
 	var cl int64
 	if v := fieldValue(rec.header, "Content-Length"); v != "" {
 		n, err := strconv.ParseInt(v, 10, 64)
@@ -247,6 +278,9 @@ func (rec *recorder) stream(reason string) {
 	rec.streamReason = reason
 	rec.watch.streaming(reason)
 	dst := rec.w.Header()
+	if rec.dropServer {
+		delete(dst, "Server")
+	}
 	for k, vs := range rec.header {
 		dst[k] = vs
 	}

@@ -27,6 +27,9 @@ type Response struct {
 	// cc is the response's Cache-Control, parsed once for the sharing and
 	// the storing decision.
 	cc cacheControl
+	// dropServer: the handler deleted the Server field Caddy gives every
+	// response (reverse_proxy does): write deletes each client's.
+	dropServer bool
 }
 
 func newResponse(status int, h http.Header, body []byte, req *http.Request) *Response {
@@ -84,6 +87,9 @@ func (resp *Response) matchesVary(r *http.Request) bool {
 // age > 0 adds an Age header; member is appended to Cache-Status.
 func (resp *Response) write(w http.ResponseWriter, r *http.Request, member cacheStatus, age time.Duration) {
 	dst := w.Header()
+	if resp.dropServer {
+		delete(dst, "Server")
+	}
 	copyHeader(dst, resp.Header)
 	status := resp.Status
 	if status == http.StatusOK && notModified(r.Header, resp.Header) {

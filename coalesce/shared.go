@@ -48,6 +48,8 @@ type sharedEntry struct {
 	// Upstream answered the leader (host:port), so that an instance
 	// answered from Redis learns where its requests go (see admit).
 	Upstream string
+	// DropServer: see Response.dropServer.
+	DropServer bool
 }
 
 // fleetHold is how long a fleet leader's lock lasts: as long as its
@@ -138,7 +140,7 @@ func (e *Engine) shareFlight(lock *fleet.Lock, key Key, upstream string) {
 			Status: ent.resp.Status, Header: ent.resp.Header, Body: ent.resp.Body, FromHead: ent.resp.fromHead,
 			VaryFields: ent.resp.varyFields, VaryValues: ent.resp.varyValues,
 			Stored: ent.stored.UnixNano(), Fresh: ent.fresh.UnixNano(), Stale: ent.stale.UnixNano(), StaleIfError: ent.staleIfError.UnixNano(),
-			Upstream: upstream,
+			Upstream: upstream, DropServer: ent.resp.dropServer,
 		}
 		var buf bytes.Buffer
 		if gob.NewEncoder(&buf).Encode(&se) == nil {
@@ -186,7 +188,7 @@ func (e *Engine) sharedCopy(data []byte, r *http.Request, began time.Time) *entr
 		se.Header = http.Header{}
 	}
 	resp := &Response{Status: se.Status, Header: se.Header, Body: se.Body, fromHead: se.FromHead,
-		varyFields: se.VaryFields, varyValues: se.VaryValues, cc: parseCacheControl(se.Header)}
+		varyFields: se.VaryFields, varyValues: se.VaryValues, cc: parseCacheControl(se.Header), dropServer: se.DropServer}
 	if v := se.Header.Get("Age"); v != "" {
 		if age, err := strconv.ParseInt(v, 10, 64); err == nil && age > 0 {
 			resp.upstreamAge = min(age, maxAge)

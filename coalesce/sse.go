@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 
@@ -173,7 +174,7 @@ const (
 func (e *Engine) joinStream(w http.ResponseWriter, r *http.Request, next Next) (*fanout.Subscription, error) {
 	key := e.keys.derive(r, http.MethodGet)
 	lastID := r.Header.Get("Last-Event-ID")
-	sub := e.hub.Join(r.Context(), e.owner, string(key[:]), r.URL.Path, lastID, e.openStream(r, next))
+	sub := e.hub.Join(r.Context(), e.owner, string(key[:]), r.URL.Path, lastID, e.openStream(r, next, w.Header()["Server"]))
 	collapsed := !sub.Started
 	outcome := OutcomeLeader
 	if collapsed {
@@ -182,6 +183,11 @@ func (e *Engine) joinStream(w http.ResponseWriter, r *http.Request, next Next) (
 	switch sub.Outcome {
 	case fanout.Started, fanout.Joined:
 		h := w.Header()
+		if _, kept := sub.Header["Server"]; !kept {
+			// The handler dropped the Server field it was given (see
+			// openStream), as reverse_proxy drops Caddy's.
+			delete(h, "Server")
+		}
 		copyHeader(h, sub.Header)
 		h.Del("Content-Length")
 		detail := detailEventStream
@@ -262,7 +268,12 @@ func (e *refusedError) Unwrap() error { return fanout.ErrRefused }
 // through next, detached from every client, as a GET with the stream's
 // Last-Event-ID and without compression (events are cut from the body),
 // under the upstream's breaker.
-func (e *Engine) openStream(r *http.Request, next Next) fanout.Open {
+//
+// The stream's handler is given the first subscriber's Server field, as a
+// recorder gives it the leader's (recorder.init): a handler that drops it
+// (reverse_proxy drops Caddy's "Server: Caddy") drops it for every
+// subscriber.
+func (e *Engine) openStream(r *http.Request, next Next, server []string) fanout.Open {
 	var once sync.Once
 	var base *http.Request
 	return func(ctx context.Context, lastEventID string, w http.ResponseWriter) error {
@@ -296,6 +307,9 @@ func (e *Engine) openStream(r *http.Request, next Next) fanout.Open {
 		h.Del("If-None-Match")
 		h.Del("If-Modified-Since")
 
+		if len(server) > 0 {
+			w.Header()["Server"] = slices.Clone(server)
+		}
 		pass, until := e.admit(nil, nil)
 		if !until.IsZero() {
 			return &refusedError{until: until}

@@ -1,0 +1,114 @@
+package tests
+
+import (
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Through the module a client gets the header fields it would get without
+// it, plus Cache-Status (and Age on a stored copy). Caddy gives every
+// response "Server: Caddy"; reverse_proxy deletes it and sends Via instead,
+// while a handler that answers itself keeps it.
+func TestResponseHeaderIsWhatTheHandlerAloneSends(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("X-Upstream", "yes")
+		fmt.Fprint(w, `{"path":"`+r.URL.Path+`"}`)
+	})
+	startCaddy(t, fmt.Sprintf(`:%d {
+	handle /plain/* {
+		reverse_proxy {up}
+	}
+	handle /own/* {
+		coalesce {
+			ttl 1s
+		}
+		respond "own" 200
+	}
+	handle {
+		coalesce {
+			ttl 1s
+		}
+		reverse_proxy {up}
+	}
+}
+`, httpPort), up, up)
+	client := newClient(t)
+
+	plain := get(client, "GET", baseURL+"/plain"+pathFor(t, "/a"))
+	if plain.err != nil || plain.status != http.StatusOK {
+		t.Fatalf("plain reverse_proxy: %d %v", plain.status, plain.err)
+	}
+	if _, ok := plain.header["Server"]; ok {
+		t.Fatalf("plain reverse_proxy sends Server %q: the premise of this test no longer holds", plain.header.Get("Server"))
+	}
+	want := fieldNames(plain.header)
+
+	proxied := pathFor(t, "/b")
+	for _, step := range []string{"miss", "hit"} {
+		f := get(client, "GET", baseURL+proxied)
+		if f.err != nil || f.status != http.StatusOK {
+			t.Fatalf("%s through coalesce: %d %v", step, f.status, f.err)
+		}
+		if step == "hit" && !strings.Contains(f.cacheStatus(), "hit") {
+			t.Fatalf("second request: Cache-Status %q, want a hit", f.cacheStatus())
+		}
+		got := slices.DeleteFunc(fieldNames(f.header), func(k string) bool { return k == "Cache-Status" || k == "Age" })
+		if !slices.Equal(got, want) {
+			t.Errorf("%s through coalesce: header fields %v, want those of plain reverse_proxy %v (and Cache-Status)", step, got, want)
+		}
+		if v := f.header.Get("Via"); v != "1.1 Caddy" {
+			t.Errorf("%s through coalesce: Via %q, want %q as reverse_proxy sends", step, v, "1.1 Caddy")
+		}
+	}
+
+	own := pathFor(t, "/c")
+	for _, step := range []string{"miss", "hit"} {
+		f := get(client, "GET", baseURL+"/own"+own)
+		if f.err != nil || f.status != http.StatusOK || f.body != "own" {
+			t.Fatalf("%s of a respond behind coalesce: %d %q %v", step, f.status, f.body, f.err)
+		}
+		if s := f.header.Values("Server"); len(s) != 1 || s[0] != "Caddy" {
+			t.Errorf("%s of a respond behind coalesce: Server %q, want %q as respond alone sends", step, s, "Caddy")
+		}
+	}
+}
+
+// fieldNames lists h's field names, sorted.
+func fieldNames(h http.Header) []string {
+	names := make([]string, 0, len(h))
+	for k := range h {
+		names = append(names, k)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// An event stream's subscribers, the one that started it and one that
+// joined, get the header reverse_proxy alone would send them.
+func TestEventStreamHeaderIsWhatReverseProxyAloneSends(t *testing.T) {
+	src := newEventSource()
+	up := newUpstream(t, src.serve)
+	startCaddy(t, sseSite("linger 100ms"), up)
+	client, admin := sseClient(t), newClient(t)
+	path := pathFor(t, "")
+
+	first := subscribe(t, client, path)
+	waitUntil(t, 10*time.Second, "the first subscriber", func() bool { return subscribersOf(t, admin, path) == 1 })
+	second := subscribe(t, client, path)
+	for name, s := range map[string]*subscriber{"started": first, "joined": second} {
+		if v, ok := s.resp.Header["Server"]; ok {
+			t.Errorf("the subscriber that %s the stream: Server %q, want none, as reverse_proxy sends", name, v)
+		}
+		if v := s.resp.Header.Get("Via"); v != "1.1 Caddy" {
+			t.Errorf("the subscriber that %s the stream: Via %q, want %q", name, v, "1.1 Caddy")
+		}
+	}
+	if got := up.Calls(); got != 1 {
+		t.Errorf("upstream connections: %d, want 1", got)
+	}
+}

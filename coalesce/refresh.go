@@ -75,6 +75,11 @@ func (e *Engine) detach(r *http.Request) *http.Request {
 // discard is the ResponseWriter of a background refresh.
 type discard struct{}
 
-func (discard) Header() http.Header         { return http.Header{} }
+// Header is a client's header as the handler is given it: with a Server
+// field (never sent anywhere), so that the refreshed copy, like the one
+// that a client's flight stored, knows whether the handler drops that field
+// (recorder.init).
+func (discard) Header() http.Header { return http.Header{"Server": {CacheName}} }
+
 func (discard) Write(p []byte) (int, error) { return len(p), nil }
 func (discard) WriteHeader(int)             {}

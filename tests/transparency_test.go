@@ -2,6 +2,7 @@ package tests
 
 import (
 	"fmt"
+	"maps"
 	"net/http"
 	"slices"
 	"strings"
@@ -79,14 +80,7 @@ func TestResponseHeaderIsWhatTheHandlerAloneSends(t *testing.T) {
 }
 
 // fieldNames lists h's field names, sorted.
-func fieldNames(h http.Header) []string {
-	names := make([]string, 0, len(h))
-	for k := range h {
-		names = append(names, k)
-	}
-	slices.Sort(names)
-	return names
-}
+func fieldNames(h http.Header) []string { return slices.Sorted(maps.Keys(h)) }
 
 // An event stream's subscribers, the one that started it and one that
 // joined, get the header reverse_proxy alone would send them.

@@ -288,12 +288,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h.metrics.upstream.Inc()
 		return next.ServeHTTP(w, r)
 	})
-	var se *coalesce.StatusError
-	switch {
-	case err == nil:
-	case errors.As(err, &se):
+	if err == nil {
+		return nil
+	}
+	var se *coalesce.StatusError // declared past the nil check: it escapes
+	if errors.As(err, &se) {
 		return caddyhttp.Error(se.Status, se)
-	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
+	}
+	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
 		// The client went away while it waited, as reverse_proxy reports it.
 		return caddyhttp.Error(coalesce.StatusClientClosed, err)
 	}

@@ -102,6 +102,12 @@ func (c *microCache) passesLone(k Key) bool {
 	return true
 }
 
+// mayPassLone reports, recording nothing, whether passesLone is likely to
+// say yes for k.
+func (c *microCache) mayPassLone(k Key) bool {
+	return c.lone.unread.Load() && !c.door.has(k)
+}
+
 // holds reports whether an entry is stored under k, of any age: a copy that
 // may stand in for a failure, or that a response must replace or remove.
 func (c *microCache) holds(k Key) bool {
@@ -136,6 +142,18 @@ func newDoorkeeper(entries, bitsPerKey int) *doorkeeper {
 // seen reports whether k was recorded since the last clear, and records it.
 func (d *doorkeeper) seen(k Key) bool {
 	return d.seenHashes(binary.LittleEndian.Uint64(k[8:]), binary.LittleEndian.Uint64(k[16:]), binary.LittleEndian.Uint64(k[24:]))
+}
+
+// has reports whether k was recorded since the last clear, recording
+// nothing.
+func (d *doorkeeper) has(k Key) bool {
+	for _, h := range [...]uint64{binary.LittleEndian.Uint64(k[8:]), binary.LittleEndian.Uint64(k[16:]), binary.LittleEndian.Uint64(k[24:])} {
+		bit := h & d.mask
+		if d.words[bit/64].Load()&(uint64(1)<<(bit%64)) == 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // seenHashes is seen for a key given by three independent hashes of it.

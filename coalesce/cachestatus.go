@@ -3,6 +3,7 @@ package coalesce
 import (
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 )
 
@@ -41,8 +42,33 @@ type cacheStatus struct {
 
 // String is the member as sent, e.g. `caddy-coalesce; fwd=uri-miss; fwd-status=200; stored`.
 func (cs cacheStatus) String() string {
+	if cs.fwd == fwdURIMiss && cs.fwdStatus >= 200 && cs.fwdStatus < 600 &&
+		cs == (cacheStatus{fwd: fwdURIMiss, fwdStatus: cs.fwdStatus, stored: cs.stored}) {
+		return missStatuses()[cs.fwdStatus-200][b2i(cs.stored)]
+	}
 	var buf [128]byte
 	return string(cs.append(buf[:0]))
+}
+
+// missStatuses are the members of a plain miss, stored or not, by the
+// upstream's status from 200: what nearly every miss carries, built once
+// rather than on every request.
+var missStatuses = sync.OnceValue(func() *[400][2]string {
+	var t [400][2]string
+	for i := range t {
+		for stored := range 2 {
+			cs := cacheStatus{fwd: fwdURIMiss, fwdStatus: 200 + i, stored: stored == 1}
+			t[i][stored] = string(cs.append(nil))
+		}
+	}
+	return &t
+})
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func (cs cacheStatus) append(b []byte) []byte {

@@ -42,7 +42,7 @@ func (e *Engine) uncollapsible(w http.ResponseWriter, r *http.Request, next Next
 // Cache-Status member; key is zero for a bypassed request (no stored copy
 // can stand in for it).
 func (e *Engine) forward(w http.ResponseWriter, r *http.Request, next Next, key Key, member cacheStatus, ev Event, admitted *Breaker) error {
-	pass, until := e.admit(nil, admitted)
+	pass, until := e.admit(nil, admitted, time.Now())
 	if !until.IsZero() {
 		return e.refuse(w, r, key, until)
 	}

@@ -154,14 +154,14 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 	defer lock.Finish(context.Background(), nil, time.Time{}, time.Time{})
 
 	fr := &flightRecorder{e: e, f: f, key: key, fwd: fwd, lone: fwd != fwdStale && lock == nil && !conditional(r)}
-	pass, until := e.admit(&fr.passage, nil)
+	pass, until := e.admit(&fr.passage, nil, f.Started())
 	if !until.IsZero() {
 		return e.refuseFlight(f, key, r, until)
 	}
 	defer pass.release()
 	// The flight's context is its upstream request's alone: the breaker's
 	// timeout cuts the request by ending it.
-	ur := upstreamRequest(r, pass.context(f.Context(), f.Cancel))
+	ur := upstreamRequest(r, pass.context(f.Context(), f))
 	fr.pass, fr.ur = pass, ur
 	rec = &fr.rec
 	rec.init(w, e.cfg.MaxBody, fr)
@@ -321,6 +321,14 @@ func (fr *flightRecorder) streamStatus(reason string) string {
 func (fr *flightRecorder) passes(status int) bool {
 	return fr.lone && status < 500 && !fr.e.failureStatus(status) &&
 		fr.f.Waiters() == 0 && fr.e.cache.passesLone(fr.key)
+}
+
+// lends: passes is likely to let the response through (nobody has joined
+// and the cache would not keep it), so the handler may as well write into
+// the client's header. A follower that joins meanwhile costs the header a
+// copy when it is written (recorder.unlend).
+func (fr *flightRecorder) lends() bool {
+	return fr.lone && fr.f.Waiters() == 0 && fr.e.cache.mayPassLone(fr.key)
 }
 
 // refuseFlight answers a flight whose upstream's breaker refused it: its

@@ -19,9 +19,7 @@ import (
 // in, under the leader's recorder lock (a late flush that turns the
 // response into a stream settles the passage).
 type Pick struct {
-	set      *Breakers
-	cfg      BreakerConfig
-	settings string
+	g *guard // the engine's breakers
 
 	used   bool
 	req    *http.Request // of the last selection, to tell a retry from another proxy
@@ -105,7 +103,7 @@ func (p *Pick) Begin(req *http.Request) {
 
 // Ready reports whether upstream's breaker would let this request through.
 func (p *Pick) Ready(upstream string) bool {
-	b := p.set.get(upstream, p.settings, p.cfg)
+	b := p.g.breaker(upstream)
 	return b == p.held || b.ready() || p.onFlightsAccount(b)
 }
 
@@ -124,7 +122,7 @@ func (p *Pick) Tried(upstream string) bool {
 // refused (it opened meanwhile, or its probe slots are taken) and the policy
 // should choose another member.
 func (p *Pick) Take(upstream string) bool {
-	b := p.set.get(upstream, p.settings, p.cfg)
+	b := p.g.breaker(upstream)
 	var done ticket
 	if b == p.held {
 		// The engine's guess: its ticket is this request's.
@@ -146,7 +144,7 @@ func (p *Pick) NoneReady(upstreams []string) {
 	now := time.Now()
 	var first time.Time
 	for _, u := range upstreams {
-		at := p.set.get(u, p.settings, p.cfg).retryAt(now)
+		at := p.g.breaker(u).retryAt(now)
 		if first.IsZero() || at.Before(first) {
 			first = at
 		}

@@ -40,8 +40,13 @@ type recorder struct {
 	wroteHeader bool
 	// server is the client's own Server field, lent to the handler's
 	// header (see init); dropServer: the handler dropped it.
-	server      []string
-	dropServer  bool
+	server     []string
+	dropServer bool
+	// lent: header is the client's own (see lend); before is what it held
+	// then.
+	lent        bool
+	before      [4]headerField
+	nBefore     int
 	headerAt    time.Time // of an unknown-length response
 	knownLength bool
 	buf         bytes.Buffer
@@ -69,6 +74,15 @@ type streamWatcher interface {
 	// would use it); it is then streamed for detailLoneMiss. Asked once,
 	// with the recorder's lock held, when the header is written.
 	passes(status int) bool
+	// lends reports, before the handler runs, whether passes is likely to
+	// say yes: the handler then writes into the client's own header.
+	lends() bool
+}
+
+// headerField is one field of a header, as it was.
+type headerField struct {
+	name   string
+	values []string
 }
 
 // init readies a recorder that is part of a larger value (one allocation
@@ -80,10 +94,61 @@ type streamWatcher interface {
 // instead), while a handler that answers itself keeps it. Through the
 // module a client gets what it would get without it (settleServer).
 func (rec *recorder) init(w http.ResponseWriter, maxBody int64, watch streamWatcher) {
-	rec.w, rec.header, rec.maxBody, rec.watch = w, make(http.Header), maxBody, watch
+	rec.w, rec.maxBody, rec.watch = w, maxBody, watch
+	if watch.lends() && rec.lend(w.Header()) {
+		return
+	}
+	rec.header = make(http.Header)
 	if s, ok := w.Header()["Server"]; ok {
 		rec.header["Server"], rec.server = s, s
 	}
+}
+
+// lend gives the handler the client's own header, as it would have it
+// without the module, when that holds no more than a few fields: a
+// response that then passes to the client unbuffered (a lone miss, a
+// stream) is written once, with no copy of its header. before keeps what
+// the header held, for unlend.
+func (rec *recorder) lend(h http.Header) bool {
+	if len(h) > len(rec.before) {
+		return false
+	}
+	n := 0
+	for k, vs := range h {
+		rec.before[n] = headerField{k, vs}
+		n++
+	}
+	rec.header, rec.lent, rec.nBefore = h, true, n
+	return true
+}
+
+// unlend is called when a lent header's response is buffered after all,
+// or when the handler wrote no header (the breaker's timeout cut it): the
+// client's header gets back what it held, and the response's header is
+// what the handler made of it, by the Server rule of init for that field;
+// a field the handler left as it was is the client's, not the response's.
+func (rec *recorder) unlend() {
+	if !rec.lent {
+		return
+	}
+	h := rec.header
+	rec.header, rec.lent = make(http.Header, len(h)), false
+	maps.Copy(rec.header, h)
+	clear(h)
+	for _, f := range rec.before[:rec.nBefore] {
+		h[f.name] = f.values
+		if f.name == "Server" {
+			rec.server = f.values // settleServer decides
+		} else if vs, ok := rec.header[f.name]; ok && sameValues(vs, f.values) {
+			delete(rec.header, f.name)
+		}
+	}
+	rec.before = [len(rec.before)]headerField{}
+}
+
+// sameValues reports whether a and b are the same slice.
+func sameValues(a, b []string) bool {
+	return len(a) == len(b) && (len(a) == 0 || &a[0] == &b[0])
 }
 
 // settleServer is called when the header is final. A handler that deleted
@@ -98,7 +163,7 @@ func (rec *recorder) settleServer() {
 	switch {
 	case !ok:
 		rec.dropServer = true
-	case len(vs) == len(rec.server) && (len(vs) == 0 || &vs[0] == &rec.server[0]):
+	case sameValues(vs, rec.server):
 		delete(rec.header, "Server")
 	}
 }
@@ -134,7 +199,6 @@ func (rec *recorder) writeHeader(status int) {
 	}
 	rec.status = status
 	rec.wroteHeader = true
-	rec.settleServer()
 	var cl int64
 	if v := fieldValue(rec.header, "Content-Length"); v != "" {
 		n, err := strconv.ParseInt(v, 10, 64)
@@ -143,17 +207,26 @@ func (rec *recorder) writeHeader(status int) {
 	if !rec.knownLength {
 		rec.headerAt = time.Now() // for Flush
 	}
+	var reason string // why the response is streamed: "" while it is buffered
 	switch {
 	case streamingResponse(rec.header):
-		rec.stream("stream")
+		reason = "stream"
 	case fieldValue(rec.header, "Trailer") != "":
-		rec.stream("trailers")
+		reason = "trailers"
 	case rec.knownLength && cl > rec.maxBody:
-		rec.stream("too-large")
+		reason = "too-large"
 	case rec.watch.passes(status):
-		rec.stream(detailLoneMiss)
+		reason = detailLoneMiss
 	case rec.knownLength && !rec.reserve(cl):
-		rec.stream(detailFlightMemory)
+		reason = detailFlightMemory
+	}
+	if reason == "" {
+		rec.unlend()
+	}
+	rec.settleServer()
+	switch {
+	case reason != "":
+		rec.stream(reason)
 	case rec.knownLength:
 		rec.buf.Grow(int(cl))
 	}
@@ -263,6 +336,9 @@ func (rec *recorder) finish() {
 	if rec.lateFlush != nil {
 		rec.lateFlush.Stop()
 	}
+	if !rec.wroteHeader {
+		rec.unlend() // the client is answered otherwise
+	}
 }
 
 // Unwrap lets http.ResponseController reach the client's writer (deadlines).
@@ -281,8 +357,8 @@ func (rec *recorder) stream(reason string) {
 	if rec.dropServer {
 		delete(dst, "Server")
 	}
-	for k, vs := range rec.header {
-		dst[k] = vs
+	if !rec.lent {
+		maps.Copy(dst, rec.header)
 	}
 	if cs := rec.watch.streamStatus(reason); cs != "" {
 		dst.Add("Cache-Status", cs)

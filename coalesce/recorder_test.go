@@ -50,6 +50,7 @@ func (tw *testWatcher) streaming(reason string) {
 func (tw *testWatcher) streamStatus(reason string) string { return "test; detail=" + reason }
 
 func (tw *testWatcher) passes(int) bool { return false }
+func (tw *testWatcher) lends() bool     { return false }
 
 func newTestRecorder(c *clientWriter, maxBody int64) (*recorder, *[]string) {
 	tw := &testWatcher{c: c}

@@ -1,8 +1,11 @@
 package coalesce
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -53,5 +56,93 @@ func TestServerFieldIsWhatTheHandlerMadeOfIt(t *testing.T) {
 			})
 			check("the refreshed copy", refreshed)
 		})
+	}
+}
+
+// A miss nobody else asked for lends its handler the client's own header,
+// so that the response passes through with no copy (recorder.lend). When a
+// follower joins before the response header arrives, or the breaker's
+// timeout cuts the request, that header is given back as it was: the
+// leader's client gets its own fields once, the follower none of them, and
+// a cut answer carries nothing of the upstream's.
+func TestALentHeaderGoesBackWhenTheResponseIsNotPassedThrough(t *testing.T) {
+	e := newEngine(t, func(c *Config) {
+		c.TTL = time.Second
+		c.Breaker.Timeout = 300 * time.Millisecond
+	})
+	for i := range loneWindow { // lone copies that go unread: lone misses pass through
+		if err := e.Serve(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "http://api.example/once/"+strconv.Itoa(i), nil), func(w http.ResponseWriter, _ *http.Request) error {
+			_, err := w.Write([]byte("x"))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	front := func() *httptest.ResponseRecorder {
+		w := httptest.NewRecorder()
+		w.Header().Set("Server", "front")
+		w.Header().Set("X-Front", "set before")
+		return w
+	}
+	g := newGate(t)
+	var calls atomic.Int64
+	upstream := func(w http.ResponseWriter, r *http.Request) error {
+		calls.Add(1)
+		h := w.Header()
+		delete(h, "Server") // as reverse_proxy does, and sends Via instead
+		h.Set("Via", "1.1 Caddy")
+		h.Set("X-Upstream", "u")
+		h.Set("Content-Length", "4")
+		g.wait(r)
+		if r.Context().Err() != nil {
+			return r.Context().Err()
+		}
+		w.WriteHeader(http.StatusOK)
+		_, err := w.Write([]byte("body"))
+		return err
+	}
+	leader := front()
+	done := async(func() error {
+		return e.Serve(leader, httptest.NewRequest(http.MethodGet, "http://api.example/new", nil), upstream)
+	})
+	waitFor(t, "the leader's flight", func() bool { return flightClients(e) == 1 })
+	follower := front()
+	followed := async(func() error {
+		return e.Serve(follower, httptest.NewRequest(http.MethodGet, "http://api.example/new", nil), upstream)
+	})
+	waitWaiters(t, e, 1)
+	g.open()
+	if err := receive(t, done, "the leader"); err != nil {
+		t.Fatal(err)
+	}
+	if err := receive(t, followed, "the follower"); err != nil {
+		t.Fatal(err)
+	}
+	if n := calls.Load(); n != 1 {
+		t.Errorf("%d upstream calls, want 1", n)
+	}
+	want := map[string]string{
+		"leader":   "map[Cache-Status:[caddy-coalesce; fwd=uri-miss; fwd-status=200; stored] Content-Length:[4] Via:[1.1 Caddy] X-Front:[set before] X-Upstream:[u]]",
+		"follower": "map[Cache-Status:[caddy-coalesce; fwd=uri-miss; fwd-status=200; collapsed] Content-Length:[4] Via:[1.1 Caddy] X-Front:[set before] X-Upstream:[u]]",
+	}
+	for name, w := range map[string]*httptest.ResponseRecorder{"leader": leader, "follower": follower} {
+		if got := fmt.Sprint(w.Result().Header); got != want[name] || w.Body.String() != "body" {
+			t.Errorf("%s: header %s, body %q; want %s, body \"body\"", name, got, w.Body, want[name])
+		}
+	}
+
+	// A request the timeout cuts is answered by the engine alone.
+	cut := front()
+	err := e.Serve(cut, httptest.NewRequest(http.MethodGet, "http://api.example/hangs", nil), func(w http.ResponseWriter, r *http.Request) error {
+		delete(w.Header(), "Server")
+		w.Header().Set("X-Upstream", "too late")
+		<-r.Context().Done()
+		return r.Context().Err()
+	})
+	if !errors.Is(err, ErrUpstreamTimeout) {
+		t.Fatalf("the cut request: %v, want %v", err, ErrUpstreamTimeout)
+	}
+	if got, want := fmt.Sprint(cut.Header()), `map[Cache-Status:[caddy-coalesce; fwd=uri-miss; fwd-status=504; detail="upstream-timeout"] Server:[front] X-Front:[set before]]`; got != want {
+		t.Errorf("the cut request's header %s, want %s", got, want)
 	}
 }

@@ -310,7 +310,7 @@ func (e *Engine) openStream(r *http.Request, next Next, server []string) fanout.
 		if len(server) > 0 {
 			w.Header()["Server"] = slices.Clone(server)
 		}
-		pass, until := e.admit(nil, nil)
+		pass, until := e.admit(nil, nil, time.Now())
 		if !until.IsZero() {
 			return &refusedError{until: until}
 		}

@@ -178,8 +178,17 @@ type passage struct {
 	watch headerWatch
 	// cancel ends ctx's parent, when that is the caller's own (see
 	// context): the breaker's timeout cuts the request with it.
-	cancel context.CancelCauseFunc
+	cancel canceller
 }
+
+// canceller ends a context with a cause: a flight (its Cancel), or a
+// cancelFunc. An interface rather than a func, so that a flight's is not a
+// method value allocated on every request.
+type canceller interface{ Cancel(cause error) }
+
+type cancelFunc context.CancelCauseFunc
+
+func (c cancelFunc) Cancel(cause error) { c(cause) }
 
 // context returns parent with the passage's Pick in it, for the request
 // that send sends. cancel ends parent, a context that is the request's alone
@@ -187,7 +196,7 @@ type passage struct {
 // with a context of its own (one context and one copy of the request fewer
 // on every flight). Only send calls it with a nil cancel, for a request it
 // does not time.
-func (p *passage) context(parent context.Context, cancel context.CancelCauseFunc) context.Context {
+func (p *passage) context(parent context.Context, cancel canceller) context.Context {
 	if p == nil {
 		return parent
 	}
@@ -202,19 +211,19 @@ func (p *passage) context(parent context.Context, cancel context.CancelCauseFunc
 // part of a larger value: one allocation fewer), nil for one of its own.
 // admitted is the breaker that let the request's flight through, for a
 // follower that goes upstream on its own (nil otherwise). The passage (nil
-// when breakers are off) must be settled or released.
-func (e *Engine) admit(into *passage, admitted *Breaker) (*passage, time.Time) {
+// when breakers are off) must be settled or released. now is the time
+// of the request (a flight's start: one clock read fewer).
+func (e *Engine) admit(into *passage, admitted *Breaker, now time.Time) (*passage, time.Time) {
 	g := e.guard
 	if g == nil {
 		return nil, time.Time{}
 	}
-	now := time.Now()
 	p := into
 	if p == nil {
 		p = new(passage)
 	}
 	p.e = e
-	p.slot = Pick{set: g.set, cfg: g.cfg, settings: g.settings, admitted: admitted}
+	p.slot = Pick{g: g, admitted: admitted}
 	p.pick = &p.slot
 	if now.UnixNano()-e.seen.steeredAt.Load() > int64(steerForget) {
 		if e.hooks.Upstream == nil {
@@ -301,7 +310,10 @@ func (p *passage) settle(r *http.Request, err error, status int) time.Time {
 		pk.releaseHeld()
 		return time.Time{}
 	}
-	b := g.breaker(up)
+	b := pk.held // the guess, most often right: no lookup
+	if b == nil || b.upstream != up {
+		b = g.breaker(up)
+	}
 	var done ticket
 	if b == pk.held {
 		done, pk.held, pk.heldDone = pk.heldDone, nil, ticket{}

@@ -58,10 +58,12 @@ func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error 
 	if r.Context() != context.Context(&p.ctx) {
 		// r carries its client's context: a cut needs a context of its own.
 		parent := r.Context()
-		var cancel context.CancelCauseFunc
+		var cancel canceller
 		if timed {
-			parent, cancel = context.WithCancelCause(parent)
-			defer cancel(nil)
+			var c context.CancelCauseFunc
+			parent, c = context.WithCancelCause(parent)
+			defer c(nil)
+			cancel = cancelFunc(c)
 		}
 		r = r.WithContext(p.context(parent, cancel))
 	}
@@ -76,7 +78,7 @@ func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error 
 	cancel := p.cancel
 	hw.timer = time.AfterFunc(p.e.guard.cfg.Timeout, func() {
 		if hw.state.CompareAndSwap(headersDue, headersLate) {
-			cancel(ErrUpstreamTimeout)
+			cancel.Cancel(ErrUpstreamTimeout)
 		}
 	})
 	defer func() {

@@ -125,9 +125,13 @@ type Flight[V any] struct {
 	stopWatch func() bool // stops the watch on the leader's client context
 
 	publishOnce sync.Once
-	done        chan struct{}
-	val         V
-	err         error
+	// done is closed by Publish. It is made by the first follower, under
+	// the shard's lock: a flight nobody joins (most) never needs one.
+	// published says the same to whoever has no channel.
+	done      chan struct{}
+	published atomic.Bool
+	val       V
+	err       error
 }
 
 // Join makes the caller the leader of a new flight for key, or a follower of
@@ -193,6 +197,9 @@ func (r *Registry[V]) follow(f *Flight[V]) bool {
 	if !f.addFollower(r.opts.MaxFollowers) {
 		return false
 	}
+	if f.done == nil {
+		f.done = make(chan struct{})
+	}
 	r.followers.Add(1)
 	r.collapsed.Add(1)
 	return true
@@ -231,7 +238,7 @@ func (r *Registry[V]) Running(key string) bool {
 // newFlight creates a flight with its leader counted and puts it in s; the
 // flight's context is a child of parent. Called under s.mu.
 func (r *Registry[V]) newFlight(parent context.Context, s *shard[V], key string, note any) *Flight[V] {
-	f := &Flight[V]{key: key, note: note, reg: r, shard: s, started: r.now(), done: make(chan struct{})}
+	f := &Flight[V]{key: key, note: note, reg: r, shard: s, started: r.now()}
 	f.ctx, f.cancel = context.WithCancelCause(parent)
 	f.clients.Store(1)
 	s.flights[key] = f
@@ -286,11 +293,8 @@ func (f *Flight[V]) addFollower(max int) bool {
 // release drops one client; the last one out cancels the flight's context.
 func (f *Flight[V]) release() {
 	if f.clients.Add(-1) == 0 {
-		published := false
-		select {
-		case <-f.done:
-			published = true
-		default:
+		published := f.published.Load()
+		if !published {
 			f.reg.abandoned.Add(1)
 		}
 		f.cancel(nil)
@@ -343,7 +347,12 @@ func (f *Flight[V]) Publish(v V, err error) {
 		// must not join a finished flight.
 		f.remove()
 		f.val, f.err = v, err
-		close(f.done)
+		f.published.Store(true)
+		// After remove, no follower can make done any more; remove's lock
+		// shows this goroutine the one a follower made.
+		if f.done != nil {
+			close(f.done)
+		}
 		r := f.reg
 		life := r.now().Sub(f.started)
 		r.published.Add(1)

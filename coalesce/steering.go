@@ -74,6 +74,7 @@ type guard struct {
 	cfg      BreakerConfig
 	set      *Breakers
 	settings string
+	due      *dueHeaders // nil without a timeout
 }
 
 func newGuard(cfg Config) *guard {
@@ -84,7 +85,11 @@ func newGuard(cfg Config) *guard {
 	if set == nil {
 		set = NewBreakers(nil)
 	}
-	return &guard{cfg: cfg.Breaker, set: set, settings: cfg.Breaker.fingerprint()}
+	g := &guard{cfg: cfg.Breaker, set: set, settings: cfg.Breaker.fingerprint()}
+	if cfg.Breaker.Timeout > 0 {
+		g.due = newDueHeaders(cfg.Breaker.Timeout)
+	}
+	return g
 }
 
 func (g *guard) breaker(upstream string) *Breaker { return g.set.get(upstream, g.settings, g.cfg) }

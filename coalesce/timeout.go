@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -75,21 +76,121 @@ func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error 
 	if _, buffers := w.(*recorder); !buffers {
 		hw.header = w.Header().Clone()
 	}
-	cancel := p.cancel
-	hw.timer = time.AfterFunc(p.e.guard.cfg.Timeout, func() {
-		if hw.state.CompareAndSwap(headersDue, headersLate) {
-			cancel.Cancel(ErrUpstreamTimeout)
-		}
-	})
+	hw.cancel = p.cancel
+	due := p.e.guard.due
+	due.add(hw)
 	defer func() {
-		hw.timer.Stop()
-		// A timer already firing has either cut the request (headersLate)
-		// or loses to this: the cut and the cancel always agree, and no
-		// late cancel ends a flight that was not cut.
+		due.remove(hw)
+		// A cut already under way has either cut the request
+		// (headersLate) or loses to this: the cut and the cancel always
+		// agree, and no late cancel ends a flight that was not cut.
 		hw.state.CompareAndSwap(headersDue, headersIn)
 		p.cut.Store(hw.state.Load() == headersLate)
 	}()
 	return next(hw, r)
+}
+
+// dueHeaders cuts the requests whose response headers are late: one timer
+// for all of an engine's requests rather than one each. Arming a timer
+// that is the earliest of its P wakes another thread (the runtime's
+// wakeNetPoller): on a busy server, a timer per request cost more than the
+// rest of the module's work on a miss. With one timeout, the order requests
+// are sent in is the order of their deadlines, so the queue is a list and
+// the timer waits only for its head. An armed timer is no goroutine, and
+// it fires once more at most after the queue has emptied: nothing to stop
+// when the engine closes (requests of an unloaded configuration may still
+// be waiting for their headers).
+type dueHeaders struct {
+	timeout time.Duration
+	epoch   time.Time // deadlines are monotonic nanoseconds since then
+
+	mu         sync.Mutex
+	head, tail *headerWatch
+	timer      *time.Timer
+	armed      bool // the timer will fire
+}
+
+func newDueHeaders(timeout time.Duration) *dueHeaders {
+	return &dueHeaders{timeout: timeout, epoch: time.Now()}
+}
+
+func (d *dueHeaders) now() int64 { return int64(time.Since(d.epoch)) }
+
+// add queues w, whose request has just been sent.
+func (d *dueHeaders) add(w *headerWatch) {
+	w.deadline = d.now() + int64(d.timeout)
+	d.mu.Lock()
+	w.prev, w.next, w.queued = d.tail, nil, true
+	if d.tail != nil {
+		d.tail.next = w
+	} else {
+		d.head = w
+	}
+	d.tail = w
+	if !d.armed {
+		d.arm(w.deadline)
+	}
+	d.mu.Unlock()
+}
+
+// remove takes w out of the queue, if it is still there.
+func (d *dueHeaders) remove(w *headerWatch) {
+	d.mu.Lock()
+	d.unlink(w)
+	d.mu.Unlock()
+}
+
+func (d *dueHeaders) unlink(w *headerWatch) {
+	if !w.queued {
+		return
+	}
+	if w.prev != nil {
+		w.prev.next = w.next
+	} else {
+		d.head = w.next
+	}
+	if w.next != nil {
+		w.next.prev = w.prev
+	} else {
+		d.tail = w.prev
+	}
+	w.prev, w.next, w.queued = nil, nil, false
+}
+
+// arm sets the timer for the deadline at (called under mu). Once armed it
+// is left alone until it fires: a head that left early costs one early
+// wake-up, not a timer change on every request.
+func (d *dueHeaders) arm(at int64) {
+	wait := time.Duration(at - d.now())
+	if d.timer == nil {
+		d.timer = time.AfterFunc(wait, d.fire)
+	} else {
+		d.timer.Reset(wait)
+	}
+	d.armed = true
+}
+
+// fire cuts every queued request past its deadline whose headers have not
+// arrived, and arms the timer for the next deadline.
+func (d *dueHeaders) fire() {
+	now := d.now()
+	var late []*headerWatch
+	d.mu.Lock()
+	d.armed = false
+	for d.head != nil && d.head.deadline <= now {
+		w := d.head
+		d.unlink(w)
+		if w.state.CompareAndSwap(headersDue, headersLate) {
+			late = append(late, w)
+		}
+	}
+	if d.head != nil {
+		d.arm(d.head.deadline)
+	}
+	d.mu.Unlock()
+	for _, w := range late {
+		w.cancel.Cancel(ErrUpstreamTimeout) // outside the lock: it may run context callbacks
+	}
 }
 
 // timedOut reports whether the timeout cut the request send sent.
@@ -109,7 +210,12 @@ const (
 type headerWatch struct {
 	http.ResponseWriter
 	state atomic.Int32
-	timer *time.Timer
+	// cancel cuts the request; deadline (dueHeaders' clock), prev, next
+	// and queued are its place in the queue, under the queue's lock.
+	cancel     canceller
+	deadline   int64
+	prev, next *headerWatch
+	queued     bool
 	// header is the header the handler fills until the response headers go
 	// out, when the writer beneath would send its own as it is (a recorder
 	// keeps its own until it decides): the answer to a cut request must not
@@ -141,7 +247,6 @@ func (w *headerWatch) install(h http.Header) {
 // the cut.
 func (w *headerWatch) arrived() bool {
 	if w.state.CompareAndSwap(headersDue, headersIn) {
-		w.timer.Stop()
 		if w.header != nil {
 			w.install(w.header)
 		}

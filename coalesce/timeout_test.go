@@ -1,7 +1,9 @@
 package coalesce
 
 import (
+	"errors"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -24,5 +26,46 @@ func TestATrickleUnderTheBreakersTimeoutBecomesAStream(t *testing.T) {
 	r := get(t, srv, "/trickle")
 	if r.status != http.StatusOK || r.body != "[1,2]" || !strings.Contains(r.cacheStatus(), "detail=stream") {
 		t.Errorf("trickle: %d %q (%q), want 200 [1,2] streamed", r.status, r.body, r.cacheStatus())
+	}
+}
+
+// One timer serves every request of an engine (dueHeaders). Each request
+// is still cut when its own timeout has passed, never earlier: a request
+// sent later is cut later, and a request whose timer slot came first but
+// that was answered in time moves nobody's cut.
+func TestEachRequestIsCutAtItsOwnTimeout(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	e := newEngine(t, func(c *Config) { c.Breaker.Timeout = timeout })
+	hang := func(w http.ResponseWriter, r *http.Request) error {
+		<-r.Context().Done()
+		return r.Context().Err()
+	}
+	quick := func(w http.ResponseWriter, r *http.Request) error {
+		_, err := w.Write([]byte("ok"))
+		return err
+	}
+	cutAfter := func(path string) <-chan time.Duration {
+		return async(func() time.Duration {
+			start := time.Now()
+			err := e.Serve(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "http://api.example"+path, nil), hang)
+			if !errors.Is(err, ErrUpstreamTimeout) {
+				t.Errorf("%s: %v, want the cut", path, err)
+			}
+			return time.Since(start)
+		})
+	}
+	if err := e.Serve(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "http://api.example/quick", nil), quick); err != nil {
+		t.Fatal(err)
+	}
+	first := cutAfter("/first")
+	time.Sleep(timeout / 2) // the second's deadline comes half a timeout later
+	second := cutAfter("/second")
+	for name, ch := range map[string]<-chan time.Duration{"first": first, "second": second} {
+		if took := receive(t, ch, name); took < timeout || took > timeout+2*time.Second {
+			t.Errorf("the %s request was cut after %s, want %s (and not much more)", name, took, timeout)
+		}
+	}
+	if b := e.guard.breaker(defaultUpstream).status(time.Now()).Counts; b.ConsecutiveFailures != 2 {
+		t.Errorf("breaker counts %+v, want the two cuts as failures", b)
 	}
 }

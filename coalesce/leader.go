@@ -143,6 +143,9 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		}
 	}()
 
+	if !e.watchesLater(r) {
+		f.WatchLeader()
+	}
 	// Only a local leader asks the fleet (shared.go).
 	ent, how, lock := e.askFleet(f.Context(), r, key)
 	if ent != nil {

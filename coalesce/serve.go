@@ -107,7 +107,7 @@ func (e *Engine) serve(w http.ResponseWriter, r *http.Request, next Next) error 
 		return e.uncollapsible(w, r, next, key, detailAuthorization, fwdURIMiss, nil)
 	}
 
-	f, role := e.reg.Join(r.Context(), string(key[:]), flightNote{method: r.Method, path: r.URL.Path})
+	f, role := e.reg.JoinUnwatched(r.Context(), string(key[:]), flightNote{method: r.Method, path: r.URL.Path})
 	switch role {
 	case registry.Follower:
 		return e.follow(w, r, next, f, key, fwd)

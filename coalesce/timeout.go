@@ -77,6 +77,7 @@ func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error 
 		hw.header = w.Header().Clone()
 	}
 	hw.cancel = p.cancel
+	hw.leader, _ = p.cancel.(leaderWatcher)
 	due := p.e.guard.due
 	due.add(hw)
 	defer func() {
@@ -106,8 +107,12 @@ type dueHeaders struct {
 
 	mu         sync.Mutex
 	head, tail *headerWatch
-	timer      *time.Timer
-	armed      bool // the timer will fire
+	// unwatched is the first queued request whose leader's client is not
+	// watched yet (see leaderWatchDelay), nil for none.
+	unwatched *headerWatch
+	timer     *time.Timer
+	armed     bool  // the timer will fire ...
+	at        int64 // ... then
 }
 
 func newDueHeaders(timeout time.Duration) *dueHeaders {
@@ -118,7 +123,8 @@ func (d *dueHeaders) now() int64 { return int64(time.Since(d.epoch)) }
 
 // add queues w, whose request has just been sent.
 func (d *dueHeaders) add(w *headerWatch) {
-	w.deadline = d.now() + int64(d.timeout)
+	w.sent = d.now()
+	w.deadline = w.sent + int64(d.timeout)
 	d.mu.Lock()
 	w.prev, w.next, w.queued = d.tail, nil, true
 	if d.tail != nil {
@@ -127,10 +133,34 @@ func (d *dueHeaders) add(w *headerWatch) {
 		d.head = w
 	}
 	d.tail = w
-	if !d.armed {
-		d.arm(w.deadline)
+	if d.unwatched == nil && w.leader != nil {
+		d.unwatched = w
+	}
+	if at, ok := d.next(); ok && (!d.armed || at < d.at) {
+		d.arm(at)
 	}
 	d.mu.Unlock()
+}
+
+// next is the time of the queue's next event: the head's deadline, or the
+// first unwatched request's watch if that comes earlier (called under mu).
+func (d *dueHeaders) next() (int64, bool) {
+	if d.head == nil {
+		return 0, false
+	}
+	at := d.head.deadline
+	if d.unwatched != nil {
+		at = min(at, d.unwatched.sent+int64(leaderWatchDelay))
+	}
+	return at, true
+}
+
+// withLeader is w or the first request after it that leads a flight.
+func withLeader(w *headerWatch) *headerWatch {
+	for w != nil && w.leader == nil {
+		w = w.next
+	}
+	return w
 }
 
 // remove takes w out of the queue, if it is still there.
@@ -143,6 +173,9 @@ func (d *dueHeaders) remove(w *headerWatch) {
 func (d *dueHeaders) unlink(w *headerWatch) {
 	if !w.queued {
 		return
+	}
+	if d.unwatched == w {
+		d.unwatched = withLeader(w.next)
 	}
 	if w.prev != nil {
 		w.prev.next = w.next
@@ -157,9 +190,9 @@ func (d *dueHeaders) unlink(w *headerWatch) {
 	w.prev, w.next, w.queued = nil, nil, false
 }
 
-// arm sets the timer for the deadline at (called under mu). Once armed it
-// is left alone until it fires: a head that left early costs one early
-// wake-up, not a timer change on every request.
+// arm sets the timer for at (called under mu). Once armed it is left alone
+// until it fires, unless something comes due earlier: a head that left
+// early costs one early wake-up, not a timer change on every request.
 func (d *dueHeaders) arm(at int64) {
 	wait := time.Duration(at - d.now())
 	if d.timer == nil {
@@ -167,14 +200,16 @@ func (d *dueHeaders) arm(at int64) {
 	} else {
 		d.timer.Reset(wait)
 	}
-	d.armed = true
+	d.armed, d.at = true, at
 }
 
 // fire cuts every queued request past its deadline whose headers have not
-// arrived, and arms the timer for the next deadline.
+// arrived, has the clients of the leaders queued for leaderWatchDelay
+// watched, and arms the timer for what comes next.
 func (d *dueHeaders) fire() {
 	now := d.now()
 	var late []*headerWatch
+	var watch []leaderWatcher
 	d.mu.Lock()
 	d.armed = false
 	for d.head != nil && d.head.deadline <= now {
@@ -184,13 +219,40 @@ func (d *dueHeaders) fire() {
 			late = append(late, w)
 		}
 	}
-	if d.head != nil {
-		d.arm(d.head.deadline)
+	for w := d.unwatched; w != nil && w.sent+int64(leaderWatchDelay) <= now; w = d.unwatched {
+		watch = append(watch, w.leader)
+		d.unwatched = withLeader(w.next)
+	}
+	if at, ok := d.next(); ok {
+		d.arm(at)
 	}
 	d.mu.Unlock()
-	for _, w := range late {
-		w.cancel.Cancel(ErrUpstreamTimeout) // outside the lock: it may run context callbacks
+	// Outside the lock: both may run context callbacks.
+	for _, l := range watch {
+		l.WatchLeader()
 	}
+	for _, w := range late {
+		w.cancel.Cancel(ErrUpstreamTimeout)
+	}
+}
+
+// leaderWatchDelay is how long a leader's request waits in the queue before
+// the leader's client is watched (Flight.WatchLeader): a watch costs more
+// than the rest of the flight's registration, and most requests are over
+// long before. A client that leaves earlier ends a flight nobody else waits
+// for (its upstream request is cancelled) when the delay has passed.
+const leaderWatchDelay = 10 * time.Millisecond
+
+// leaderWatcher is a flight, whose leader's client the queue watches.
+type leaderWatcher interface{ WatchLeader() }
+
+// watchesLater reports whether the queue of requests waiting for their
+// headers watches the client of a flight led for r (after
+// leaderWatchDelay): the request is one the timeout may cut, and the flight
+// waits for nothing before it (a fleet's leader may wait for the fleet's
+// lock first).
+func (e *Engine) watchesLater(r *http.Request) bool {
+	return e.guard != nil && e.guard.cfg.Timeout > 0 && e.tier == nil && cuttable(r)
 }
 
 // timedOut reports whether the timeout cut the request send sent.
@@ -210,12 +272,14 @@ const (
 type headerWatch struct {
 	http.ResponseWriter
 	state atomic.Int32
-	// cancel cuts the request; deadline (dueHeaders' clock), prev, next
-	// and queued are its place in the queue, under the queue's lock.
-	cancel     canceller
-	deadline   int64
-	prev, next *headerWatch
-	queued     bool
+	// cancel cuts the request; leader is its flight when it leads one;
+	// sent and deadline (dueHeaders' clock), prev, next and queued are its
+	// place in the queue, under the queue's lock.
+	cancel         canceller
+	leader         leaderWatcher
+	sent, deadline int64
+	prev, next     *headerWatch
+	queued         bool
 	// header is the header the handler fills until the response headers go
 	// out, when the writer beneath would send its own as it is (a recorder
 	// keeps its own until it decides): the answer to a cut request must not

@@ -1,7 +1,9 @@
 package coalesce
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -67,5 +69,37 @@ func TestEachRequestIsCutAtItsOwnTimeout(t *testing.T) {
 	}
 	if b := e.guard.breaker(defaultUpstream).status(time.Now()).Counts; b.ConsecutiveFailures != 2 {
 		t.Errorf("breaker counts %+v, want the two cuts as failures", b)
+	}
+}
+
+// A leader's client is watched at once when the breaker's timeout is off,
+// and from the queue of requests waiting for their headers when it is on
+// (leaderWatchDelay): either way, a lone leader's client leaving cancels
+// the upstream request nobody else waits for, and the flight counts as
+// abandoned.
+func TestALoneLeadersClientLeavingCancelsItsUpstreamRequest(t *testing.T) {
+	for _, timeout := range []time.Duration{0, time.Minute} {
+		t.Run(fmt.Sprintf("timeout %v", timeout), func(t *testing.T) {
+			cancelled := make(chan struct{})
+			o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+				<-r.Context().Done()
+				close(cancelled)
+			})
+			e := newEngine(t, func(c *Config) { c.Breaker.Timeout = timeout })
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			done, _ := serveAsync(e, ctx, o.next)
+			waitFor(t, "the leader upstream", func() bool { return o.calls.Load() == 1 })
+			began := time.Now()
+			cancel()
+			receive(t, async(func() struct{} { <-cancelled; return struct{}{} }), "upstream cancellation")
+			if took := time.Since(began); took > bound/2 {
+				t.Errorf("the upstream request was cancelled %v after its only client left", took)
+			}
+			receive(t, done, "the leader")
+			if s := e.Stats().Registry; s.Abandoned != 1 {
+				t.Errorf("abandoned flights = %d, want 1", s.Abandoned)
+			}
+		})
 	}
 }

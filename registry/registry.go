@@ -122,7 +122,14 @@ type Flight[V any] struct {
 	// zero: Join refuses such a flight and starts a new one.
 	clients   atomic.Int32
 	followers atomic.Int32
-	stopWatch func() bool // stops the watch on the leader's client context
+
+	// The watch on the leader's client context (leaderCtx), once
+	// WatchLeader has set it; left: the leader has left, and no watch
+	// starts any more.
+	leaderCtx context.Context
+	watchMu   sync.Mutex
+	stopWatch func() bool
+	left      bool
 
 	publishOnce sync.Once
 	// done is closed by Publish. It is made by the first follower, under
@@ -146,6 +153,20 @@ type Flight[V any] struct {
 // note describes the flight for inspection (Inflight), e.g. the method and
 // path of the request; the registry keeps it and never looks at it.
 func (r *Registry[V]) Join(ctx context.Context, key string, note any) (*Flight[V], Role) {
+	f, role := r.JoinUnwatched(ctx, key, note)
+	if role == Leader {
+		f.WatchLeader()
+	}
+	return f, role
+}
+
+// JoinUnwatched is Join for a leader whose work is usually over at once:
+// its client's context is not watched until the leader calls WatchLeader
+// (the watch costs a few allocations, most of them wasted on a request that
+// ends within a millisecond). Until then the leader's client counts as
+// waiting even if it has gone: its leaving ends the flight's context only
+// from WatchLeader on, or at Leave.
+func (r *Registry[V]) JoinUnwatched(ctx context.Context, key string, note any) (*Flight[V], Role) {
 	s := r.shardFor(key)
 	s.mu.Lock()
 	if f, ok := s.flights[key]; ok {
@@ -169,7 +190,7 @@ func (r *Registry[V]) Join(ctx context.Context, key string, note any) (*Flight[V
 	}
 	f := r.newFlight(context.WithoutCancel(ctx), s, key, note)
 	s.mu.Unlock()
-	f.watchLeader(ctx)
+	f.leaderCtx = ctx
 	return f, Leader
 }
 
@@ -220,7 +241,8 @@ func (r *Registry[V]) Lead(ctx context.Context, key string, note any) (*Flight[V
 	}
 	f := r.newFlight(ctx, s, key, note)
 	s.mu.Unlock()
-	f.watchLeader(ctx)
+	f.leaderCtx = ctx
+	f.WatchLeader()
 	return f, true
 }
 
@@ -242,6 +264,7 @@ func (r *Registry[V]) newFlight(parent context.Context, s *shard[V], key string,
 	f.ctx, f.cancel = context.WithCancelCause(parent)
 	f.clients.Store(1)
 	s.flights[key] = f
+	r.led.Add(1)
 	return f
 }
 
@@ -250,11 +273,16 @@ func (r *Registry[V]) shardFor(key string) *shard[V] {
 	return &r.shards[maphash.String(r.seed, key)%shardCount]
 }
 
-// watchLeader counts f as led and ties its leader to ctx: when the leader's
-// client goes away, it stops counting as one of f's clients.
-func (f *Flight[V]) watchLeader(ctx context.Context) {
-	f.reg.led.Add(1)
-	f.stopWatch = context.AfterFunc(ctx, f.release)
+// WatchLeader ties the leader to its client's context: when the client
+// goes away (or has gone already), the leader stops counting as one of the
+// flight's clients. It does nothing after the first call, or once the
+// leader has left. Safe to call from any goroutine.
+func (f *Flight[V]) WatchLeader() {
+	f.watchMu.Lock()
+	if f.stopWatch == nil && !f.left {
+		f.stopWatch = context.AfterFunc(f.leaderCtx, f.release)
+	}
+	f.watchMu.Unlock()
 }
 
 // reserveFlight counts one more flight unless MaxFlights is reached. Joins
@@ -372,7 +400,12 @@ func (f *Flight[V]) Publish(v V, err error) {
 func (f *Flight[V]) Leave() {
 	var zero V
 	f.Publish(zero, ErrAbandoned)
-	if f.stopWatch() {
+	f.watchMu.Lock()
+	f.left = true
+	stop := f.stopWatch
+	f.watchMu.Unlock()
+	// A watch that already fired has released the leader's client.
+	if stop == nil || stop() {
 		f.release()
 	}
 }

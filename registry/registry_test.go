@@ -751,3 +751,44 @@ func TestStressRandomJoinsCancelsAndLeaves(t *testing.T) {
 		waitDone(t, f.Context(), "flight "+f.Key())
 	}
 }
+
+func TestAnUnwatchedLeadersClientCountsUntilItIsWatched(t *testing.T) {
+	r := registry.New[string](registry.Options{})
+	leaderCtx, cancelLeader := context.WithCancel(context.Background())
+	f, role := r.JoinUnwatched(leaderCtx, "k", "note k")
+	if role != registry.Leader {
+		t.Fatalf("role = %v, want Leader", role)
+	}
+	cancelLeader()
+	// Nobody watches the client yet: its flight goes on, and a newcomer
+	// joins it instead of starting another.
+	follower := mustJoin(t, r, context.Background(), "k", registry.Follower)
+	if err := f.Context().Err(); err != nil {
+		t.Fatalf("the flight ended (%v) before its leader's client was watched", err)
+	}
+	got := wait(follower, context.Background(), 0)
+	// Watched now: the client has gone already, so the leader no longer
+	// counts, and the flight ends with its last client, the follower.
+	if n := clientsOf(r, "k"); n != 2 {
+		t.Fatalf("clients = %d before the watch, want 2 (the leader's and the follower)", n)
+	}
+	f.WatchLeader()
+	f.WatchLeader() // a second call changes nothing
+	waitClients(t, r, "k", 1)
+	f.Publish("v", nil)
+	if res := receive(t, got, "follower"); res.v != "v" || res.err != nil {
+		t.Fatalf("follower got (%q, %v), want (v, nil)", res.v, res.err)
+	}
+	waitDone(t, f.Context(), "flight with every client gone")
+	f.Leave()
+	checkIdle(t, r)
+
+	// A leader that leaves before its client is watched is released by
+	// Leave, once; a watch asked for afterwards starts nothing.
+	g, _ := r.JoinUnwatched(context.Background(), "k2", "note k2")
+	g.Publish("w", nil)
+	g.Leave()
+	g.WatchLeader()
+	waitDone(t, g.Context(), "flight after its leader left")
+	checkIdle(t, r)
+}

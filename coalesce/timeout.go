@@ -55,7 +55,7 @@ func (p *passage) send(next Next, w http.ResponseWriter, r *http.Request) error 
 	if p == nil {
 		return next(w, r)
 	}
-	timed := p.e.guard.cfg.Timeout > 0 && cuttable(r)
+	timed := p.e.guard.times(r)
 	if r.Context() != context.Context(&p.ctx) {
 		// r carries its client's context: a cut needs a context of its own.
 		parent := r.Context()
@@ -252,8 +252,11 @@ type leaderWatcher interface{ WatchLeader() }
 // waits for nothing before it (a fleet's leader may wait for the fleet's
 // lock first).
 func (e *Engine) watchesLater(r *http.Request) bool {
-	return e.guard != nil && e.guard.cfg.Timeout > 0 && e.tier == nil && cuttable(r)
+	return e.guard != nil && e.guard.times(r) && e.tier == nil
 }
+
+// times reports whether the timeout applies to r, which send then queues.
+func (g *guard) times(r *http.Request) bool { return g.cfg.Timeout > 0 && cuttable(r) }
 
 // timedOut reports whether the timeout cut the request send sent.
 func (p *passage) timedOut() bool { return p != nil && p.cut.Load() }

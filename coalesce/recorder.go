@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"maps"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -137,10 +138,18 @@ func (rec *recorder) unlend() {
 	clear(h)
 	for _, f := range rec.before[:rec.nBefore] {
 		h[f.name] = f.values
-		if f.name == "Server" {
+		vs, ok := rec.header[f.name]
+		switch {
+		case f.name == "Server":
 			rec.server = f.values // settleServer decides
-		} else if vs, ok := rec.header[f.name]; ok && sameValues(vs, f.values) {
+		case !ok:
+		case sameValues(vs, f.values):
 			delete(rec.header, f.name)
+		case len(vs) > len(f.values) && slices.Equal(vs[:len(f.values)], f.values):
+			// The handler added to the client's field, as reverse_proxy
+			// adds an upstream's: the response's values are the added ones
+			// (copyHeader puts them after each client's own).
+			rec.header[f.name] = slices.Clone(vs[len(f.values):])
 		}
 	}
 	rec.before = [len(rec.before)]headerField{}
@@ -239,7 +248,7 @@ func (rec *recorder) writeHeader(status int) {
 func (rec *recorder) interim(status int) {
 	dst := rec.w.Header()
 	own := dst.Clone()
-	maps.Copy(dst, rec.header)
+	copyHeader(dst, rec.header)
 	rec.w.WriteHeader(status)
 	clear(dst)
 	maps.Copy(dst, own)
@@ -358,7 +367,7 @@ func (rec *recorder) stream(reason string) {
 		delete(dst, "Server")
 	}
 	if !rec.lent {
-		maps.Copy(dst, rec.header)
+		copyHeader(dst, rec.header)
 	}
 	if cs := rec.watch.streamStatus(reason); cs != "" {
 		dst.Add("Cache-Status", cs)

@@ -120,10 +120,26 @@ func bodyAllowed(status int) bool {
 	return status >= 200 && status != http.StatusNoContent && status != http.StatusNotModified
 }
 
-// copyHeader copies src into dst with fresh value slices, in one allocation
-// for all values, so that no client can change what another receives.
+// copyHeader adds src's fields to dst, as reverse_proxy adds an upstream's
+// header to the client's: a field that dst already holds (set by a handler
+// before the module, a `header` directive's) keeps its values, and the
+// response's follow them. Server is the exception: it is replaced, as Caddy
+// sets it on every response and reverse_proxy drops it (see
+// recorder.settleServer). The value slices are fresh, in one allocation for
+// all of them, so that no client can change what another receives.
 func copyHeader(dst, src http.Header) {
+	var buf [4]headerField
+	kept := buf[:0] // dst's own values of the fields src has too
 	n := 0
+	for k, vs := range dst {
+		if k == "Server" || len(vs) == 0 {
+			continue
+		}
+		if from, ok := src[k]; ok && !sameValues(vs, from) {
+			kept = append(kept, headerField{k, vs})
+			n += len(vs) + len(from)
+		}
+	}
 	for _, vs := range src {
 		n += len(vs)
 	}
@@ -131,6 +147,12 @@ func copyHeader(dst, src http.Header) {
 	for k, vs := range src {
 		m := copy(all, vs)
 		dst[k] = all[:m:m]
+		all = all[m:]
+	}
+	for _, f := range kept {
+		m := copy(all, f.values)
+		m += copy(all[m:], dst[f.name])
+		dst[f.name] = all[:m:m]
 		all = all[m:]
 	}
 }

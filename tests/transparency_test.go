@@ -106,3 +106,83 @@ func TestEventStreamHeaderIsWhatReverseProxyAloneSends(t *testing.T) {
 		t.Errorf("upstream connections: %d, want 1", got)
 	}
 }
+
+// A field a handler before the module set (a `header` directive's) keeps
+// its value, and the upstream's value of the same field follows it, as
+// reverse_proxy alone adds the upstream's header to the client's: for the
+// request that went upstream, for a collapsed follower and for a hit, with
+// a few fields set before the module and with many.
+func TestFieldsSetBeforeTheModuleAreKeptAsReverseProxyKeepsThem(t *testing.T) {
+	gate := newHerdGate(t, 3)
+	answer := func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Upstream", "yes")
+		fmt.Fprint(w, `{"path":"`+r.URL.Path+`"}`)
+	}
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if strings.Contains(r.URL.Path, "/herd") {
+			gate.wrap(answer)(w, r)
+			return
+		}
+		answer(w, r)
+	})
+	startCaddy(t, fmt.Sprintf(`:%d {
+	header X-Upstream edge
+	handle /plain/* {
+		reverse_proxy {up}
+	}
+	handle /many/* {
+		header X-A 1
+		header X-B 2
+		header X-C 3
+		header X-D 4
+		coalesce {
+			ttl 1s
+		}
+		reverse_proxy {up}
+	}
+	handle {
+		coalesce {
+			ttl 1s
+		}
+		reverse_proxy {up}
+	}
+}
+`, httpPort), up, up, up)
+	client := newClient(t)
+	want := []string{"edge", "yes"}
+
+	plain := get(client, "GET", baseURL+"/plain"+pathFor(t, "/a"))
+	if got := plain.header.Values("X-Upstream"); plain.err != nil || !slices.Equal(got, want) {
+		t.Fatalf("plain reverse_proxy: X-Upstream %q (%v), want %q: the premise of this test no longer holds", got, plain.err, want)
+	}
+	check := func(what string, f fetched, cacheStatus string) {
+		t.Helper()
+		if f.err != nil || f.status != http.StatusOK {
+			t.Fatalf("%s: %d %v", what, f.status, f.err)
+		}
+		if !strings.Contains(f.cacheStatus(), cacheStatus) {
+			t.Errorf("%s: Cache-Status %q, want %q in it", what, f.cacheStatus(), cacheStatus)
+		}
+		if got := f.header.Values("X-Upstream"); !slices.Equal(got, want) {
+			t.Errorf("%s: X-Upstream %q, want %q as reverse_proxy alone sends", what, got, want)
+		}
+	}
+	for _, prefix := range []string{"", "/many"} {
+		path := prefix + pathFor(t, "/b")
+		check(prefix+" miss", get(client, "GET", baseURL+path), "fwd=uri-miss")
+		check(prefix+" hit", get(client, "GET", baseURL+path), "hit")
+		check(prefix+" hit again", get(client, "GET", baseURL+path), "hit")
+
+		herd := herd(client, 3, "GET", baseURL+prefix+pathFor(t, "/herd"))
+		collapsed := 0
+		for i, f := range herd {
+			check(fmt.Sprintf("%s herd client %d", prefix, i), f, "fwd=uri-miss")
+			if strings.Contains(f.cacheStatus(), "collapsed") {
+				collapsed++
+			}
+		}
+		if collapsed != 2 {
+			t.Errorf("%s herd: %d collapsed followers, want 2", prefix, collapsed)
+		}
+	}
+}

@@ -340,6 +340,9 @@ func TestManySubscribersShareOneUpstreamRequest(t *testing.T) {
 	if got := clients[0].resp.Header.Get("X-Origin"); got != "yes" {
 		t.Errorf("the upstream's header did not reach the subscriber: %q", got)
 	}
+	// The fan-out tallies an event after it has reached the subscribers:
+	// wait for the last tally before checking the counts.
+	waitFor(t, "the last fan-out's tally", func() bool { return e.tally.fanouts.Load() >= 31 })
 	if got := e.tally.events.Load(); got != 31 {
 		t.Errorf("events tallied: %d, want 31 (the retry: block and 30 events)", got)
 	}

@@ -111,7 +111,8 @@ func TestEventStreamHeaderIsWhatReverseProxyAloneSends(t *testing.T) {
 // its value, and the upstream's value of the same field follows it, as
 // reverse_proxy alone adds the upstream's header to the client's: for the
 // request that went upstream, for a collapsed follower and for a hit, with
-// a few fields set before the module and with many.
+// a few fields set before the module and with many. A deferred operation
+// replaces the upstream's value.
 func TestFieldsSetBeforeTheModuleAreKeptAsReverseProxyKeepsThem(t *testing.T) {
 	gate := newHerdGate(t, 3)
 	answer := func(w http.ResponseWriter, r *http.Request) {
@@ -128,6 +129,13 @@ func TestFieldsSetBeforeTheModuleAreKeptAsReverseProxyKeepsThem(t *testing.T) {
 	startCaddy(t, fmt.Sprintf(`:%d {
 	header X-Upstream edge
 	handle /plain/* {
+		reverse_proxy {up}
+	}
+	handle /deferred/* {
+		header >X-Upstream edge
+		coalesce {
+			ttl 1s
+		}
 		reverse_proxy {up}
 	}
 	handle /many/* {
@@ -147,7 +155,7 @@ func TestFieldsSetBeforeTheModuleAreKeptAsReverseProxyKeepsThem(t *testing.T) {
 		reverse_proxy {up}
 	}
 }
-`, httpPort), up, up, up)
+`, httpPort), up, up, up, up)
 	client := newClient(t)
 	want := []string{"edge", "yes"}
 
@@ -183,6 +191,16 @@ func TestFieldsSetBeforeTheModuleAreKeptAsReverseProxyKeepsThem(t *testing.T) {
 		}
 		if collapsed != 2 {
 			t.Errorf("%s herd: %d collapsed followers, want 2", prefix, collapsed)
+		}
+	}
+
+	// A deferred header operation replaces the upstream's value, through
+	// the module as without it.
+	path := "/deferred" + pathFor(t, "/d")
+	for _, step := range []string{"miss", "hit"} {
+		f := get(client, "GET", baseURL+path)
+		if got := f.header.Values("X-Upstream"); f.err != nil || !slices.Equal(got, []string{"edge"}) {
+			t.Errorf("deferred header, %s: X-Upstream %q (%v), want [edge]", step, got, f.err)
 		}
 	}
 }

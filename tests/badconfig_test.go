@@ -80,6 +80,8 @@ func TestBadConfigFailsValidateWithTheLineAndWhatToDo(t *testing.T) {
 		{name: "shared with an http URL", option: "shared http://app:hunter2@10.0.0.5:6379", line: "Caddyfile:6", says: []string{"not a Redis URL", "xxxxx"}, advice: []string{"write redis://"}},
 		{name: "shared with a bad database", option: "shared redis://127.0.0.1:6379/x", line: "Caddyfile:6", says: []string{"database"}, advice: []string{"redis://127.0.0.1:6379/x"}},
 		{name: "shared timeout of a minute", option: "shared redis://127.0.0.1:6379 {\n\t\t\ttimeout 1m\n\t\t}", line: "Caddyfile:7", says: []string{"timeout", "1m0s"}, advice: []string{"from 1ms to 10s"}},
+		{name: "shared timeout below a millisecond", option: "shared redis://127.0.0.1:6379 {\n\t\t\ttimeout 500us\n\t\t}", line: "Caddyfile:7", says: []string{"timeout", "500µs"}, advice: []string{"from 1ms to 10s"}},
+		{name: "shared URL with a port out of range", option: "shared redis://127.0.0.1:99999", line: "Caddyfile:6", says: []string{"port", "99999"}, advice: []string{"from 1 to 65535"}},
 		{name: "shared timeout of 0", option: "shared redis://127.0.0.1:6379 {\n\t\t\ttimeout 0\n\t\t}", line: "Caddyfile:7", says: []string{"timeout", "positive"}, advice: []string{"e.g. timeout 50ms"}},
 		{name: "shared option misspelt", option: "shared redis://127.0.0.1:6379 {\n\t\t\tprefx a:\n\t\t}", line: "Caddyfile:7", says: []string{"prefx", "unrecognized"}, advice: []string{"prefix and timeout"}},
 		// sse.

@@ -240,7 +240,7 @@ func TestParseURL(t *testing.T) {
 			t.Errorf("%s: %v", u, err)
 		}
 	}
-	for _, u := range []string{"http://h:1", "h:6379", "redis://h:1/notadb"} {
+	for _, u := range []string{"http://h:1", "h:6379", "redis://h:1/notadb", "redis://127.0.0.1:99999", "redis://h:0", "redis://h:-1"} {
 		if _, err := ParseURL(u); err == nil {
 			t.Errorf("%s: no error", u)
 		}
@@ -248,6 +248,20 @@ func TestParseURL(t *testing.T) {
 	_, err := ParseURL("http://u:hunter2@h:1")
 	if err == nil || contains(err.Error(), "hunter2") {
 		t.Errorf("the error shows the password: %v", err)
+	}
+}
+
+func TestValidateTimeout(t *testing.T) {
+	for _, d := range []time.Duration{0, time.Millisecond, DefaultTimeout, MaxTimeout} {
+		if err := (Options{URL: "redis://h:1", Timeout: d}).Validate(); err != nil {
+			t.Errorf("timeout %s: %v", d, err)
+		}
+	}
+	for _, d := range []time.Duration{-time.Millisecond, time.Nanosecond, 999 * time.Microsecond, MaxTimeout + time.Millisecond} {
+		err := (Options{URL: "redis://h:1", Timeout: d}).Validate()
+		if err == nil || !contains(err.Error(), "from 1ms to 10s") {
+			t.Errorf("timeout %s: %v, want the range in the error", d, err)
+		}
 	}
 }
 

@@ -2,6 +2,8 @@ package fleet
 
 import (
 	"fmt"
+	"net"
+	"strconv"
 	"strings"
 	"time"
 
@@ -42,7 +44,7 @@ func (o Options) Validate() error {
 	if _, err := ParseURL(o.URL); err != nil {
 		return err
 	}
-	if o.Timeout < 0 || o.Timeout > MaxTimeout {
+	if o.Timeout < 0 || (o.Timeout > 0 && o.Timeout < time.Millisecond) || o.Timeout > MaxTimeout {
 		return fmt.Errorf("shared: timeout is the longest one Redis operation may take, from 1ms to %s (got %s); default 50ms", MaxTimeout, o.Timeout)
 	}
 	if strings.ContainsAny(o.Prefix, " \t\r\n") {
@@ -60,6 +62,13 @@ func ParseURL(u string) (*redis.Options, error) {
 	ro, err := redis.ParseURL(u)
 	if err != nil {
 		return nil, fmt.Errorf("shared: %q: %v", redact(u), err)
+	}
+	// The client dials whatever port it is given, and a port out of range
+	// would only fail at the first request.
+	if _, port, err := net.SplitHostPort(ro.Addr); err == nil {
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return nil, fmt.Errorf("shared: %q: port %q is not a port from 1 to 65535", redact(u), port)
+		}
 	}
 	return ro, nil
 }

@@ -329,7 +329,7 @@ func (h *Handler) observe(r *http.Request, ev coalesce.Event) {
 }
 
 // setPlaceholders makes {http.coalesce.*} report ev. They are worked out
-// only when asked for (an access log's log_append, a header directive):
+// only when asked for (an access log's log_append):
 // most requests are logged without them, and setting four static values
 // on every request costs more than the one provider. A request observed
 // twice gets the later event as static values, which come first.

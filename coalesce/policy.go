@@ -25,8 +25,6 @@ func bypassReason(r *http.Request) (detail, fwd string) {
 		// A 206 answers one client's range; sharing it would hand other
 		// ranges (or a full GET) the wrong bytes.
 		return "range", "bypass"
-	case acceptsEventStream(h):
-		return "event-stream", "bypass"
 	case r.ContentLength > 0 || len(r.TransferEncoding) > 0 || len(h["Transfer-Encoding"]) > 0 ||
 		(r.ContentLength < 0 && r.ProtoMajor == 2):
 		// A body is not part of the key. A server hands a chunked HTTP/1.1
@@ -39,6 +37,10 @@ func bypassReason(r *http.Request) (detail, fwd string) {
 		return "precondition", "bypass"
 	case requestCacheControl(h).noStore:
 		return "no-store", "request"
+	case acceptsEventStream(h):
+		// Last: a subscriber that any rule above sends on its own is not
+		// fanned out either (fansOut).
+		return "event-stream", "bypass"
 	}
 	return "", ""
 }

@@ -189,6 +189,27 @@ func TestEventStreamWithSSEOffPassesThrough(t *testing.T) {
 	}
 }
 
+// A subscriber that asks for no-store is passed through with a stream of
+// its own, as any request that asks for it.
+func TestEventStreamRequestNoStoreHasAStreamOfItsOwn(t *testing.T) {
+	origin := &eventOrigin{events: make(chan string)}
+	e := sseEngine(t)
+	srv := newServer(t, e.Handler(origin))
+	first, _ := openStream(t, srv.URL+"/s", "Cache-Control: no-store")
+	second, _ := openStream(t, srv.URL+"/s", "Cache-Control: no-store")
+	for i, resp := range []*http.Response{first, second} {
+		if cs := resp.Header.Get("Cache-Status"); cs != "caddy-coalesce; fwd=request; detail=no-store" {
+			t.Errorf("subscriber %d: Cache-Status %q", i, cs)
+		}
+	}
+	if got := origin.calls.Load(); got != 2 {
+		t.Errorf("upstream requests: %d, want 2, one per no-store subscriber", got)
+	}
+	if got := e.Stats().Streams.Subscribers; got != 0 {
+		t.Errorf("fanned-out subscribers: %d, want 0", got)
+	}
+}
+
 func TestEventStreamBreakerOpenAnswers503(t *testing.T) {
 	var calls atomic.Int64
 	failing := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

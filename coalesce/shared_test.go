@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -283,6 +284,99 @@ func TestDeadUpstreamGetsFailuresPlusProbesFromTheFleet(t *testing.T) {
 				t.Fatalf("server %d: breaker of %s is %s", i, b.Upstream, b.State)
 			}
 		}
+	}
+}
+
+// When the fleet's opening ends, each server's breaker is half-open and
+// lets its probes through, not every request it holds at that moment; and
+// the opening is each server's own state change, told once.
+func TestFleetOpeningEndsInEachServersProbesOnly(t *testing.T) {
+	redis := redistest.Start(t)
+	var failing atomic.Bool
+	var held atomic.Int64
+	release := make(chan struct{})
+	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
+		if !failing.Load() {
+			fmt.Fprint(w, "ok")
+			return
+		}
+		if strings.HasPrefix(r.URL.Path, "/held/") {
+			held.Add(1)
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+		}
+		http.Error(w, "down", http.StatusServiceUnavailable)
+	})
+	var mu sync.Mutex
+	changes := make([][]BreakerChange, 3)
+	made := 0
+	servers := newFleet(t, redis, 3, o, func(c *Config) {
+		n := made
+		made++
+		c.Breakers = NewBreakers(func(ch BreakerChange) {
+			mu.Lock()
+			defer mu.Unlock()
+			changes[n] = append(changes[n], ch)
+		})
+		c.Breaker = BreakerConfig{Failures: 2, Open: time.Second, Probes: 1}
+	})
+	for i, s := range servers {
+		if r := getAs(t, s, fmt.Sprintf("/warm/%d", i)); r.status != http.StatusOK {
+			t.Fatalf("server %d before the failures: %d", i, r.status)
+		}
+	}
+	failing.Store(true)
+	getAs(t, servers[0], "/dead/1")
+	getAs(t, servers[0], "/dead/2")
+	opened := func(i int) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(changes[i]) > 0 && changes[i][0].To == BreakerOpen
+	}
+	for i := range servers {
+		waitFor(t, fmt.Sprintf("server %d to open", i), func() bool { return opened(i) })
+	}
+	mu.Lock()
+	for i := 1; i < 3; i++ {
+		if ch := changes[i][0]; ch.From != BreakerClosed || !strings.Contains(ch.Reason, "fleet") {
+			t.Errorf("server %d: first change %+v, want closed to open by the fleet", i, ch)
+		}
+	}
+	mu.Unlock()
+	for i, s := range servers {
+		waitFor(t, fmt.Sprintf("server %d to turn half-open", i), func() bool {
+			for _, b := range s.e.guard.set.Snapshot() {
+				if b.State != BreakerHalfOpen {
+					return false
+				}
+			}
+			return true
+		})
+	}
+
+	before := o.calls.Load()
+	const perServer = 4
+	var refused atomic.Int64
+	var wg sync.WaitGroup
+	for i, s := range servers {
+		for k := range perServer {
+			wg.Go(func() {
+				r := getAs(t, s, fmt.Sprintf("/held/%d-%d", i, k))
+				if r.status == http.StatusServiceUnavailable && strings.Contains(r.cacheStatus(), "breaker-open") {
+					refused.Add(1)
+				}
+			})
+		}
+	}
+	all := int64(len(servers) * perServer)
+	waitFor(t, "every request refused or at the upstream", func() bool { return refused.Load()+held.Load() >= all })
+	probes := o.calls.Load() - before
+	close(release)
+	wg.Wait()
+	if probes != int64(len(servers)) {
+		t.Errorf("when the fleet's opening ended, %d of %d requests reached the dead upstream (%d refused), want %d: one probe per server", probes, all, refused.Load(), len(servers))
 	}
 }
 

@@ -2,6 +2,7 @@ package coalesce
 
 import (
 	"context"
+	"slices"
 	"time"
 
 	"github.com/edge-coalesce/caddy-coalesce/coalesce/fleet"
@@ -36,13 +37,32 @@ func (e *Engine) tellFleet(b *Breaker, v verdict) {
 // of its failures reached the failures of its breakers.
 func (s *Breakers) fleetOpen(upstream string, until time.Time) {
 	s.mu.RLock()
-	defer s.mu.RUnlock()
-	for _, b := range s.byUpstream[upstream] {
+	opened := slices.Clone(s.byUpstream[upstream])
+	s.mu.RUnlock()
+	for _, b := range opened {
 		b.fleetFailing.Store(true)
 		if until.UnixNano() > b.fleetUntil.Load() {
 			b.fleetUntil.Store(until.UnixNano())
 		}
+		b.tripByFleet()
 	}
+}
+
+// tripByFleet opens b itself, as its own failures would: the fleet's
+// opening is then b's, with its log line, its metric and its counts, and
+// when it ends b is half-open and lets its probes through, where a breaker
+// still closed underneath would let every request through at once. The
+// trip is told to gobreaker as one failed request (in half-open, the probe
+// slot it takes fails); an open breaker, or a half-open one whose probes
+// are all out, stays as it is, with the fleet's deadline over it.
+func (b *Breaker) tripByFleet() {
+	b.fleetTrip.Store(true)
+	done, err := b.cb.Allow()
+	if err == nil {
+		done(errFailed)
+	}
+	b.fleetTrip.Store(false)
+	b.deliver()
 }
 
 // fleetOpenUntil is when the fleet's opening of b ends, or zero when the

@@ -125,10 +125,10 @@ type Breaker struct {
 	// fleet's tally of its failures grow since the last success.
 	fleetUntil   atomic.Int64
 	fleetFailing atomic.Bool
-	// fleetTrip: the failure readyToTrip is shown now is the fleet's
-	// opening, told as one (tripByFleet).
-	fleetTrip atomic.Bool
-	lastUsed     atomic.Int64 // unix ns, to prune idle breakers
+	// fleetTrips counts the fleet's openings being told to gobreaker as a
+	// failure now (tripByFleet): readyToTrip trips on it.
+	fleetTrips atomic.Int32
+	lastUsed   atomic.Int64 // unix ns, to prune idle breakers
 
 	// tripped are the counts ReadyToTrip saw when it said yes. Written and
 	// read under gobreaker's lock (ReadyToTrip and OnStateChange both run
@@ -166,7 +166,7 @@ func newBreaker(upstream string, cfg BreakerConfig, onChange func(BreakerChange)
 // readyToTrip runs under gobreaker's lock after each failure in the closed
 // state.
 func (b *Breaker) readyToTrip(c gobreaker.Counts) bool {
-	trip := b.fleetTrip.Load() || b.cfg.Failures > 0 && c.ConsecutiveFailures >= uint32(b.cfg.Failures)
+	trip := b.fleetTrips.Load() > 0 || b.cfg.Failures > 0 && c.ConsecutiveFailures >= uint32(b.cfg.Failures)
 	if !trip && b.cfg.Ratio > 0 {
 		// The sample is the answered requests; Requests also counts those
 		// still in flight.
@@ -186,8 +186,8 @@ func (b *Breaker) readyToTrip(c gobreaker.Counts) bool {
 func (b *Breaker) stateChanged(_ string, from, to gobreaker.State) {
 	ch := BreakerChange{Upstream: b.upstream, From: stateOf(from), To: stateOf(to)}
 	switch {
-	case to == gobreaker.StateOpen && b.fleetTrip.Load():
-		ch.Reason = fmt.Sprintf("the fleet counted %d failures", b.cfg.Failures)
+	case to == gobreaker.StateOpen && b.fleetTrips.Load() > 0:
+		ch.Reason = "the fleet's tally of failures reached the threshold"
 	case to == gobreaker.StateOpen && from == gobreaker.StateClosed:
 		ch.Counts = countsOf(b.tripped)
 		if b.cfg.Failures > 0 && b.tripped.ConsecutiveFailures >= uint32(b.cfg.Failures) {

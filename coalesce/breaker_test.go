@@ -816,3 +816,31 @@ func TestACutRequestIsAnswered504WithNothingOfWhatArrivedTooLate(t *testing.T) {
 		}
 	}
 }
+
+// The fleet's opening trips the breakers of the upstream that count
+// failures, each once, and leaves alone one that trips on a ratio alone
+// (not shared).
+func TestFleetOpeningTripsOnlyBreakersThatCountFailures(t *testing.T) {
+	var mu sync.Mutex
+	var changes []BreakerChange
+	set := NewBreakers(func(c BreakerChange) {
+		mu.Lock()
+		defer mu.Unlock()
+		changes = append(changes, c)
+	})
+	counting := set.Breaker("u:80", BreakerConfig{Failures: 5, Open: time.Minute, Probes: 1})
+	ratio := set.Breaker("u:80", BreakerConfig{Ratio: 0.5, MinRequests: 10, Window: time.Minute, Open: time.Minute, Probes: 1})
+	set.fleetOpen("u:80", time.Now().Add(time.Minute))
+	set.fleetOpen("u:80", time.Now().Add(time.Minute)) // told again: no second change
+	if s := counting.State(); s != BreakerOpen {
+		t.Errorf("the breaker that counts failures: %s, want open", s)
+	}
+	if s := ratio.State(); s != BreakerClosed {
+		t.Errorf("the ratio-only breaker: %s, want closed (not shared)", s)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(changes) != 1 || changes[0].From != BreakerClosed || changes[0].To != BreakerOpen || !strings.Contains(changes[0].Reason, "fleet") {
+		t.Errorf("changes %+v, want one closed to open by the fleet", changes)
+	}
+}

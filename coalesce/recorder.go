@@ -143,7 +143,9 @@ func (rec *recorder) unlend() {
 		case f.name == "Server":
 			rec.server = f.values // settleServer decides
 		case !ok:
-		case sameValues(vs, f.values):
+		case slices.Equal(vs, f.values):
+			// Left as it was (by value: a 1xx on the way, here and in
+			// reverse_proxy, copies every field of the header).
 			delete(rec.header, f.name)
 		case len(vs) > len(f.values) && slices.Equal(vs[:len(f.values)], f.values):
 			// The handler added to the client's field, as reverse_proxy
@@ -247,7 +249,7 @@ func (rec *recorder) writeHeader(status int) {
 // and later hits get the final response only.
 func (rec *recorder) interim(status int) {
 	dst := rec.w.Header()
-	own := dst.Clone()
+	own := maps.Clone(dst) // its own value slices, which a lent header shares
 	copyHeader(dst, rec.header)
 	rec.w.WriteHeader(status)
 	clear(dst)

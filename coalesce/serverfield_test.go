@@ -3,8 +3,10 @@ package coalesce
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"testing"
@@ -144,5 +146,68 @@ func TestALentHeaderGoesBackWhenTheResponseIsNotPassedThrough(t *testing.T) {
 	}
 	if got, want := fmt.Sprint(cut.Header()), `map[Cache-Status:[caddy-coalesce; fwd=uri-miss; fwd-status=504; detail="upstream-timeout"] Server:[front] X-Front:[set before]]`; got != want {
 		t.Errorf("the cut request's header %s, want %s", got, want)
+	}
+}
+
+// A field the client's header held before the engine (a per-request value,
+// as Caddy's header directive sets it) stays that client's when the lent
+// header's response is buffered after an interim response: the 1xx copies
+// every field of the header (reverse_proxy clones and restores it), which
+// must not make the leader's own value part of the shared response.
+func TestALentHeadersOwnFieldsStayOutOfTheResponseAfterAnInterimResponse(t *testing.T) {
+	e := newEngine(t, func(c *Config) { c.TTL = time.Second })
+	for i := range loneWindow { // lone copies that go unread: lone misses pass through
+		if err := e.Serve(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "http://api.example/once/"+strconv.Itoa(i), nil), func(w http.ResponseWriter, _ *http.Request) error {
+			_, err := w.Write([]byte("x"))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	front := func(id string) *httptest.ResponseRecorder {
+		w := httptest.NewRecorder()
+		w.Header().Set("X-Req", id)
+		return w
+	}
+	g := newGate(t)
+	upstream := func(w http.ResponseWriter, r *http.Request) error {
+		h := w.Header()
+		own := h.Clone()
+		h.Set("Link", "</app.css>; rel=preload")
+		w.WriteHeader(http.StatusEarlyHints)
+		clear(h)
+		maps.Copy(h, own)
+		h.Set("X-Upstream", "u")
+		h.Set("Content-Length", "4")
+		g.wait(r)
+		w.WriteHeader(http.StatusOK)
+		_, err := w.Write([]byte("body"))
+		return err
+	}
+	leader := front("leader")
+	done := async(func() error {
+		return e.Serve(leader, httptest.NewRequest(http.MethodGet, "http://api.example/hints", nil), upstream)
+	})
+	waitFor(t, "the leader's flight", func() bool { return flightClients(e) == 1 })
+	follower := front("follower")
+	followed := async(func() error {
+		return e.Serve(follower, httptest.NewRequest(http.MethodGet, "http://api.example/hints", nil), upstream)
+	})
+	waitWaiters(t, e, 1)
+	g.open()
+	if err := receive(t, done, "the leader"); err != nil {
+		t.Fatal(err)
+	}
+	if err := receive(t, followed, "the follower"); err != nil {
+		t.Fatal(err)
+	}
+	hit := front("hit")
+	if err := e.Serve(hit, httptest.NewRequest(http.MethodGet, "http://api.example/hints", nil), upstream); err != nil {
+		t.Fatal(err)
+	}
+	for name, w := range map[string]*httptest.ResponseRecorder{"leader": leader, "follower": follower, "hit": hit} {
+		if got := w.Result().Header.Values("X-Req"); !slices.Equal(got, []string{name}) || w.Body.String() != "body" {
+			t.Errorf("%s: X-Req %q, body %q; want [%s], as set in front of the engine", name, got, w.Body, name)
+		}
 	}
 }

@@ -40,6 +40,9 @@ func (s *Breakers) fleetOpen(upstream string, until time.Time) {
 	opened := slices.Clone(s.byUpstream[upstream])
 	s.mu.RUnlock()
 	for _, b := range opened {
+		if b.cfg.Failures <= 0 {
+			continue // trips on a ratio alone: not shared
+		}
 		b.fleetFailing.Store(true)
 		if until.UnixNano() > b.fleetUntil.Load() {
 			b.fleetUntil.Store(until.UnixNano())
@@ -56,12 +59,12 @@ func (s *Breakers) fleetOpen(upstream string, until time.Time) {
 // slot it takes fails); an open breaker, or a half-open one whose probes
 // are all out, stays as it is, with the fleet's deadline over it.
 func (b *Breaker) tripByFleet() {
-	b.fleetTrip.Store(true)
+	b.fleetTrips.Add(1)
 	done, err := b.cb.Allow()
 	if err == nil {
 		done(errFailed)
 	}
-	b.fleetTrip.Store(false)
+	b.fleetTrips.Add(-1)
 	b.deliver()
 }
 

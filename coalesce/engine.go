@@ -102,6 +102,8 @@ type core struct {
 	cache *microCache
 	// hitForMiss marks the keys whose responses could not be shared.
 	hitForMiss *marks
+	// variants remembers the fields keys' responses vary on (variants.go).
+	variants *variants
 	// flightMemory is what all flights may buffer at once.
 	flightMemory flightMemory
 	guard        *guard // nil when breakers are off
@@ -132,6 +134,7 @@ func New(cfg Config) (*Engine, error) {
 		reg:          registry.New[*result](registry.Options{MaxFlights: cfg.MaxFlights}),
 		cache:        newMicroCache(cfg.MaxEntries, cfg.MaxMemory),
 		hitForMiss:   newMarks(cfg.MaxEntries),
+		variants:     newVariants(cfg.MaxEntries),
 		flightMemory: flightMemory{max: cfg.MaxFlightMemory},
 		guard:        newGuard(cfg),
 		hotKeys:      NewHotKeys(cfg.HotKeys, cfg.IdentityHeaders),

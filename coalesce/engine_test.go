@@ -629,7 +629,9 @@ func TestFollowersOfAVaryMissSayVaryMiss(t *testing.T) {
 	}
 }
 
-func TestVaryMismatchFollowersGoAlone(t *testing.T) {
+// Followers that differ from the leader in a field its response varies on
+// gather by variant (variants.go): one upstream request per language.
+func TestVaryMismatchFollowersGatherByVariant(t *testing.T) {
 	g := newGate(t)
 	o := newOrigin(func(w http.ResponseWriter, r *http.Request, n int64) {
 		if n == 1 {
@@ -650,15 +652,17 @@ func TestVaryMismatchFollowersGoAlone(t *testing.T) {
 			t.Errorf("client %d (%s): Cache-Status %q", i, langs[i], r.cacheStatus())
 		}
 	}
-	if n := o.calls.Load(); n != 4 {
-		t.Errorf("upstream calls = %d, want 4 (one for en, one per other follower)", n)
+	// en's leader, then fr's variant flight (unless its two followers woke
+	// far enough apart that the first one's flight had ended) and de's.
+	if n := o.calls.Load(); n != 3 && n != 4 {
+		t.Errorf("upstream calls = %d, want 3 (one per language)", n)
 	}
-	// The stored entry answers only the language it was made for.
-	if r := get(t, srv, "/x", "Accept-Language", "en"); !hitStatus.MatchString(r.cacheStatus()) {
-		t.Errorf("en after the herd: Cache-Status %q, want a hit", r.cacheStatus())
-	}
-	if r := get(t, srv, "/x", "Accept-Language", "fr"); r.body != "fr" || hitStatus.MatchString(r.cacheStatus()) {
-		t.Errorf("fr after the herd: %q %q, want its own answer", r.body, r.cacheStatus())
+	// The key keeps one stored variant: whichever it is, every language
+	// gets its own answer.
+	for _, lang := range []string{"en", "fr", "de", "en"} {
+		if r := get(t, srv, "/x", "Accept-Language", lang); r.body != lang {
+			t.Errorf("%s after the herd: %q %q, want its own answer", lang, r.body, r.cacheStatus())
+		}
 	}
 }
 

@@ -76,9 +76,9 @@ func (a answer) done() {
 }
 
 // lead runs the flight for its client and writes the answer to it.
-func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string) error {
+func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string, admitted *Breaker) error {
 	defer f.Leave()
-	a := e.fly(w, r, next, f, key, fwd)
+	a := e.fly(w, r, next, f, key, fwd, admitted)
 	defer a.done()
 	if !a.refused.IsZero() {
 		ev := Event{Outcome: OutcomeBreakerOpen, Key: key, Detail: detailBreakerOpen, Waiters: a.waiters}
@@ -128,7 +128,7 @@ func (e *Engine) lead(w http.ResponseWriter, r *http.Request, next Next, f *regi
 // was started for, which for a refresh is already detached from the client
 // that asked. fly publishes on every path, also when next panics (the panic
 // goes on); the caller leaves the flight.
-func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string) answer {
+func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string, admitted *Breaker) answer {
 	var rec *recorder
 	defer func() {
 		if p := recover(); p != nil {
@@ -157,7 +157,7 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 	defer lock.Finish(context.Background(), nil, time.Time{}, time.Time{})
 
 	fr := &flightRecorder{e: e, f: f, key: key, fwd: fwd, lone: fwd != fwdStale && lock == nil && !conditional(r)}
-	pass, until := e.admit(&fr.passage, nil, f.Started())
+	pass, until := e.admit(&fr.passage, admitted, f.Started())
 	if !until.IsZero() {
 		return e.refuseFlight(f, key, r, until)
 	}

@@ -54,7 +54,7 @@ func (e *Engine) refresh(r *http.Request, key Key, next Next) {
 			// the panic to, and must not take the server down.
 			_ = recover()
 		}()
-		e.fly(discard{}, br, next, f, key, fwdStale).done()
+		e.fly(discard{}, br, next, f, key, fwdStale, nil).done()
 	}()
 }
 

@@ -69,6 +69,11 @@ func (e *Engine) serve(w http.ResponseWriter, r *http.Request, next Next) error 
 		varyOK := ent != nil && ent.resp.matchesVary(r)
 		if ent != nil && !varyOK && now.Before(ent.stale) {
 			fwd = fwdVaryMiss
+			if e.variants.fields(lookup, now) == nil {
+				// The copy says what its key varies on: this request's
+				// flight is its variant's (variants.go).
+				e.variants.learn(lookup, ent.resp.varyFields, now.Add(e.cfg.HitForMiss))
+			}
 		} else if varyOK {
 			// fresh == stored (ttl 0, kept for stale alone) is never a fresh
 			// hit, even for a request that took its time before it looked.
@@ -93,26 +98,28 @@ func (e *Engine) serve(w http.ResponseWriter, r *http.Request, next Next) error 
 	if r.Method == http.MethodHead {
 		// A GET in flight answers a HEAD as well as a HEAD of its own would;
 		// it never leads one, so no GET waits for a body-less answer.
-		if f, ok := e.reg.Follow(string(getKey[:])); ok {
+		gk := e.flightKey(r, getKey, now)
+		if f, ok := e.reg.Follow(string(gk[:])); ok {
 			return e.follow(w, r, next, f, getKey, fwd)
 		}
 	}
 	if e.hitForMiss.has(key, now) {
 		return e.uncollapsible(w, r, next, key, detailUncollapsible, fwdURIMiss, nil)
 	}
+	fk := e.flightKey(r, key, now)
 	if alone {
-		if f, ok := e.reg.Follow(string(key[:])); ok {
+		if f, ok := e.reg.Follow(string(fk[:])); ok {
 			return e.follow(w, r, next, f, key, fwd)
 		}
 		return e.uncollapsible(w, r, next, key, detailAuthorization, fwdURIMiss, nil)
 	}
 
-	f, role := e.reg.JoinUnwatched(r.Context(), string(key[:]), flightNote{method: r.Method, path: r.URL.Path})
+	f, role := e.reg.JoinUnwatched(r.Context(), string(fk[:]), flightNote{method: r.Method, path: r.URL.Path})
 	switch role {
 	case registry.Follower:
 		return e.follow(w, r, next, f, key, fwd)
 	case registry.Leader:
-		return e.lead(w, r, next, f, key, fwd)
+		return e.lead(w, r, next, f, key, fwd, nil)
 	default:
 		return e.uncollapsible(w, r, next, key, "registry-full", fwdURIMiss, nil)
 	}
@@ -159,7 +166,7 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 	case res.resp == nil:
 		return e.uncollapsible(w, r, next, key, res.reason, fwdURIMiss, res.admitted)
 	case !res.resp.matchesVary(r):
-		return e.uncollapsible(w, r, next, key, detailVaryMismatch, fwdVaryMiss, res.admitted)
+		return e.followVariant(w, r, next, f.Key(), key, res)
 	}
 	res.resp.write(w, r, cacheStatus{fwd: fwd, fwdStatus: res.resp.Status, collapsed: true, detail: res.fleet}, 0)
 	e.observe(r, Event{Outcome: OutcomeCollapsed, Key: key, Wait: waited})

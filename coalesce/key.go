@@ -103,7 +103,7 @@ func (k *keyDeriver) derive(r *http.Request, method string) Key {
 	} else {
 		field("http")
 	}
-	field(strings.ToLower(r.Host))
+	field(lowerASCII(r.Host))
 	field(r.URL.EscapedPath())
 	// "/p?" and "/p" reach the upstream as different request targets.
 	if r.URL.ForceQuery || r.URL.RawQuery != "" {
@@ -132,6 +132,24 @@ func (k *keyDeriver) derive(r *http.Request, method string) Key {
 // requests for it. The cache indexes its keys by it, so that a write can
 // drop every stored response for its target.
 type urlHash uint64
+
+// lowerASCII lower-cases the ASCII letters of s alone: host names compare
+// case-insensitively in ASCII only (RFC 4343), and Unicode case mappings
+// do not round-trip (ς, Σ, σ), so a Host in another case would key apart.
+func lowerASCII(s string) string {
+	for i := 0; i < len(s); i++ {
+		if 'A' <= s[i] && s[i] <= 'Z' {
+			b := []byte(s)
+			for j := i; j < len(b); j++ {
+				if 'A' <= b[j] && b[j] <= 'Z' {
+					b[j] += 'a' - 'A'
+				}
+			}
+			return string(b)
+		}
+	}
+	return s
+}
 
 // urlSeed is process-wide: hashes are compared only within one process.
 var urlSeed = maphash.MakeSeed()

@@ -248,7 +248,10 @@ type FlightInfo struct {
 	Method string `json:"method"`
 	Path   string `json:"path"`
 	// Refresh: a background refresh of a stale copy, on nobody's behalf.
-	Refresh bool          `json:"refresh"`
+	Refresh bool `json:"refresh"`
+	// Variant: the flight of the requests that differ from another flight
+	// of the key in a field its responses vary on (Vary).
+	Variant bool          `json:"variant,omitempty"`
 	Age     time.Duration `json:"age_ns"`
 	Waiters int           `json:"waiters"`
 	// Clients is whom the flight still answers: the waiting followers, and
@@ -261,6 +264,9 @@ type FlightInfo struct {
 type flightNote struct {
 	method, path string
 	refresh      bool
+	// base is the key of a variant's flight (variants.go), which the
+	// registry holds under the variant's key.
+	base *Key
 }
 
 // Inflight lists up to limit flights in progress.
@@ -271,7 +277,10 @@ func (e *Engine) Inflight(limit int) []FlightInfo {
 		var k Key
 		copy(k[:], f.Key)
 		note, _ := f.Note.(flightNote)
-		out = append(out, FlightInfo{Key: k.String(), Method: note.method, Path: note.path, Refresh: note.refresh,
+		if note.base != nil {
+			k = *note.base
+		}
+		out = append(out, FlightInfo{Key: k.String(), Method: note.method, Path: note.path, Refresh: note.refresh, Variant: note.base != nil,
 			Age: now.Sub(f.Started), Waiters: f.Waiters, Clients: f.Clients})
 	})
 	return out

@@ -147,7 +147,7 @@ func (e *Engine) fly(w http.ResponseWriter, r *http.Request, next Next, f *regis
 		f.WatchLeader()
 	}
 	// Only a local leader asks the fleet (shared.go).
-	ent, how, lock := e.askFleet(f.Context(), r, key)
+	ent, how, lock := e.askFleet(f.Context(), r, key, fleetKey(f, key))
 	if ent != nil {
 		f.Publish(&result{resp: ent.resp, fleet: how}, nil)
 		return answer{resp: ent.resp, shared: ent, fleet: how, waiters: f.Waiters(), flight: time.Since(f.Started())}

@@ -128,8 +128,13 @@ func (e *Engine) serve(w http.ResponseWriter, r *http.Request, next Next) error 
 // follow waits for the leader and writes its response, or goes upstream
 // alone when the response cannot be used for this request.
 func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string) error {
+	return e.followFor(w, r, next, f, key, fwd, e.cfg.MaxWait)
+}
+
+// followFor is follow waiting at most maxWait (0: no bound).
+func (e *Engine) followFor(w http.ResponseWriter, r *http.Request, next Next, f *registry.Flight[*result], key Key, fwd string, maxWait time.Duration) error {
 	start := time.Now()
-	res, err := f.Wait(r.Context(), e.cfg.MaxWait)
+	res, err := f.Wait(r.Context(), maxWait)
 	waited := time.Since(start)
 	switch {
 	case errors.Is(err, registry.ErrWaitTimeout):
@@ -166,7 +171,7 @@ func (e *Engine) follow(w http.ResponseWriter, r *http.Request, next Next, f *re
 	case res.resp == nil:
 		return e.uncollapsible(w, r, next, key, res.reason, fwdURIMiss, res.admitted)
 	case !res.resp.matchesVary(r):
-		return e.followVariant(w, r, next, f.Key(), key, res)
+		return e.followVariant(w, r, next, f.Key(), key, res, waited)
 	}
 	res.resp.write(w, r, cacheStatus{fwd: fwd, fwdStatus: res.resp.Status, collapsed: true, detail: res.fleet}, 0)
 	e.observe(r, Event{Outcome: OutcomeCollapsed, Key: key, Wait: waited})

@@ -73,8 +73,10 @@ func (e *Engine) fleetWait() time.Duration { return e.fleetHold() / 2 }
 // Cache-Status detail saying which; or the fleet's leadership of key, which
 // the caller finishes; or neither: the caller goes upstream on its own
 // (no tier, Redis slow or down, the entry unusable for r, a fleet leader
-// that gave no answer in time).
-func (e *Engine) askFleet(ctx context.Context, r *http.Request, key Key) (*entry, string, *fleet.Lock) {
+// that gave no answer in time). fleetKey is what the fleet knows the
+// flight by: key, or a variant's key (variants.go); a shared entry is kept
+// locally under key.
+func (e *Engine) askFleet(ctx context.Context, r *http.Request, key, fleetKey Key) (*entry, string, *fleet.Lock) {
 	t := e.tier
 	if t == nil {
 		return nil, "", nil
@@ -82,7 +84,7 @@ func (e *Engine) askFleet(ctx context.Context, r *http.Request, key Key) (*entry
 	began := time.Now()
 	// The whole hash: a short one shared by two requests of the fleet
 	// would hand one's answer to the other.
-	hk := hex.EncodeToString(key[:])
+	hk := hex.EncodeToString(fleetKey[:])
 	data, fresh, lock, err := t.Lookup(ctx, hk, e.fleetHold())
 	if err != nil {
 		return nil, "", nil

@@ -51,7 +51,8 @@ func (v *variants) learn(k Key, fields []string, until time.Time) {
 }
 
 // fields returns the fields k's responses vary on, or nil when not known
-// at now.
+// at now. An expired entry is removed, so that once none is left the common
+// case takes no lock again.
 func (v *variants) fields(k Key, now time.Time) []string {
 	if v.n.Load() == 0 {
 		return nil
@@ -59,7 +60,15 @@ func (v *variants) fields(k Key, now time.Time) []string {
 	v.mu.RLock()
 	vf, ok := v.lru.Peek(k)
 	v.mu.RUnlock()
-	if !ok || !now.Before(vf.until) {
+	if !ok {
+		return nil
+	}
+	if !now.Before(vf.until) {
+		v.mu.Lock()
+		if vf, ok := v.lru.Peek(k); ok && !now.Before(vf.until) {
+			v.lru.Remove(k)
+		}
+		v.mu.Unlock()
 		return nil
 	}
 	return vf.fields
@@ -89,25 +98,48 @@ func (e *Engine) flightKey(r *http.Request, k Key, now time.Time) Key {
 	return k
 }
 
+// minVariantWait is the least of max_wait a follower must have left to
+// wait again, in its variant's flight; with less it goes upstream alone.
+const minVariantWait = 10 * time.Millisecond
+
 // followVariant is a follower whose leader's response varies on a field in
 // which its request differs: it learns the key's fields, and joins (or
-// leads) the flight of its own variant. One that already followed a flight
-// of its variant, or a HEAD (which never leads a GET's flight), goes
-// upstream alone.
-func (e *Engine) followVariant(w http.ResponseWriter, r *http.Request, next Next, followed string, key Key, res *result) error {
+// leads) the flight of its own variant, waiting there for what is left of
+// max_wait. It goes upstream alone instead when it already followed a
+// flight of its variant, when it is a HEAD (which never leads a GET's
+// flight), when it carries Authorization under public (its answer may be
+// its own: it must not lead others), or when little of max_wait is left.
+func (e *Engine) followVariant(w http.ResponseWriter, r *http.Request, next Next, followed string, key Key, res *result, waited time.Duration) error {
 	fields := res.resp.varyFields
-	e.variants.learn(key, fields, time.Now().Add(e.cfg.HitForMiss))
-	vk := key.variant(r, fields)
-	if r.Method != http.MethodGet || followed != string(key[:]) {
+	if e.cfg.HitForMiss > 0 {
+		e.variants.learn(key, fields, time.Now().Add(e.cfg.HitForMiss))
+	}
+	left := time.Duration(0) // no bound
+	if e.cfg.MaxWait > 0 {
+		left = e.cfg.MaxWait - waited
+	}
+	if r.Method != http.MethodGet || followed != string(key[:]) || e.keys.authorizedUnderPublic(r) ||
+		(e.cfg.MaxWait > 0 && left < minVariantWait) {
 		return e.uncollapsible(w, r, next, key, detailVaryMismatch, fwdVaryMiss, res.admitted)
 	}
-	f, role := e.reg.Join(r.Context(), string(vk[:]), flightNote{method: r.Method, path: r.URL.Path})
+	vk := key.variant(r, fields)
+	f, role := e.reg.Join(r.Context(), string(vk[:]), flightNote{method: r.Method, path: r.URL.Path, base: &key})
 	switch role {
 	case registry.Follower:
-		return e.follow(w, r, next, f, key, fwdVaryMiss)
+		return e.followFor(w, r, next, f, key, fwdVaryMiss, left)
 	case registry.Leader:
 		return e.lead(w, r, next, f, key, fwdVaryMiss, res.admitted)
 	default:
 		return e.uncollapsible(w, r, next, key, detailVaryMismatch, fwdVaryMiss, res.admitted)
 	}
+}
+
+// fleetKey is the key flight f of key asks the fleet under: its own, so
+// that a variant's flight (variants.go) does not wait on another variant's
+// fleet lock for an answer it cannot use.
+func fleetKey(f *registry.Flight[*result], key Key) Key {
+	if fk := f.Key(); fk != string(key[:]) && len(fk) == len(key) {
+		copy(key[:], fk)
+	}
+	return key
 }

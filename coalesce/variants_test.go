@@ -7,6 +7,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/edge-coalesce/caddy-coalesce/coalesce/fleet"
+	"github.com/edge-coalesce/caddy-coalesce/internal/redistest"
 )
 
 // langOrigin answers with Vary: Accept-Language, each language's requests
@@ -15,6 +19,9 @@ type langOrigin struct {
 	mu    sync.Mutex
 	gates map[string]gate
 	calls map[string]*atomic.Int64
+	// ServeHTTPWith names a request's gate and answer (default: its
+	// Accept-Language).
+	ServeHTTPWith func(r *http.Request) string
 }
 
 func newLangOrigin(t *testing.T, langs ...string) *langOrigin {
@@ -27,6 +34,9 @@ func newLangOrigin(t *testing.T, langs ...string) *langOrigin {
 
 func (o *langOrigin) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	lang := r.Header.Get("Accept-Language")
+	if o.ServeHTTPWith != nil {
+		lang = o.ServeHTTPWith(r)
+	}
 	o.mu.Lock()
 	g, n := o.gates[lang], o.calls[lang]
 	o.mu.Unlock()
@@ -112,5 +122,140 @@ func TestVaryMismatchedFollowersGatherInAFlightOfTheirVariant(t *testing.T) {
 	}
 	if got := o.called("fr"); got != 2 {
 		t.Errorf("fr upstream requests after two bursts: %d, want 2", got)
+	}
+}
+
+// A request with Authorization under public whose key answers such requests
+// one by one ("alone") never leads a variant's flight: its answer may be its
+// requester's alone. The anonymous requests of its variant go upstream in a
+// flight of their own, not behind it.
+func TestAnAloneRequestNeverLeadsAVariantFlight(t *testing.T) {
+	o := newLangOrigin(t, "en", "fr", "fr alice")
+	o.ServeHTTPWith = func(r *http.Request) string {
+		if a := r.Header.Get("Authorization"); a != "" {
+			return r.Header.Get("Accept-Language") + " alice"
+		}
+		return r.Header.Get("Accept-Language")
+	}
+	e := newEngine(t, func(c *Config) { c.Public, c.TTL = true, Off })
+	srv := newServer(t, e.Handler(o))
+	alice := func() <-chan reply {
+		return async(func() reply { return get(t, srv, "/p", "Accept-Language", "fr", "Authorization", "Bearer alice") })
+	}
+	// Her first answer (not public) teaches the key that hers go alone.
+	o.gates["fr alice"].open()
+	if r := receive(t, alice(), "alice's first"); !strings.Contains(r.cacheStatus(), "authorization") {
+		t.Fatalf("alice's first: Cache-Status %q", r.cacheStatus())
+	}
+	held := o.regate(t, "fr alice")
+
+	en := async(func() reply { return get(t, srv, "/p", "Accept-Language", "en") })
+	waitFor(t, "the en leader upstream", func() bool { return o.called("en") == 1 })
+	a := alice()
+	waitWaiters(t, e, 1)
+	o.gates["en"].open()
+	receive(t, en, "en")
+	waitFor(t, "alice upstream on her own", func() bool { return o.called("fr alice") == 2 })
+
+	var fr []<-chan reply
+	for range 3 {
+		fr = append(fr, async(func() reply { return get(t, srv, "/p", "Accept-Language", "fr") }))
+	}
+	waitFor(t, "the anonymous fr flight upstream while alice is held", func() bool {
+		return o.called("fr") == 1 && e.Stats().Registry.Waiters == 2
+	})
+	o.gates["fr"].open()
+	for i, ch := range fr {
+		if r := receive(t, ch, fmt.Sprintf("fr %d", i)); r.body != "lang=fr" {
+			t.Errorf("fr %d: %q", i, r.body)
+		}
+	}
+	held.open()
+	if r := receive(t, a, "alice"); r.body != "lang=fr alice" || !strings.Contains(r.cacheStatus(), "vary-mismatch") {
+		t.Errorf("alice: %q, Cache-Status %q, want her own answer, sent alone", r.body, r.cacheStatus())
+	}
+}
+
+// With a shared tier, a variant's flight asks the fleet under its own key:
+// it does not wait on another variant's fleet lock.
+func TestVariantFlightsDoNotQueueOnEachOthersFleetLock(t *testing.T) {
+	redis := redistest.Start(t)
+	o := newLangOrigin(t, "en", "fr")
+	e := newEngine(t, func(c *Config) {
+		c.TTL = Off
+		c.MaxWait = 20 * time.Second
+		c.Shared = &fleet.Options{URL: redis.URL(), Zone: "z", Prefix: "test:", Timeout: time.Second}
+	})
+	srv := newServer(t, e.Handler(o))
+	waitFor(t, "the tier listening", func() bool { return e.Stats().Shared.Listening })
+	send := func(lang string) <-chan reply {
+		return async(func() reply { return get(t, srv, "/list", "Accept-Language", lang) })
+	}
+	// Teach the key its Vary: an en leader, one fr follower.
+	en := send("en")
+	waitFor(t, "en upstream", func() bool { return o.called("en") == 1 })
+	fr := send("fr")
+	waitWaiters(t, e, 1)
+	o.gates["en"].open()
+	o.gates["fr"].open()
+	receive(t, en, "en")
+	receive(t, fr, "fr")
+
+	enGate, frGate := o.regate(t, "en"), o.regate(t, "fr")
+	en = send("en")
+	waitFor(t, "the second en leader upstream", func() bool { return o.called("en") == 2 })
+	fr = send("fr")
+	waitFor(t, "fr upstream while en is held", func() bool { return o.called("fr") == 2 })
+	frGate.open()
+	enGate.open()
+	receive(t, en, "en")
+	if r := receive(t, fr, "fr"); r.body != "lang=fr" {
+		t.Errorf("fr: %q", r.body)
+	}
+}
+
+// Expired fields are dropped when read, so that once none is left the
+// common case (no key known to vary) takes no lock again.
+func TestExpiredVariantFieldsLeaveTheCommonCaseLockFree(t *testing.T) {
+	v := newVariants(100)
+	now := time.Now()
+	v.learn(keyN(1), []string{"Accept-Language"}, now.Add(time.Millisecond))
+	if v.fields(keyN(1), now) == nil {
+		t.Fatal("fresh fields not returned")
+	}
+	if v.fields(keyN(1), now.Add(time.Second)) != nil {
+		t.Fatal("expired fields returned")
+	}
+	if n := v.n.Load(); n != 0 {
+		t.Errorf("%d entries counted after the only one expired", n)
+	}
+}
+
+// max_wait bounds a follower's whole wait: one that missed its leader's
+// Vary waits in its variant's flight only for what is left.
+func TestAVariantFollowerWaitsNoLongerThanMaxWaitInAll(t *testing.T) {
+	o := newLangOrigin(t, "en", "fr")
+	e := newEngine(t, func(c *Config) { c.TTL, c.MaxWait = Off, time.Second })
+	srv := newServer(t, e.Handler(o))
+	send := func(lang string) <-chan reply {
+		return async(func() reply { return get(t, srv, "/list", "Accept-Language", lang) })
+	}
+	en := send("en")
+	waitFor(t, "en upstream", func() bool { return o.called("en") == 1 })
+	fr1, fr2 := send("fr"), send("fr")
+	waitWaiters(t, e, 2)
+	time.Sleep(700 * time.Millisecond) // most of max_wait spent waiting for en
+	o.gates["en"].open()
+	receive(t, en, "en")
+	var r reply
+	select { // the fr follower, while its variant's leader is held
+	case r = <-fr1:
+	case r = <-fr2:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no fr answer")
+	}
+	o.gates["fr"].open()
+	if r.status != http.StatusGatewayTimeout || r.took > 1500*time.Millisecond {
+		t.Errorf("the fr follower: %d after %v, want 504 at about max_wait (1s) in all", r.status, r.took)
 	}
 }

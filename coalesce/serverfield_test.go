@@ -72,14 +72,7 @@ func TestALentHeaderGoesBackWhenTheResponseIsNotPassedThrough(t *testing.T) {
 		c.TTL = time.Second
 		c.Breaker.Timeout = 300 * time.Millisecond
 	})
-	for i := range loneWindow { // lone copies that go unread: lone misses pass through
-		if err := e.Serve(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "http://api.example/once/"+strconv.Itoa(i), nil), func(w http.ResponseWriter, _ *http.Request) error {
-			_, err := w.Write([]byte("x"))
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	passLoneMisses(t, e)
 	front := func() *httptest.ResponseRecorder {
 		w := httptest.NewRecorder()
 		w.Header().Set("Server", "front")
@@ -103,23 +96,8 @@ func TestALentHeaderGoesBackWhenTheResponseIsNotPassedThrough(t *testing.T) {
 		_, err := w.Write([]byte("body"))
 		return err
 	}
-	leader := front()
-	done := async(func() error {
-		return e.Serve(leader, httptest.NewRequest(http.MethodGet, "http://api.example/new", nil), upstream)
-	})
-	waitFor(t, "the leader's flight", func() bool { return flightClients(e) == 1 })
-	follower := front()
-	followed := async(func() error {
-		return e.Serve(follower, httptest.NewRequest(http.MethodGet, "http://api.example/new", nil), upstream)
-	})
-	waitWaiters(t, e, 1)
-	g.open()
-	if err := receive(t, done, "the leader"); err != nil {
-		t.Fatal(err)
-	}
-	if err := receive(t, followed, "the follower"); err != nil {
-		t.Fatal(err)
-	}
+	leader, follower := front(), front()
+	leadAndFollow(t, e, g, "http://api.example/new", leader, follower, upstream)
 	if n := calls.Load(); n != 1 {
 		t.Errorf("%d upstream calls, want 1", n)
 	}
@@ -156,14 +134,7 @@ func TestALentHeaderGoesBackWhenTheResponseIsNotPassedThrough(t *testing.T) {
 // must not make the leader's own value part of the shared response.
 func TestALentHeadersOwnFieldsStayOutOfTheResponseAfterAnInterimResponse(t *testing.T) {
 	e := newEngine(t, func(c *Config) { c.TTL = time.Second })
-	for i := range loneWindow { // lone copies that go unread: lone misses pass through
-		if err := e.Serve(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "http://api.example/once/"+strconv.Itoa(i), nil), func(w http.ResponseWriter, _ *http.Request) error {
-			_, err := w.Write([]byte("x"))
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	passLoneMisses(t, e)
 	front := func(id string) *httptest.ResponseRecorder {
 		w := httptest.NewRecorder()
 		w.Header().Set("X-Req", id)
@@ -184,23 +155,8 @@ func TestALentHeadersOwnFieldsStayOutOfTheResponseAfterAnInterimResponse(t *test
 		_, err := w.Write([]byte("body"))
 		return err
 	}
-	leader := front("leader")
-	done := async(func() error {
-		return e.Serve(leader, httptest.NewRequest(http.MethodGet, "http://api.example/hints", nil), upstream)
-	})
-	waitFor(t, "the leader's flight", func() bool { return flightClients(e) == 1 })
-	follower := front("follower")
-	followed := async(func() error {
-		return e.Serve(follower, httptest.NewRequest(http.MethodGet, "http://api.example/hints", nil), upstream)
-	})
-	waitWaiters(t, e, 1)
-	g.open()
-	if err := receive(t, done, "the leader"); err != nil {
-		t.Fatal(err)
-	}
-	if err := receive(t, followed, "the follower"); err != nil {
-		t.Fatal(err)
-	}
+	leader, follower := front("leader"), front("follower")
+	leadAndFollow(t, e, g, "http://api.example/hints", leader, follower, upstream)
 	hit := front("hit")
 	if err := e.Serve(hit, httptest.NewRequest(http.MethodGet, "http://api.example/hints", nil), upstream); err != nil {
 		t.Fatal(err)
@@ -209,5 +165,38 @@ func TestALentHeadersOwnFieldsStayOutOfTheResponseAfterAnInterimResponse(t *test
 		if got := w.Result().Header.Values("X-Req"); !slices.Equal(got, []string{name}) || w.Body.String() != "body" {
 			t.Errorf("%s: X-Req %q, body %q; want [%s], as set in front of the engine", name, got, w.Body, name)
 		}
+	}
+}
+
+// passLoneMisses sends e lone misses whose copies go unread, so that the
+// next lone miss passes through with the client's own header lent to its
+// handler (recorder.lend).
+func passLoneMisses(t *testing.T, e *Engine) {
+	t.Helper()
+	for i := range loneWindow {
+		if err := e.Serve(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "http://api.example/once/"+strconv.Itoa(i), nil), func(w http.ResponseWriter, _ *http.Request) error {
+			_, err := w.Write([]byte("x"))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// leadAndFollow sends url for leader, then, once its request is upstream
+// (held by g), for follower, which joins its flight; then it opens g and
+// waits for both.
+func leadAndFollow(t *testing.T, e *Engine, g gate, url string, leader, follower http.ResponseWriter, upstream Next) {
+	t.Helper()
+	done := async(func() error { return e.Serve(leader, httptest.NewRequest(http.MethodGet, url, nil), upstream) })
+	waitFor(t, "the leader's flight", func() bool { return flightClients(e) == 1 })
+	followed := async(func() error { return e.Serve(follower, httptest.NewRequest(http.MethodGet, url, nil), upstream) })
+	waitWaiters(t, e, 1)
+	g.open()
+	if err := receive(t, done, "the leader"); err != nil {
+		t.Fatal(err)
+	}
+	if err := receive(t, followed, "the follower"); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -137,7 +137,10 @@ type flightView struct {
 	Path string `json:"path"`
 	// Refresh: a background stale-while-revalidate refresh, not a client's
 	// request.
-	Refresh bool   `json:"refresh,omitempty"`
+	Refresh bool `json:"refresh,omitempty"`
+	// Variant: the flight of the requests that differ from another flight
+	// of the key in a field its responses vary on (Vary).
+	Variant bool   `json:"variant,omitempty"`
 	AgeNS   int64  `json:"age_ns"`
 	Age     string `json:"age"`
 	Waiters int    `json:"waiters"`
@@ -182,7 +185,7 @@ func (a *adminAPI) handleInflight(w http.ResponseWriter, r *http.Request) error 
 
 // viewFlight is the admin API's view of a flight of zone.
 func viewFlight(zone string, f coalesce.FlightInfo) flightView {
-	return flightView{Zone: zone, Key: f.Key, Method: f.Method, Path: f.Path, Refresh: f.Refresh,
+	return flightView{Zone: zone, Key: f.Key, Method: f.Method, Path: f.Path, Refresh: f.Refresh, Variant: f.Variant,
 		AgeNS: int64(f.Age), Age: f.Age.Round(time.Microsecond).String(), Waiters: f.Waiters, Clients: f.Clients}
 }
 

@@ -106,7 +106,16 @@ func (e *Engine) serve(w http.ResponseWriter, r *http.Request, next Next) error 
 	if e.hitForMiss.has(key, now) {
 		return e.uncollapsible(w, r, next, key, detailUncollapsible, fwdURIMiss, nil)
 	}
+	note := flightNote{method: r.Method, path: r.URL.Path}
 	fk := e.flightKey(r, key, now)
+	if fk != key {
+		// A variant's flight (variants.go), listed under its key. Under
+		// public, a request with Authorization never leads one: its answer
+		// may be its own, and the variant's requests would queue behind it.
+		base := key
+		note.base = &base
+		alone = alone || e.keys.authorizedUnderPublic(r)
+	}
 	if alone {
 		if f, ok := e.reg.Follow(string(fk[:])); ok {
 			return e.follow(w, r, next, f, key, fwd)
@@ -114,7 +123,7 @@ func (e *Engine) serve(w http.ResponseWriter, r *http.Request, next Next) error 
 		return e.uncollapsible(w, r, next, key, detailAuthorization, fwdURIMiss, nil)
 	}
 
-	f, role := e.reg.JoinUnwatched(r.Context(), string(fk[:]), flightNote{method: r.Method, path: r.URL.Path})
+	f, role := e.reg.JoinUnwatched(r.Context(), string(fk[:]), note)
 	switch role {
 	case registry.Follower:
 		return e.follow(w, r, next, f, key, fwd)

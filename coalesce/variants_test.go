@@ -110,6 +110,11 @@ func TestVaryMismatchedFollowersGatherInAFlightOfTheirVariant(t *testing.T) {
 	waitFor(t, "the fr burst upstream while en is held", func() bool {
 		return o.called("fr") == 2 && e.Stats().Registry.Waiters == followers-1
 	})
+	// Both flights are listed under the key, as variants.
+	listed := e.Inflight(0)
+	if len(listed) != 2 || listed[0].Key != listed[1].Key || !listed[0].Variant || !listed[1].Variant {
+		t.Errorf("in flight: %+v, want the en and fr flights, each a variant under one key", listed)
+	}
 	frGate.open()
 	for i, ch := range fr {
 		if r := receive(t, ch, fmt.Sprintf("second burst, fr %d", i)); r.body != "lang=fr" {
@@ -257,5 +262,53 @@ func TestAVariantFollowerWaitsNoLongerThanMaxWaitInAll(t *testing.T) {
 	o.gates["fr"].open()
 	if r.status != http.StatusGatewayTimeout || r.took > 1500*time.Millisecond {
 		t.Errorf("the fr follower: %d after %v, want 504 at about max_wait (1s) in all", r.status, r.took)
+	}
+}
+
+// Once a key's responses are known to vary, a request with Authorization
+// under public never leads its variant's flight, in any burst: it goes
+// upstream alone, and the anonymous requests of its variant gather without
+// it.
+func TestUnderPublicAnAuthorizedRequestLeadsNoVariantFlight(t *testing.T) {
+	o := newLangOrigin(t, "en", "fr", "fr alice")
+	o.ServeHTTPWith = func(r *http.Request) string {
+		if r.Header.Get("Authorization") != "" {
+			return r.Header.Get("Accept-Language") + " alice"
+		}
+		return r.Header.Get("Accept-Language")
+	}
+	e := newEngine(t, func(c *Config) { c.Public, c.TTL = true, Off })
+	srv := newServer(t, e.Handler(o))
+	// Teach the key its Vary: an en leader, one fr follower.
+	en := async(func() reply { return get(t, srv, "/p", "Accept-Language", "en") })
+	waitFor(t, "en upstream", func() bool { return o.called("en") == 1 })
+	fr := async(func() reply { return get(t, srv, "/p", "Accept-Language", "fr") })
+	waitWaiters(t, e, 1)
+	o.gates["en"].open()
+	o.gates["fr"].open()
+	receive(t, en, "en")
+	receive(t, fr, "fr")
+	frGate := o.regate(t, "fr")
+
+	alice := async(func() reply {
+		return get(t, srv, "/p", "Accept-Language", "fr", "Authorization", "Bearer alice")
+	})
+	waitFor(t, "alice upstream", func() bool { return o.called("fr alice") == 1 })
+	var anon []<-chan reply
+	for range 3 {
+		anon = append(anon, async(func() reply { return get(t, srv, "/p", "Accept-Language", "fr") }))
+	}
+	waitFor(t, "the anonymous fr flight upstream while alice is held", func() bool {
+		return o.called("fr") == 2 && e.Stats().Registry.Waiters == 2
+	})
+	frGate.open()
+	for i, ch := range anon {
+		if r := receive(t, ch, fmt.Sprintf("fr %d", i)); r.body != "lang=fr" {
+			t.Errorf("fr %d: %q", i, r.body)
+		}
+	}
+	o.gates["fr alice"].open()
+	if r := receive(t, alice, "alice"); r.body != "lang=fr alice" || !strings.Contains(r.cacheStatus(), "authorization") {
+		t.Errorf("alice: %q, Cache-Status %q, want her own answer, sent alone", r.body, r.cacheStatus())
 	}
 }

@@ -69,7 +69,7 @@ func (e *Engine) serve(w http.ResponseWriter, r *http.Request, next Next) error 
 		varyOK := ent != nil && ent.resp.matchesVary(r)
 		if ent != nil && !varyOK && now.Before(ent.stale) {
 			fwd = fwdVaryMiss
-			if e.variants.fields(lookup, now) == nil {
+			if e.cfg.HitForMiss > 0 && e.variants.fields(lookup, now) == nil {
 				// The copy says what its key varies on: this request's
 				// flight is its variant's (variants.go).
 				e.variants.learn(lookup, ent.resp.varyFields, now.Add(e.cfg.HitForMiss))

@@ -3,6 +3,7 @@ package coalesce
 import (
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -136,12 +137,7 @@ func TestVaryMismatchedFollowersGatherInAFlightOfTheirVariant(t *testing.T) {
 // flight of their own, not behind it.
 func TestAnAloneRequestNeverLeadsAVariantFlight(t *testing.T) {
 	o := newLangOrigin(t, "en", "fr", "fr alice")
-	o.ServeHTTPWith = func(r *http.Request) string {
-		if a := r.Header.Get("Authorization"); a != "" {
-			return r.Header.Get("Accept-Language") + " alice"
-		}
-		return r.Header.Get("Accept-Language")
-	}
+	o.ServeHTTPWith = aliceOrAnonymous
 	e := newEngine(t, func(c *Config) { c.Public, c.TTL = true, Off })
 	srv := newServer(t, e.Handler(o))
 	alice := func() <-chan reply {
@@ -196,20 +192,12 @@ func TestVariantFlightsDoNotQueueOnEachOthersFleetLock(t *testing.T) {
 	send := func(lang string) <-chan reply {
 		return async(func() reply { return get(t, srv, "/list", "Accept-Language", lang) })
 	}
-	// Teach the key its Vary: an en leader, one fr follower.
-	en := send("en")
-	waitFor(t, "en upstream", func() bool { return o.called("en") == 1 })
-	fr := send("fr")
-	waitWaiters(t, e, 1)
-	o.gates["en"].open()
-	o.gates["fr"].open()
-	receive(t, en, "en")
-	receive(t, fr, "fr")
+	teachVary(t, e, o, srv, "/list")
 
 	enGate, frGate := o.regate(t, "en"), o.regate(t, "fr")
-	en = send("en")
+	en := send("en")
 	waitFor(t, "the second en leader upstream", func() bool { return o.called("en") == 2 })
-	fr = send("fr")
+	fr := send("fr")
 	waitFor(t, "fr upstream while en is held", func() bool { return o.called("fr") == 2 })
 	frGate.open()
 	enGate.open()
@@ -271,23 +259,10 @@ func TestAVariantFollowerWaitsNoLongerThanMaxWaitInAll(t *testing.T) {
 // it.
 func TestUnderPublicAnAuthorizedRequestLeadsNoVariantFlight(t *testing.T) {
 	o := newLangOrigin(t, "en", "fr", "fr alice")
-	o.ServeHTTPWith = func(r *http.Request) string {
-		if r.Header.Get("Authorization") != "" {
-			return r.Header.Get("Accept-Language") + " alice"
-		}
-		return r.Header.Get("Accept-Language")
-	}
+	o.ServeHTTPWith = aliceOrAnonymous
 	e := newEngine(t, func(c *Config) { c.Public, c.TTL = true, Off })
 	srv := newServer(t, e.Handler(o))
-	// Teach the key its Vary: an en leader, one fr follower.
-	en := async(func() reply { return get(t, srv, "/p", "Accept-Language", "en") })
-	waitFor(t, "en upstream", func() bool { return o.called("en") == 1 })
-	fr := async(func() reply { return get(t, srv, "/p", "Accept-Language", "fr") })
-	waitWaiters(t, e, 1)
-	o.gates["en"].open()
-	o.gates["fr"].open()
-	receive(t, en, "en")
-	receive(t, fr, "fr")
+	teachVary(t, e, o, srv, "/p")
 	frGate := o.regate(t, "fr")
 
 	alice := async(func() reply {
@@ -311,4 +286,28 @@ func TestUnderPublicAnAuthorizedRequestLeadsNoVariantFlight(t *testing.T) {
 	if r := receive(t, alice, "alice"); r.body != "lang=fr alice" || !strings.Contains(r.cacheStatus(), "authorization") {
 		t.Errorf("alice: %q, Cache-Status %q, want her own answer, sent alone", r.body, r.cacheStatus())
 	}
+}
+
+// aliceOrAnonymous names a request's gate and answer by its language, and
+// "alice" for one with Authorization.
+func aliceOrAnonymous(r *http.Request) string {
+	if r.Header.Get("Authorization") != "" {
+		return r.Header.Get("Accept-Language") + " alice"
+	}
+	return r.Header.Get("Accept-Language")
+}
+
+// teachVary teaches e that path's responses vary on Accept-Language: an en
+// leader, then one fr follower that misses its Vary. The en and fr gates of
+// o are left open.
+func teachVary(t *testing.T, e *Engine, o *langOrigin, srv *httptest.Server, path string) {
+	t.Helper()
+	en := async(func() reply { return get(t, srv, path, "Accept-Language", "en") })
+	waitFor(t, "en upstream", func() bool { return o.called("en") == 1 })
+	fr := async(func() reply { return get(t, srv, path, "Accept-Language", "fr") })
+	waitWaiters(t, e, 1)
+	o.gates["en"].open()
+	o.gates["fr"].open()
+	receive(t, en, "en")
+	receive(t, fr, "fr")
 }
